@@ -1,0 +1,541 @@
+"""GLM-4.5: a deep-and-narrow Mixture-of-Experts decoder, in one file.
+
+What this file implements (GLM-4.5 report, arXiv 2508.06471; weights compatible with Hugging Face
+`glm4_moe`, whose `Glm4MoeForCausalLM` the tests use as the reference):
+
+- RMSNorm, normalising in fp32 and casting back before the weight multiply;
+- grouped-query attention (few key/value heads shared by many query heads), with an explicit head_dim;
+- QK-Norm: a per-head RMSNorm over head_dim on q and k, after the head reshape and before RoPE;
+- partial RoPE: only the first `head_dim * partial_rotary_factor` channels of each head rotate, with
+  the half-split rotation (channel i pairs with i + rotary_dim/2), cos/sin computed in fp32;
+- bias on the q/k/v projections when `attention_bias`, never on the output projection;
+- a dense SwiGLU MLP in the first `first_k_dense_replace` blocks and MoE in the rest:
+  sigmoid router in fp32, `e_score_correction_bias` (loss-free balancing) used only to choose
+  experts, grouped top-k (a group scores as the sum of its best two experts), gate weights from the
+  unbiased scores, renormalised when `norm_topk_prob`, times `routed_scaling_factor`, plus an
+  always-on shared expert;
+- experts stored as one (E, ...) tensor per projection (so expert parallelism shards dim 0) and run
+  as grouped matrix products over expert-sorted tokens — no Python loop over tokens;
+- routing replay: the router returns the chosen expert ids and accepts given ids instead;
+- the multi-token-prediction (MTP) layer: `eh_proj(cat(enorm(embed(token t+1)), hnorm(h_t)))` -> one
+  MoE decoder block -> shared_head.norm -> the shared output head. h_t is the main model's final
+  (normed) hidden state, which is what SGLang and vLLM feed their GLM-4.5 MTP drafter;
+- a key/value cache for prefill and incremental decoding of a batch of sequences of different lengths;
+- the loss-free balance bias update and the sequence-level auxiliary balance loss, as functions.
+
+The file has no distributed code: `parallelize.py` applies FSDP2 / expert parallelism from outside.
+
+Shape legend (suffixes on tensor names): B batch, T query tokens, S key tokens, D hidden size,
+H query heads, G key/value heads, Dh head dim, R rotary dim, N flattened tokens (B*T), E routed
+experts, K top-k, I expert / MLP width, V vocabulary, L layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+# ----------------------------------------------------------------------------- building blocks
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(position_ids_BT: Tensor, cfg: ModelConfig, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin [B, T, R] for the rotary channels, computed in fp32 and cast to `dtype`."""
+    R = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, R, 2, dtype=torch.float32,
+                                                      device=position_ids_BT.device) / R))
+    freqs_BTR = position_ids_BT.float()[..., None] * inv_freq  # [B, T, R/2]
+    freqs_BTR = torch.cat([freqs_BTR, freqs_BTR], dim=-1)      # half-split layout
+    return freqs_BTR.cos().to(dtype), freqs_BTR.sin().to(dtype)
+
+
+def apply_rope(x_BTHD: Tensor, cos_BTR: Tensor, sin_BTR: Tensor) -> Tensor:
+    """Rotate the first R channels of every head; channel i pairs with channel i + R/2."""
+    R = cos_BTR.shape[-1]
+    x_rot, x_pass = x_BTHD[..., :R], x_BTHD[..., R:]
+    x1, x2 = x_rot[..., : R // 2], x_rot[..., R // 2:]
+    cos, sin = cos_BTR[:, :, None, :], sin_BTR[:, :, None, :]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+class KVCache:
+    """Keys and values of past tokens, one row ("slot") per sequence.
+
+    `k[l]` is [slots, G, max_len, Dh] for layer l; `lens[slot]` counts the tokens cached for that
+    sequence. A forward with a cache appends the new tokens of each row at its own position, so a
+    batch may mix sequences of different lengths; `truncate` rolls a slot back (speculative decoding).
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, max_len: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lens = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, num_slots: int, max_len: int, num_layers: int | None = None,
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "KVCache":
+        return cls(cfg.num_hidden_layers if num_layers is None else num_layers, num_slots, max_len,
+                   cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+
+    def truncate(self, slots: Tensor, new_lens: Tensor) -> None:
+        self.lens[slots] = torch.minimum(self.lens[slots], new_lens)
+
+    def reset(self, slots: Tensor) -> None:
+        self.lens[slots] = 0
+
+
+@dataclass
+class CacheStep:
+    """Where the tokens of one cached forward go: `slots` [B], their positions [B, T], which are real."""
+    cache: KVCache
+    slots_B: Tensor
+    position_ids_BT: Tensor
+    valid_BT: Tensor
+    num_keys: int  # key positions attended over: up to the longest sequence after this step
+
+    @classmethod
+    def make(cls, cache: KVCache, B: int, T: int, slots: Tensor | None, input_lens: Tensor | None,
+             device: torch.device) -> "CacheStep":
+        slots_B = torch.arange(B, device=device) if slots is None else slots.to(device)
+        lens_B = torch.full((B,), T, device=device) if input_lens is None else input_lens.to(device)
+        start_B = cache.lens[slots_B]
+        end = int((start_B + lens_B).max())
+        if end > cache.max_len:
+            raise ValueError(f"KV cache overflow: a sequence needs {end} positions, the cache holds {cache.max_len}")
+        arange_T = torch.arange(T, device=device)
+        return cls(cache, slots_B, start_B[:, None] + arange_T, arange_T[None] < lens_B[:, None], max(end, 1))
+
+    def mask(self) -> Tensor:
+        """[B, T, S]: key j is visible to the query at position p iff j <= p."""
+        S = self.num_keys
+        return torch.arange(S, device=self.slots_B.device)[None, None] <= self.position_ids_BT[:, :, None]
+
+    def advance(self) -> None:
+        self.cache.lens[self.slots_B] = self.cache.lens[self.slots_B] + self.valid_BT.sum(1)
+
+    def update(self, layer: int, k_BGTD: Tensor, v_BGTD: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this step's keys/values for layer `layer`; return all keys/values [B, G, S, Dh]."""
+        slot_n = self.slots_B[:, None].expand_as(self.position_ids_BT)[self.valid_BT]
+        pos_n = self.position_ids_BT[self.valid_BT]
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        k_cache[slot_n, :, pos_n] = k_BGTD.transpose(1, 2)[self.valid_BT].to(k_cache.dtype)
+        v_cache[slot_n, :, pos_n] = v_BGTD.transpose(1, 2)[self.valid_BT].to(v_cache.dtype)
+        S = self.num_keys
+        return k_cache[self.slots_B, :, :S], v_cache[self.slots_B, :, :S]
+
+
+# ----------------------------------------------------------------------------- attention
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, G, Dh, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        self.q_proj = nn.Linear(D, H * Dh, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(D, G * Dh, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(D, G * Dh, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * Dh, D, bias=False)
+        if cfg.use_qk_norm:
+            self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps)
+
+    def forward(self, x_BTD: Tensor, cos_sin: tuple[Tensor, Tensor], mask_BTS: Tensor | None,
+                cache_step: CacheStep | None, layer: int) -> Tensor:
+        B, T, _ = x_BTD.shape
+        Dh = self.cfg.head_dim
+        q_BTHD = self.q_proj(x_BTD).view(B, T, -1, Dh)
+        k_BTGD = self.k_proj(x_BTD).view(B, T, -1, Dh)
+        v_BTGD = self.v_proj(x_BTD).view(B, T, -1, Dh)
+        if self.cfg.use_qk_norm:
+            q_BTHD, k_BTGD = self.q_norm(q_BTHD), self.k_norm(k_BTGD)
+        q_BTHD, k_BTGD = apply_rope(q_BTHD, *cos_sin), apply_rope(k_BTGD, *cos_sin)
+        q, k, v = q_BTHD.transpose(1, 2), k_BTGD.transpose(1, 2), v_BTGD.transpose(1, 2)
+        if cache_step is not None:
+            k, v = cache_step.update(layer, k, v)
+        mask = None if mask_BTS is None else mask_BTS[:, None]
+        out_BHTD = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                  scale=Dh ** -0.5, enable_gqa=True)
+        return self.o_proj(out_BHTD.transpose(1, 2).reshape(B, T, -1))
+
+
+# ----------------------------------------------------------------------------- MLPs and experts
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). The dense layers' MLP and the shared expert."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class Routing:
+    """The router's decision for N tokens."""
+    weights_NK: Tensor  # fp32 gate weights of the chosen experts (normalised, scaled)
+    ids_NK: Tensor      # chosen expert ids
+    scores_NE: Tensor   # fp32 sigmoid scores of all experts (for the auxiliary balance loss)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        E = cfg.n_routed_experts
+        self.weight = nn.Parameter(torch.zeros(E, cfg.hidden_size, dtype=torch.float32))
+        # Loss-free balancing bias (Wang et al. 2024): shifts the choice only, never the weights.
+        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+
+    def forward(self, x_ND: Tensor, replay_ids_NK: Tensor | None = None) -> Routing:
+        cfg = self.cfg
+        scores_NE = F.linear(x_ND.float(), self.weight.float()).sigmoid()
+        if replay_ids_NK is None:
+            with torch.no_grad():
+                ids_NK = self._choose(scores_NE + self.e_score_correction_bias.float())
+        else:
+            ids_NK = replay_ids_NK.to(device=x_ND.device, dtype=torch.long)
+        weights_NK = scores_NE.gather(1, ids_NK)
+        if cfg.norm_topk_prob:
+            weights_NK = weights_NK / (weights_NK.sum(-1, keepdim=True) + 1e-20)
+        return Routing(weights_NK * cfg.routed_scaling_factor, ids_NK, scores_NE)
+
+    def _choose(self, biased_NE: Tensor) -> Tensor:
+        """Grouped top-k: keep the `topk_group` groups whose best two experts score highest."""
+        cfg = self.cfg
+        N, E = biased_NE.shape
+        if cfg.topk_group < cfg.n_group:
+            grouped = biased_NE.view(N, cfg.n_group, E // cfg.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)                     # [N, n_group]
+            keep = group_scores.topk(cfg.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            biased_NE = biased_NE.masked_fill(~group_mask.repeat_interleave(E // cfg.n_group, 1),
+                                              float("-inf"))
+        return biased_NE.topk(cfg.num_experts_per_tok, dim=-1).indices
+
+
+def grouped_mm(x_MD: Tensor, w_EDO: Tensor, offsets_E: Tensor, counts: list[int]) -> Tensor:
+    """Rows of x sorted by expert; rows offsets[e-1]:offsets[e] are multiplied by w[e] ([D, O]).
+
+    Uses torch's grouped GEMM where it applies (it needs 16-byte aligned strides) and one matmul
+    per expert otherwise — a loop over experts, never over tokens.
+    """
+    if hasattr(F, "grouped_mm") and x_MD.dtype == w_EDO.dtype and x_MD.shape[0] > 0 and all(
+            (s * x_MD.element_size()) % 16 == 0 for s in (*x_MD.stride()[:-1], *w_EDO.stride()) if s != 1):
+        return F.grouped_mm(x_MD, w_EDO, offs=offsets_E)
+    return torch.cat([xe @ w_EDO[e] for e, xe in enumerate(x_MD.split(counts))], dim=0)
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts held as two tensors: gate_up_proj [E, 2I, D] (gate rows first) and
+    down_proj [E, D, I] — the fused layout of transformers 5.x."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x_ND: Tensor, routing: Routing) -> Tensor:
+        N, K = routing.ids_NK.shape
+        E = self.gate_up_proj.shape[0]
+        flat_ids = routing.ids_NK.reshape(-1)
+        order = flat_ids.argsort(stable=True)                 # token-expert pairs sorted by expert
+        token_of = order // K
+        counts_E = torch.bincount(flat_ids, minlength=E)
+        offsets_E = counts_E.cumsum(0).to(torch.int32)
+        counts = counts_E.tolist()
+        x_MD = x_ND[token_of]                                  # M = N*K rows, grouped by expert
+        gate_MI, up_MI = grouped_mm(x_MD, self.gate_up_proj.transpose(1, 2), offsets_E, counts).chunk(2, dim=-1)
+        y_MD = grouped_mm(F.silu(gate_MI) * up_MI, self.down_proj.transpose(1, 2), offsets_E, counts)
+        y_MD = y_MD * routing.weights_NK.reshape(-1)[order, None]
+        return torch.zeros_like(x_ND).index_add_(0, token_of, y_MD.to(x_ND.dtype))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) \
+            if cfg.n_shared_experts else None
+
+    def forward(self, x_BTD: Tensor, replay_ids_NK: Tensor | None = None) -> tuple[Tensor, Routing]:
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+        routing = self.gate(x_ND, replay_ids_NK)
+        y_ND = self.experts(x_ND, routing)
+        if self.shared_experts is not None:
+            y_ND = y_ND + self.shared_experts(x_ND)
+        return y_ND.view_as(x_BTD), routing
+
+
+# ----------------------------------------------------------------------------- decoder
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x_BTD: Tensor, cos_sin, mask_BTS, cache_step, layer: int,
+                replay_ids_NK: Tensor | None = None) -> tuple[Tensor, Routing | None]:
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_sin, mask_BTS, cache_step, layer)
+        h_BTD = self.post_attention_layernorm(x_BTD)
+        if isinstance(self.mlp, MoE):
+            y_BTD, routing = self.mlp(h_BTD, replay_ids_NK)
+            return x_BTD + y_BTD, routing
+        return x_BTD + self.mlp(h_BTD), None
+
+
+class MTPLayer(DecoderLayer):
+    """Multi-token prediction: from h_t and token t+1, predict token t+2 (one MoE block deep)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, moe=True)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Glm4MoeModel(nn.Module):
+    """Embedding, decoder blocks, final norm; the MTP layers sit in `mtp_layers` (HF stores them
+    as `model.layers.{num_hidden_layers + j}`; `hf_io` maps the names)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mtp_layers = nn.ModuleList(MTPLayer(cfg) for _ in range(cfg.num_nextn_predict_layers))
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor                        # [B, T, V]
+    hidden: Tensor                        # [B, T, D] final normed hidden state (the MTP layer's input)
+    routed_experts: Tensor | None         # [B, T, L_moe, K] expert ids chosen in each MoE block
+    router_scores: list[Tensor] | None    # per MoE block [B, T, E] fp32 sigmoid scores (return_router)
+
+
+class Glm4MoeForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Glm4MoeModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) for every matrix, zero biases, unit norms (as transformers)."""
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:  # RMSNorm weights
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias") and not b.is_meta:
+                b.zero_()
+
+    # --------------------------------------------------------------------- main forward
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        position_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        slots: Tensor | None = None,
+        input_lens: Tensor | None = None,
+        routed_experts: Tensor | None = None,
+        return_router: bool = False,
+    ) -> CausalLMOutput:
+        """Logits [B, T, V] for token ids [B, T].
+
+        Without a cache the attention is causal over the T tokens; `attention_mask` [B, T] (1 = real
+        token) hides padding keys, `segment_ids` [B, T] keeps packed documents apart, and
+        `position_ids` [B, T] defaults to 0..T-1.
+        With `cache`, row b holds the next `input_lens[b]` (default T; the rest is padding) tokens of
+        the sequence in cache slot `slots[b]` (default b); their positions continue from
+        `cache.lens`, which advances. `routed_experts` [B, T, L_moe, K] replays given expert choices.
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        cfg = self.config
+        cache_step, mask_BTS = None, None
+        if cache is not None:
+            cache_step = CacheStep.make(cache, B, T, slots, input_lens, device)
+            position_ids, mask_BTS = cache_step.position_ids_BT, cache_step.mask()
+        else:
+            if position_ids is None:
+                position_ids = torch.arange(T, device=device).expand(B, T)
+            if attention_mask is not None or segment_ids is not None:
+                mask_BTS = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None].expand(B, T, T)
+                if attention_mask is not None:
+                    mask_BTS = mask_BTS & attention_mask.bool()[:, None, :]
+                if segment_ids is not None:
+                    mask_BTS = mask_BTS & (segment_ids[:, :, None] == segment_ids[:, None, :])
+                # a query that may see nothing (left padding) sees itself, so no row is all -inf
+                mask_BTS = mask_BTS | torch.eye(T, dtype=torch.bool, device=device)
+
+        x_BTD = self.model.embed_tokens(input_ids)
+        cos_sin = rope_cos_sin(position_ids, cfg, x_BTD.dtype)
+        routings: list[Routing] = []
+        for i, layer in enumerate(self.model.layers):
+            replay = None
+            if routed_experts is not None and cfg.is_moe_layer(i):
+                replay = routed_experts[:, :, len(routings)].reshape(B * T, -1)
+            if self.gradient_checkpointing and self.training:
+                x_BTD, routing = torch.utils.checkpoint.checkpoint(
+                    layer, x_BTD, cos_sin, mask_BTS, cache_step, i, replay, use_reentrant=False)
+            else:
+                x_BTD, routing = layer(x_BTD, cos_sin, mask_BTS, cache_step, i, replay)
+            if routing is not None:
+                routings.append(routing)
+        if cache_step is not None:
+            cache_step.advance()
+        h_BTD = self.model.norm(x_BTD)
+        return CausalLMOutput(
+            logits=self.lm_head(h_BTD),
+            hidden=h_BTD,
+            routed_experts=torch.stack([r.ids_NK.view(B, T, -1) for r in routings], dim=2) if routings else None,
+            router_scores=[r.scores_NE.view(B, T, -1) for r in routings] if return_router else None,
+        )
+
+    # --------------------------------------------------------------------- multi-token prediction
+    def mtp_forward(
+        self,
+        hidden_BTD: Tensor,
+        next_ids: Tensor,
+        *,
+        position_ids: Tensor | None = None,
+        depth: int = 0,
+        cache: KVCache | None = None,
+        slots: Tensor | None = None,
+        input_lens: Tensor | None = None,
+        return_router: bool = False,
+    ) -> CausalLMOutput:
+        """MTP layer `depth`: from the main model's hidden state at t and token t+1, logits for t+2.
+
+        `hidden_BTD` is `CausalLMOutput.hidden` at positions t, `next_ids` [B, T] the tokens at
+        t+1. Position ids (RoPE) are those of t. Returns logits and the MTP block's own hidden
+        state (normed by shared_head.norm). With `cache` (one layer, its own), it decodes
+        incrementally as `forward` does — the draft loop of speculative decoding.
+        """
+        if depth >= len(self.model.mtp_layers):
+            raise ValueError(f"MTP depth {depth} requested, the model has "
+                             f"num_nextn_predict_layers={len(self.model.mtp_layers)}")
+        mtp = self.model.mtp_layers[depth]
+        B, T = next_ids.shape
+        device = next_ids.device
+        cache_step, mask_BTS = None, None
+        if cache is not None:
+            cache_step = CacheStep.make(cache, B, T, slots, input_lens, device)
+            position_ids, mask_BTS = cache_step.position_ids_BT, cache_step.mask()
+        elif position_ids is None:
+            position_ids = torch.arange(T, device=device).expand(B, T)
+        e_BTD = mtp.enorm(self.model.embed_tokens(next_ids))
+        x_BTD = mtp.eh_proj(torch.cat([e_BTD, mtp.hnorm(hidden_BTD)], dim=-1))
+        cos_sin = rope_cos_sin(position_ids, self.config, x_BTD.dtype)
+        x_BTD, routing = mtp(x_BTD, cos_sin, mask_BTS, cache_step, 0)
+        if cache_step is not None:
+            cache_step.advance()
+        h_BTD = mtp.shared_head.norm(x_BTD)
+        return CausalLMOutput(self.lm_head(h_BTD), h_BTD, routing.ids_NK.view(B, T, 1, -1),
+                              [routing.scores_NE.view(B, T, -1)] if return_router else None)
+
+    def moe_routers(self) -> list[Router]:
+        """The routers of the main model's MoE blocks, in order (the MTP layers' come after)."""
+        return [l.mlp.gate for l in list(self.model.layers) + list(self.model.mtp_layers) if isinstance(l.mlp, MoE)]
+
+
+def cast_model(model: Glm4MoeForCausalLM, dtype: torch.dtype) -> Glm4MoeForCausalLM:
+    """Cast to `dtype`, keeping router weights and correction biases in fp32 (as GLM-4.5 does)."""
+    model.to(dtype)
+    for router in model.moe_routers():
+        router.float()
+    return model
+
+
+# ----------------------------------------------------------------------------- load balancing
+def expert_load(routed_experts_BTLK: Tensor, num_experts: int, mask_BT: Tensor | None = None) -> Tensor:
+    """Tokens routed to each expert of each MoE layer: [L_moe, E] (padding excluded by `mask_BT`)."""
+    B, T, L, K = routed_experts_BTLK.shape
+    ids = routed_experts_BTLK if mask_BT is None else routed_experts_BTLK[mask_BT.bool()]
+    ids_NLK = ids.reshape(-1, L, K)
+    offsets = torch.arange(L, device=ids.device)[None, :, None] * num_experts
+    return torch.bincount((ids_NLK + offsets).reshape(-1), minlength=L * num_experts).view(L, num_experts)
+
+
+@torch.no_grad()
+def loss_free_bias_update(bias_E: Tensor, load_E: Tensor, rate: float) -> Tensor:
+    """Auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664; DeepSeek-V3; GLM-4.5 uses
+    rate 0.001): b_i <- b_i + rate * sign(mean_load - load_i). Overloaded experts become less likely
+    to be chosen, underloaded ones more. Returns the new bias (fp32)."""
+    load = load_E.float()
+    return bias_E.float() + rate * torch.sign(load.mean() - load)
+
+
+@torch.no_grad()
+def apply_loss_free_bias_update(model: Glm4MoeForCausalLM, load_LE: Tensor, rate: float) -> None:
+    """Update every main-model MoE router's correction bias from its expert load [L_moe, E]."""
+    routers = model.moe_routers()[: model.config.num_moe_layers]
+    if load_LE.shape[0] != len(routers):
+        raise ValueError(f"expert load has {load_LE.shape[0]} layers, the model {len(routers)} MoE layers")
+    for router, load_E in zip(routers, load_LE):
+        router.e_score_correction_bias.copy_(loss_free_bias_update(router.e_score_correction_bias, load_E, rate))
+
+
+def sequence_balance_loss(scores_BTE: Tensor, ids_BTK: Tensor, mask_BT: Tensor | None = None) -> Tensor:
+    """Sequence-wise auxiliary balance loss of DeepSeek-V3 (arXiv 2412.19437, eq. 17-20), used by
+    GLM-4.5 with weight 1e-4 (the weight is the caller's).
+
+    Per sequence: f_i = E / (K * T) * #{t : expert i in top-K of token t},
+    P_i = 1/T * sum_t s_it / sum_j s_jt (sigmoid scores normalised per token), loss = sum_i f_i P_i.
+    Returns the mean over sequences. With `mask_BT`, T counts only real tokens of each sequence
+    (sequences with none are left out).
+    """
+    B, T, E = scores_BTE.shape
+    K = ids_BTK.shape[-1]
+    mask = torch.ones(B, T, device=scores_BTE.device) if mask_BT is None else mask_BT.float()
+    n_B = mask.sum(1)
+    probs_BTE = scores_BTE / scores_BTE.sum(-1, keepdim=True)
+    chosen_BTE = torch.zeros_like(scores_BTE).scatter_(2, ids_BTK, 1.0)
+    f_BE = (chosen_BTE * mask[..., None]).sum(1) * E / (K * n_B.clamp(min=1)[:, None])
+    P_BE = (probs_BTE * mask[..., None]).sum(1) / n_B.clamp(min=1)[:, None]
+    per_seq = (f_BE * P_BE).sum(-1)
+    keep = n_B > 0
+    return per_seq[keep].mean() if keep.any() else per_seq.sum() * 0
