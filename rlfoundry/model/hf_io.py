@@ -25,7 +25,7 @@ from .config import ConfigError, ModelConfig
 from .glm4_moe import Glm4MoeForCausalLM, cast_model
 
 SAFE_INDEX = "model.safetensors.index.json"
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 # Copies of shared tensors that some MTP checkpoints carry (DeepSeek-V3 style); the model shares them.
 _MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
@@ -88,9 +88,12 @@ def _tensor_files(path: Path) -> dict[str, Path]:
         raise CheckpointError(f"{path}: no *.safetensors files and no {SAFE_INDEX}")
     files = {}
     for f in shards:
-        with safe_open(f, "pt") as sf:
-            for name in sf.keys():
-                files[name] = f
+        try:
+            with safe_open(f, "pt") as sf:
+                names = list(sf.keys())
+        except Exception as e:  # truncated or not a safetensors file
+            raise CheckpointError(f"{f}: cannot read safetensors ({e})") from None
+        files.update((name, f) for name in names)
     return files
 
 
@@ -160,14 +163,15 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
     E = cfg.n_routed_experts
     for prefix, per_expert in experts.items():
+        disk_prefix = _checkpoint_name(prefix, cfg)
         for e in range(E):
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 if proj not in per_expert.get(e, {}):
-                    raise CheckpointError(f"{path}: missing tensor {prefix}.{e}.{proj}.weight "
+                    raise CheckpointError(f"{path}: missing tensor {disk_prefix}.{e}.{proj}.weight "
                                           f"(n_routed_experts={E})")
         extra = set(per_expert) - set(range(E))
         if extra:
-            raise CheckpointError(f"{path}: tensor {prefix}.{min(extra)}.* is beyond n_routed_experts={E}")
+            raise CheckpointError(f"{path}: tensor {disk_prefix}.{min(extra)}.* is beyond n_routed_experts={E}")
         gate_up, down = [], []
         for e in range(E):
             g, u, d = (read(*per_expert[e][p]) for p in ("gate_proj", "up_proj", "down_proj"))
@@ -176,8 +180,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                                       f"shape {tuple(u.shape)}, gate_proj has {tuple(g.shape)}")
             gate_up.append(torch.cat([g, u], dim=0))
             down.append(d)
-        state[_internal_name(prefix, cfg) + ".gate_up_proj"] = torch.stack(gate_up)
-        state[_internal_name(prefix, cfg) + ".down_proj"] = torch.stack(down)
+        state[prefix + ".gate_up_proj"] = torch.stack(gate_up)
+        state[prefix + ".down_proj"] = torch.stack(down)
 
     for name, t in expected.items():
         if name not in state:

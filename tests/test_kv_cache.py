@@ -1,0 +1,83 @@
+"""Prefill and incremental decoding with the KV cache give the logits of the full forward."""
+
+import torch
+
+from conftest import random_model, small_config
+from rlfoundry.model import KVCache
+
+
+def test_ragged_batch_prefill_then_decode_equals_full_forward():
+    cfg = small_config()
+    model = random_model(cfg)
+    gen = torch.Generator().manual_seed(3)
+    prompt_lens = [5, 9, 2]
+    total = 16
+    seqs = [torch.randint(0, cfg.vocab_size, (total,), generator=gen) for _ in prompt_lens]
+    cache = KVCache.for_model(cfg, num_slots=4, max_len=32)
+    slots = torch.tensor([2, 0, 3])  # slots need not be 0..B-1
+
+    with torch.no_grad():
+        # prefill: right-padded prompts of different lengths in one forward
+        T = max(prompt_lens)
+        batch = torch.zeros(3, T, dtype=torch.long)
+        for b, n in enumerate(prompt_lens):
+            batch[b, :n] = seqs[b][:n]
+        out = model(batch, cache=cache, slots=slots, input_lens=torch.tensor(prompt_lens))
+        steps = [[out.logits[b, :n]] for b, n in enumerate(prompt_lens)]
+        assert cache.lens[slots].tolist() == prompt_lens
+        # decode: each row advances one token per step, from its own position
+        pos = list(prompt_lens)
+        while min(pos) < total:
+            live = [b for b in range(3) if pos[b] < total]
+            ids = torch.stack([seqs[b][pos[b]] for b in live])[:, None]
+            out = model(ids, cache=cache, slots=slots[live])
+            for i, b in enumerate(live):
+                steps[b].append(out.logits[i, :1])
+                pos[b] += 1
+        for b in range(3):
+            full = model(seqs[b][None]).logits[0]
+            assert (torch.cat(steps[b]) - full).abs().max().item() <= 1e-5
+
+
+def test_chunked_prefill_and_rollback():
+    cfg = small_config(use_qk_norm=False, n_group=2, topk_group=1)
+    model = random_model(cfg, seed=4)
+    seq = torch.randint(0, cfg.vocab_size, (1, 20))
+    cache = KVCache.for_model(cfg, num_slots=1, max_len=20)
+    with torch.no_grad():
+        full = model(seq).logits
+        a = model(seq[:, :7], cache=cache).logits
+        b = model(seq[:, 7:15], cache=cache).logits
+        assert (torch.cat([a, b], 1) - full[:, :15]).abs().max().item() <= 1e-5
+        # write 3 wrong tokens, roll back, continue with the right ones (speculative rejection)
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+        cache.truncate(torch.tensor([0]), torch.tensor([15]))
+        c = model(seq[:, 15:], cache=cache).logits
+        assert (c - full[:, 15:]).abs().max().item() <= 1e-5
+
+
+def test_mtp_with_cache_equals_full_mtp_forward():
+    cfg = small_config()
+    model = random_model(cfg, seed=5)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    cache = KVCache.for_model(cfg, num_slots=2, max_len=16, num_layers=1)
+    with torch.no_grad():
+        hidden = model(ids).hidden
+        full = model.mtp_forward(hidden[:, :-1], ids[:, 1:]).logits
+        a = model.mtp_forward(hidden[:, :6], ids[:, 1:7], cache=cache).logits
+        steps = [a] + [model.mtp_forward(hidden[:, t:t + 1], ids[:, t + 1:t + 2], cache=cache).logits
+                       for t in range(6, 11)]
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
+
+
+def test_cache_overflow_is_an_error():
+    cfg = small_config()
+    model = random_model(cfg)
+    cache = KVCache.for_model(cfg, num_slots=1, max_len=4)
+    try:
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+    except ValueError as e:
+        assert "KV cache overflow" in str(e)
+    else:
+        raise AssertionError("no error")
+    assert cache.lens.tolist() == [0]
