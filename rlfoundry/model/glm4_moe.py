@@ -234,16 +234,60 @@ class Router(nn.Module):
         return biased_NE.topk(cfg.num_experts_per_tok, dim=-1).indices
 
 
-def grouped_mm(x_MD: Tensor, w_EDO: Tensor, offsets_E: Tensor, counts: list[int]) -> Tensor:
-    """Rows of x sorted by expert; rows offsets[e-1]:offsets[e] are multiplied by w[e] ([D, O]).
+def _grouped_mm_eager(x_MA: Tensor, w_EAB: Tensor, offsets_E: Tensor) -> Tensor:
+    """Rows offsets[e-1]:offsets[e] of x times w[e] -> [M, B]. torch's grouped GEMM where it applies
+    (16-byte aligned strides), else one matmul per expert — a loop over experts, never tokens."""
+    if hasattr(F, "grouped_mm") and x_MA.shape[0] and x_MA.dtype == w_EAB.dtype and all(
+            (s * x_MA.element_size()) % 16 == 0 for t in (x_MA, w_EAB) for s in t.stride() if s != 1):
+        return F.grouped_mm(x_MA, w_EAB, offs=offsets_E)
+    counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
+    return torch.cat([xe @ w_EAB[e] for e, xe in enumerate(x_MA.split(counts))], dim=0)
 
-    Uses torch's grouped GEMM where it applies (it needs 16-byte aligned strides) and one matmul
-    per expert otherwise — a loop over experts, never over tokens.
-    """
-    if hasattr(F, "grouped_mm") and x_MD.dtype == w_EDO.dtype and x_MD.shape[0] > 0 and all(
-            (s * x_MD.element_size()) % 16 == 0 for s in (*x_MD.stride()[:-1], *w_EDO.stride()) if s != 1):
-        return F.grouped_mm(x_MD, w_EDO, offs=offsets_E)
-    return torch.cat([xe @ w_EDO[e] for e, xe in enumerate(x_MD.split(counts))], dim=0)
+
+def _grouped_wgrad_eager(x_MA: Tensor, g_MB: Tensor, offsets_E: Tensor) -> Tensor:
+    """Per-expert x^T g: [E, A, B], the weight gradient of a grouped GEMM."""
+    xT = x_MA.t()
+    if hasattr(F, "grouped_mm") and x_MA.shape[0] and x_MA.dtype == g_MB.dtype and all(
+            (s * x_MA.element_size()) % 16 == 0 for t in (xT, g_MB) for s in t.stride() if s != 1):
+        return F.grouped_mm(xT, g_MB, offs=offsets_E)
+    counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
+    return torch.stack([xe.t() @ ge for xe, ge in zip(x_MA.split(counts), g_MB.split(counts))])
+
+
+# One opaque op for torch.compile (whose own grouped_mm rule accepts bf16 only), so that compiled
+# graphs fuse everything around the expert GEMMs instead of breaking at them.
+@torch.library.custom_op("rlfoundry::grouped_mm", mutates_args=())
+def grouped_mm(x_MA: Tensor, w_EAB: Tensor, offsets_E: Tensor) -> Tensor:
+    return _grouped_mm_eager(x_MA, w_EAB, offsets_E)
+
+
+@grouped_mm.register_fake
+def _(x_MA, w_EAB, offsets_E):
+    return x_MA.new_empty(x_MA.shape[0], w_EAB.shape[2])
+
+
+def _grouped_mm_backward(ctx, g_MB):
+    x_MA, w_EAB, offsets_E = ctx.saved_tensors
+    dx = grouped_mm(g_MB.contiguous(), w_EAB.transpose(1, 2), offsets_E) if ctx.needs_input_grad[0] else None
+    dw = _grouped_wgrad(x_MA, g_MB.contiguous(), offsets_E) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+@torch.library.custom_op("rlfoundry::grouped_wgrad", mutates_args=())
+def _grouped_wgrad(x_MA: Tensor, g_MB: Tensor, offsets_E: Tensor) -> Tensor:
+    return _grouped_wgrad_eager(x_MA, g_MB, offsets_E)
+
+
+@_grouped_wgrad.register_fake
+def _(x_MA, g_MB, offsets_E):
+    return x_MA.new_empty(offsets_E.shape[0], x_MA.shape[1], g_MB.shape[1])
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 class Experts(nn.Module):
@@ -264,10 +308,9 @@ class Experts(nn.Module):
         token_of = order // K
         counts_E = torch.bincount(flat_ids, minlength=E)
         offsets_E = counts_E.cumsum(0).to(torch.int32)
-        counts = counts_E.tolist()
-        x_MD = x_ND[token_of]                                  # M = N*K rows, grouped by expert
-        gate_MI, up_MI = grouped_mm(x_MD, self.gate_up_proj.transpose(1, 2), offsets_E, counts).chunk(2, dim=-1)
-        y_MD = grouped_mm(F.silu(gate_MI) * up_MI, self.down_proj.transpose(1, 2), offsets_E, counts)
+        x_MD = x_ND.index_select(0, token_of)                  # M = N*K rows, grouped by expert
+        gate_MI, up_MI = grouped_mm(x_MD, self.gate_up_proj.transpose(1, 2), offsets_E).chunk(2, dim=-1)
+        y_MD = grouped_mm(F.silu(gate_MI) * up_MI, self.down_proj.transpose(1, 2), offsets_E)
         y_MD = y_MD * routing.weights_NK.reshape(-1)[order, None]
         return torch.zeros_like(x_ND).index_add_(0, token_of, y_MD.to(x_ND.dtype))
 

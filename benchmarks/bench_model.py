@@ -1,0 +1,122 @@
+"""Forward+backward training throughput: rlfoundry's GLM-4.5 model vs transformers' Glm4MoeForCausalLM.
+
+Same configuration, same weights, same batch, interleaved in one run; prints tokens/s of each, the
+ratio, and the achieved FLOP/s as a fraction of this CPU's dense fp32 matmul FLOP/s (measured here
+with torch.mm on square matrices). transformers runs with its defaults (SDPA attention, grouped_mm
+experts). A third row runs our model under torch.compile (the grouped expert GEMM stays eager);
+transformers' model does not compile in fp32 with its grouped_mm experts, so it has no such row.
+
+    make bench            # or: .venv/bin/python benchmarks/bench_model.py [--batch 8 --seq 256 --iters 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rlfoundry.model import Glm4MoeForCausalLM, ModelConfig  # noqa: E402
+
+BENCH_CONFIG = dict(
+    vocab_size=2048, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+    head_dim=32, intermediate_size=768, moe_intermediate_size=128, n_routed_experts=16, n_shared_experts=1,
+    num_experts_per_tok=4, first_k_dense_replace=1, routed_scaling_factor=2.5, use_qk_norm=True,
+    attention_bias=True, rope_theta=10000.0, max_position_embeddings=4096, num_nextn_predict_layers=0,
+)
+
+
+def train_flops_per_token(cfg: ModelConfig, seq: int) -> float:
+    """6 x (matmul parameters used per token, output head included) + causal attention (6 * T * H * Dh
+    per layer: QK^T and AV, forward and backward, halved by the causal mask)."""
+    counts = cfg.param_counts()
+    matmul_active = counts["active"] + counts["output_head"]
+    attn = 6 * seq * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
+    return 6 * matmul_active + attn
+
+
+def peak_matmul_flops(n: int = 1024, iters: int = 20) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    return 2 * n ** 3 * iters / (time.perf_counter() - t)
+
+
+def step(model, ids, logits_of) -> None:
+    logits = logits_of(model(ids))
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    import transformers
+    from transformers import Glm4MoeConfig
+    from transformers import Glm4MoeForCausalLM as HFGlm4Moe
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = ModelConfig(**BENCH_CONFIG)
+    ours = Glm4MoeForCausalLM(cfg).train()
+    d = cfg.to_hf_dict()
+    d.pop("architectures"), d.pop("model_type")
+    hf = HFGlm4Moe(Glm4MoeConfig(**d)).train()
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
+    with torch.no_grad():
+        assert (ours(ids).logits - hf(ids).logits).abs().max() < 1e-4, "models differ"
+
+    runners = {"rlfoundry": (ours, lambda o: o.logits), "transformers": (hf, lambda o: o.logits)}
+    if not args.no_compile:
+        compiled = torch.compile(ours)
+        t = time.perf_counter()
+        step(compiled, ids, lambda o: o.logits)
+        print(f"torch.compile of our model: {time.perf_counter() - t:.0f} s (once)")
+        runners["rlfoundry+compile"] = (compiled, lambda o: o.logits)
+    times = {k: [] for k in runners}
+    for i in range(args.warmup + args.iters):
+        for name, (model, logits_of) in runners.items():  # interleaved: both see the same machine load
+            t = time.perf_counter()
+            step(model, ids, logits_of)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t)
+
+    tokens = args.batch * args.seq
+    peak = peak_matmul_flops()
+    fpt = train_flops_per_token(cfg, args.seq)
+    counts = cfg.param_counts()
+    print(f"config: {counts['total'] / 1e6:.1f}M params ({counts['active'] / 1e6:.1f}M active), "
+          f"batch {args.batch} x {args.seq} tokens, fp32, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"dense fp32 matmul peak of this CPU (torch.mm 1024^3): {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'implementation':<18} {'median s/step':>14} {'tokens/s':>10} {'GFLOP/s':>9} {'of peak':>8}")
+    tps = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        tps[name] = tokens / med
+        print(f"{name:<18} {med:>14.4f} {tps[name]:>10.0f} {tps[name] * fpt / 1e9:>9.1f} "
+              f"{tps[name] * fpt / peak:>8.1%}")
+    for name in tps:
+        if name != "transformers":
+            print(f"ratio {name} / transformers: {tps[name] / tps['transformers']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The `rlfoundry` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    from rlfoundry.model import PRESETS, ConfigError, ModelConfig
+
+    try:
+        if args.model in PRESETS:
+            cfg = ModelConfig.from_preset(args.model)
+        else:
+            path = Path(args.model)
+            cfg = ModelConfig.from_json_file(path / "config.json" if path.is_dir() else path)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    counts = cfg.param_counts()
+    with_mtp = cfg.param_counts(include_mtp=True)
+    info = {"model": args.model, "total_params": counts["total"], "active_params": counts["active"],
+            "total_params_with_mtp": with_mtp["total"], "layers": cfg.num_hidden_layers,
+            "dense_layers": cfg.first_k_dense_replace, "routed_experts": cfg.n_routed_experts,
+            "experts_per_token": cfg.num_experts_per_tok, "mtp_layers": cfg.num_nextn_predict_layers}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    def human(n: int) -> str:
+        return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+    table = Table(title=f"{args.model}  (counted as the GLM-4.5 report: no MTP; active without embeddings/head)")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("total parameters", human(counts["total"]))
+    table.add_row("active parameters per token", human(counts["active"]))
+    table.add_row("total with the MTP layer", human(with_mtp["total"]))
+    table.add_row("layers (dense + MoE)", f"{cfg.num_hidden_layers} ({cfg.first_k_dense_replace} + {cfg.num_moe_layers})")
+    table.add_row("routed experts / shared / per token",
+                  f"{cfg.n_routed_experts} / {cfg.n_shared_experts} / {cfg.num_experts_per_tok}")
+    table.add_row("heads / KV heads / head_dim", f"{cfg.num_attention_heads} / {cfg.num_key_value_heads} / {cfg.head_dim}")
+    Console().print(table)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rlfoundry.demo import run_demo
+
+    return run_demo(Path(args.out), seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlfoundry", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("model-info", help="parameter counts of a preset or a checkpoint directory")
+    p.add_argument("model", help="a preset (glm-4.5, glm-4.5-air, tiny) or a checkpoint directory / config.json")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=_model_info)
+    p = sub.add_parser("demo", help="the embedded default job (CPU, no downloads)")
+    p.add_argument("--out", default="runs/demo", help="run directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
