@@ -96,6 +96,15 @@ class KVCache:
         return cls(cfg.num_hidden_layers if num_layers is None else num_layers, num_slots, max_len,
                    cfg.num_key_value_heads, cfg.head_dim, dtype, device)
 
+    def copy_slot(self, src: int, dst: int | list[int], length: int | None = None) -> None:
+        """Copy the first `length` cached positions (default all) of slot `src` into `dst` slot(s):
+        n samples of one prompt share its prefill; finished slots are refilled densely."""
+        n = int(self.lens[src]) if length is None else length
+        for d in [dst] if isinstance(dst, int) else dst:
+            self.k[:, d, :, :n] = self.k[:, src, :, :n]
+            self.v[:, d, :, :n] = self.v[:, src, :, :n]
+            self.lens[d] = n
+
     def truncate(self, slots: Tensor, new_lens: Tensor) -> None:
         self.lens[slots] = torch.minimum(self.lens[slots], new_lens)
 
@@ -111,6 +120,7 @@ class CacheStep:
     position_ids_BT: Tensor
     valid_BT: Tensor
     num_keys: int  # key positions attended over: up to the longest sequence after this step
+    slot_range: tuple[int, int] | None = None  # slots are first..last-1 in order: read them as a view
 
     @classmethod
     def make(cls, cache: KVCache, B: int, T: int, slots: Tensor | None, input_lens: Tensor | None,
@@ -122,7 +132,10 @@ class CacheStep:
         if end > cache.max_len:
             raise ValueError(f"KV cache overflow: a sequence needs {end} positions, the cache holds {cache.max_len}")
         arange_T = torch.arange(T, device=device)
-        return cls(cache, slots_B, start_B[:, None] + arange_T, arange_T[None] < lens_B[:, None], max(end, 1))
+        first = int(slots_B[0])
+        dense = torch.equal(slots_B, torch.arange(first, first + B, device=device))
+        return cls(cache, slots_B, start_B[:, None] + arange_T, arange_T[None] < lens_B[:, None], max(end, 1),
+                   (first, first + B) if dense else None)
 
     def mask(self) -> Tensor:
         """[B, T, S]: key j is visible to the query at position p iff j <= p."""
@@ -140,6 +153,9 @@ class CacheStep:
         k_cache[slot_n, :, pos_n] = k_BGTD.transpose(1, 2)[self.valid_BT].to(k_cache.dtype)
         v_cache[slot_n, :, pos_n] = v_BGTD.transpose(1, 2)[self.valid_BT].to(v_cache.dtype)
         S = self.num_keys
+        if self.slot_range is not None:
+            a, b = self.slot_range
+            return k_cache[a:b, :, :S], v_cache[a:b, :, :S]
         return k_cache[self.slots_B, :, :S], v_cache[self.slots_B, :, :S]
 
 

@@ -266,3 +266,53 @@ def save_pretrained(model: Glm4MoeForCausalLM, path: str | os.PathLike, max_shar
     cfg["dtype"] = str(dtype or model.model.embed_tokens.weight.dtype).removeprefix("torch.")
     _atomic_write(path / "config.json", lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
     return path
+
+
+# ----------------------------------------------------------------------------- in-place updates
+@torch.no_grad()
+def update_from_tensors(model: Glm4MoeForCausalLM, named_tensors) -> int:
+    """Copy (name, tensor) pairs into the model in place — a full state dict or any subset.
+
+    Names may be checkpoint names (per-expert or fused experts, MTP at `model.layers.{N}`) or our
+    own; tensors are cast to the parameter's dtype. Returns how many tensors were copied. An unknown
+    name or a wrong shape raises before that tensor is written.
+    """
+    cfg = model.config
+    params = model.state_dict(keep_vars=True)
+    copied = 0
+    for name, t in (named_tensors.items() if isinstance(named_tensors, dict) else named_tensors):
+        internal = _internal_name(name, cfg)
+        if internal is None:
+            continue
+        m = _EXPERT.match(internal)
+        if m:
+            prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
+            if prefix + ".down_proj" not in params or e >= cfg.n_routed_experts:
+                raise CheckpointError(f"unknown tensor {name!r}")
+            if proj == "down_proj":
+                target = params[prefix + ".down_proj"][e]
+            else:
+                gate_up = params[prefix + ".gate_up_proj"]
+                I = gate_up.shape[1] // 2
+                target = gate_up[e, :I] if proj == "gate_proj" else gate_up[e, I:]
+        elif internal in params:
+            target = params[internal]
+        else:
+            raise CheckpointError(f"unknown tensor {name!r}")
+        if tuple(t.shape) != tuple(target.shape):
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, the model needs {tuple(target.shape)}")
+        target.copy_(t)
+        copied += 1
+    return copied
+
+
+def read_tensors(path: str | os.PathLike):
+    """Yield (checkpoint name, tensor) for every tensor of a checkpoint directory (for in-place updates)."""
+    files = _tensor_files(Path(path))
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name, f in files.items():
+        by_file[f].append(name)
+    for f, names in by_file.items():
+        with safe_open(f, "pt", device="cpu") as sf:
+            for name in names:
+                yield name, sf.get_tensor(name)

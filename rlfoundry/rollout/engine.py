@@ -1,0 +1,408 @@
+"""The inference engine: token ids in; token ids, log-probs (and routed experts) out.
+
+It knows nothing of text. Requests join and leave between decode steps (continuous batching) on a
+slot KV cache of bounded size (`max_batch` sequences x `max_len` positions); requests beyond it
+wait in a queue. The running sequences always occupy slots 0..n-1 (a finished sequence's slot is
+refilled by moving the last one into it), so every decode step reads the cache as a view.
+
+Each generated token comes with its log-probability in fp32 under the distribution it was sampled
+from after temperature — top-p / top-k / min-p truncation not applied; for greedy, the raw softmax —
+which is the quantity the trainer computes for the same tokens.
+
+Threading: `add_request`, `abort`, `pause`, `resume` and `update_weights` may be called from any
+thread; the model runs in the thread that calls `step` (the background loop started by `start()`,
+or the caller of `generate`). Weight updates take effect between two steps.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from rlfoundry.model import Glm4MoeForCausalLM, KVCache
+from rlfoundry.model.hf_io import read_tensors, update_from_tensors
+
+
+class RequestError(ValueError):
+    """A request is invalid; the message names the field and the value."""
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    """Most tokens to generate (the context length may stop it earlier)."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 is greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the most likely tokens up to this probability mass (1 keeps all)."""
+    top_k: int = -1
+    """Keep the k most likely tokens (-1 or 0 keeps all)."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end the sequence (included in the output), besides EOS."""
+    ignore_eos: bool = False
+    """Do not stop at the model's EOS token(s)."""
+    seed: int | None = None
+    """Same seed, same prompt, same weights -> same output. None draws one from the engine."""
+    n: int = 1
+    """Samples of this prompt; they share one prefill."""
+    return_routed_experts: bool = False
+    """Return the expert ids chosen for every input position (for routing replay in training)."""
+
+    def validate(self) -> "SamplingParams":
+        def fail(name: str, why: str) -> None:
+            raise RequestError(f"sampling_params.{name} {why}, got {getattr(self, name)!r}")
+
+        for name, kind in (("max_new_tokens", int), ("top_k", int), ("n", int)):
+            if not isinstance(getattr(self, name), kind) or isinstance(getattr(self, name), bool):
+                fail(name, "must be an integer")
+        for name in ("temperature", "top_p", "min_p"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                fail(name, "must be a number")
+        if self.max_new_tokens < 0:
+            fail("max_new_tokens", "must be >= 0")
+        if self.temperature < 0:
+            fail("temperature", "must be >= 0")
+        if not 0 < self.top_p <= 1:
+            fail("top_p", "must be in (0, 1]")
+        if not 0 <= self.min_p <= 1:
+            fail("min_p", "must be in [0, 1]")
+        if self.n < 1:
+            fail("n", "must be >= 1")
+        if not isinstance(self.stop_token_ids, list) or not all(isinstance(t, int) for t in self.stop_token_ids):
+            fail("stop_token_ids", "must be a list of integers")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            fail("seed", "must be an integer or null")
+        return self
+
+
+@dataclass
+class Output:
+    """One finished sample."""
+    request_id: str
+    index: int                        # which of the request's n samples
+    prompt_ids: list[int]
+    output_ids: list[int]
+    logprobs: list[float]             # one per output token, fp32 values
+    finish_reason: str                # "stop" | "length" | "abort"
+    matched_stop: int | None          # the stop token that ended it
+    weight_version: str               # the weights that produced the last token
+    routed_experts: Tensor | None = None  # [prompt + output - 1, L_moe, K] when asked
+
+
+class _Request:
+    def __init__(self, rid: str, prompt_ids: list[int], params: SamplingParams,
+                 on_done: Callable[["_Request"], None] | None):
+        self.id, self.prompt_ids, self.params, self.on_done = rid, prompt_ids, params, on_done
+        self.outputs: list[Output | None] = [None] * params.n
+        self.seqs: list[_Seq] = []
+        self.done = threading.Event()
+        self.arrival = time.perf_counter()
+
+    def finish_one(self, out: Output) -> None:
+        self.outputs[out.index] = out
+        if all(o is not None for o in self.outputs):
+            self.done.set()
+            if self.on_done is not None:
+                self.on_done(self)
+
+
+class _Seq:
+    def __init__(self, req: _Request, index: int, generator: torch.Generator):
+        self.req, self.index, self.generator = req, index, generator
+        self.slot = -1
+        self.output_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.routed: list[Tensor] = []
+
+
+def _filter_probs(probs_BV: Tensor, top_k_B: Tensor, top_p_B: Tensor, min_p_B: Tensor) -> Tensor:
+    """Zero the tokens that top-k, top-p (nucleus) and min-p drop; the most likely token always stays."""
+    sorted_p, order = probs_BV.sort(dim=-1, descending=True)
+    rank = torch.arange(probs_BV.shape[-1], device=probs_BV.device)[None]
+    keep = (top_k_B[:, None] <= 0) | (rank < top_k_B[:, None])
+    keep &= (sorted_p.cumsum(-1) - sorted_p) < top_p_B[:, None]
+    keep &= sorted_p >= min_p_B[:, None] * sorted_p[:, :1]
+    return torch.zeros_like(probs_BV).scatter_(1, order, sorted_p * keep)
+
+
+def sample(logits_BV: Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> tuple[Tensor, Tensor]:
+    """Next token ids [B] and their fp32 log-probs [B] under softmax(logits / temperature)
+    (raw softmax for greedy rows). Each row draws from its own generator, so a sequence's samples do
+    not depend on what else is in the batch."""
+    logits = logits_BV.float()
+    temps = torch.tensor([p.temperature for p in params])
+    greedy = temps == 0
+    logprobs_BV = (logits / torch.where(greedy, 1.0, temps)[:, None]).log_softmax(-1)
+    ids = logits.argmax(-1)
+    rows = (~greedy).nonzero().flatten().tolist()
+    if rows:
+        probs = logprobs_BV[rows].exp()
+        sub = [params[r] for r in rows]
+        if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in sub):
+            probs = _filter_probs(probs, torch.tensor([p.top_k for p in sub]),
+                                  torch.tensor([p.top_p for p in sub], dtype=torch.float32),
+                                  torch.tensor([p.min_p for p in sub], dtype=torch.float32))
+        u = torch.stack([torch.rand((), generator=generators[r]) for r in rows])
+        cdf = probs.cumsum(-1)
+        picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=probs.shape[-1] - 1)
+        ids[rows] = picked.flatten()
+    return ids, logprobs_BV.gather(1, ids[:, None]).flatten()
+
+
+class Engine:
+    def __init__(self, model: Glm4MoeForCausalLM, max_batch: int = 64, max_len: int | None = None,
+                 eos_token_ids: Iterable[int] | None = None, seed: int = 0,
+                 max_prefill_tokens: int = 8192, weight_version: str = "0"):
+        self.model = model.eval()
+        cfg = model.config
+        self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.max_batch = max_batch
+        self.max_prefill_tokens = max_prefill_tokens
+        dtype = model.model.embed_tokens.weight.dtype
+        self.cache = KVCache.for_model(cfg, max_batch, self.max_len, dtype=dtype,
+                                       device=model.model.embed_tokens.weight.device)
+        eos = cfg.eos_token_id if eos_token_ids is None else list(eos_token_ids)
+        self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+        self.weight_version = weight_version
+        self._rng = random.Random(seed)
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Seq] = []          # running[i].slot == i
+        self._requests: dict[str, _Request] = {}
+        self._paused = False
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.stats = {"generated_tokens": 0, "prompt_tokens": 0, "steps": 0, "finished": 0}
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, on_done: Callable[[_Request], None] | None = None) -> _Request:
+        params = (params or SamplingParams()).validate()
+        if not prompt_ids or not all(isinstance(t, int) and 0 <= t < self.model.config.vocab_size for t in prompt_ids):
+            raise RequestError(f"input_ids must be a non-empty list of token ids in [0, {self.model.config.vocab_size})")
+        if len(prompt_ids) >= self.max_len:
+            raise RequestError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.max_len} tokens")
+        if params.n > self.max_batch:
+            raise RequestError(f"sampling_params.n must be <= max_batch={self.max_batch}, got {params.n}")
+        rid = request_id or uuid.uuid4().hex
+        with self._lock:
+            if rid in self._requests:
+                raise RequestError(f"request id {rid!r} is already running")
+            req = _Request(rid, list(prompt_ids), params, on_done)
+            for i in range(params.n):
+                seed = self._rng.randrange(1 << 62) if params.seed is None else params.seed * 1_000_003 + i
+                req.seqs.append(_Seq(req, i, torch.Generator().manual_seed(seed)))
+            self._requests[rid] = req
+            self._waiting.append(req)
+            self._wake.notify_all()
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Finish a request now with finish_reason "abort" (its tokens so far are kept)."""
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is None:
+                return False
+            if req in self._waiting:
+                self._waiting.remove(req)
+            for seq in req.seqs:
+                if seq.slot >= 0 or req.outputs[seq.index] is None:
+                    self._finish(seq, "abort", None)
+            return True
+
+    def abort_all(self) -> None:
+        with self._lock:
+            for rid in list(self._requests):
+                self.abort(rid)
+
+    def pause(self) -> None:
+        """Stop generating; running sequences keep their KV cache and continue on `resume`."""
+        with self._lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+            self._wake.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def update_weights(self, source: dict[str, Tensor] | Iterable[tuple[str, Tensor]] | str | Path,
+                       version: str | None = None) -> int:
+        """Replace weights in place between two steps: a full state dict, any subset of tensors
+        (checkpoint or our names), or a checkpoint directory. Returns the number of tensors copied."""
+        tensors = read_tensors(Path(source)) if isinstance(source, (str, Path)) else source
+        with self._lock:
+            n = update_from_tensors(self.model, tensors)
+            self.weight_version = str(version) if version is not None else str(int(self.weight_version) + 1
+                                                                                  if self.weight_version.isdigit() else 1)
+            return n
+
+    def flush_cache(self) -> bool:
+        """Drop cached prefixes. The slot cache keeps none beyond running sequences: a no-op that
+        reports whether the engine is idle (SGLang refuses to flush while requests run)."""
+        with self._lock:
+            return not self._running and not self._waiting
+
+    def load(self) -> dict:
+        with self._lock:
+            return {"running": len(self._running), "waiting": len(self._waiting),
+                    "kv_used_tokens": int(self.cache.lens[: len(self._running)].sum()) if self._running else 0,
+                    "kv_capacity_tokens": self.max_batch * self.max_len}
+
+    # ------------------------------------------------------------------ the loop
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One iteration: admit and prefill waiting requests, then one decode step for all."""
+        with self._lock:
+            if self._paused:
+                return
+            admitted = self._admit()
+            if admitted:
+                self._prefill(admitted)
+            if self._running:
+                self._decode()
+            self.stats["steps"] += 1
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 timeout: float | None = None) -> list[list[Output]]:
+        """Blocking: all samples of all prompts, in order. Drives the loop itself unless `start()`ed."""
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        reqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        if self._thread is None:
+            while not all(r.done.is_set() for r in reqs):
+                if self._paused:
+                    raise RuntimeError("the engine is paused; nothing would finish")
+                self.step()
+        for r in reqs:
+            if not r.done.wait(timeout):
+                raise TimeoutError("generation did not finish in time")
+        return [list(r.outputs) for r in reqs]
+
+    def start(self) -> "Engine":
+        """Run `step` in a background thread until `shutdown`."""
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="rlfoundry-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and (self._paused or not self.has_work()):
+                    self._wake.wait()
+                if self._stop:
+                    return
+            self.step()
+
+    # ------------------------------------------------------------------ internals (lock held)
+    def _admit(self) -> list[_Request]:
+        admitted, tokens = [], 0
+        while self._waiting:
+            req = self._waiting[0]
+            free = self.max_batch - len(self._running) - sum(r.params.n for r in admitted)
+            if req.params.n > free or (admitted and tokens + len(req.prompt_ids) > self.max_prefill_tokens):
+                break
+            self._waiting.popleft()
+            admitted.append(req)
+            tokens += len(req.prompt_ids)
+        return admitted
+
+    def _prefill(self, reqs: list[_Request]) -> None:
+        model = self.model
+        device = model.model.embed_tokens.weight.device
+        lens = [len(r.prompt_ids) for r in reqs]
+        batch = torch.zeros(len(reqs), max(lens), dtype=torch.long)
+        for b, r in enumerate(reqs):
+            batch[b, : lens[b]] = torch.tensor(r.prompt_ids)
+            r.first_slot = len(self._running)
+            for seq in r.seqs:
+                seq.slot = len(self._running)
+                self._running.append(seq)
+        slots = torch.tensor([r.first_slot for r in reqs])
+        self.cache.reset(slots)
+        out = model(batch.to(device), cache=self.cache, slots=slots.to(device), input_lens=torch.tensor(lens))
+        last = out.logits[torch.arange(len(reqs)), torch.tensor(lens) - 1]
+        self.stats["prompt_tokens"] += sum(lens)
+        rows, seqs, params = [], [], []
+        for b, r in enumerate(reqs):
+            if r.params.n > 1:
+                self.cache.copy_slot(r.first_slot, [s.slot for s in r.seqs[1:]])
+            for seq in r.seqs:
+                if r.params.return_routed_experts:
+                    seq.routed.append(out.routed_experts[b, : lens[b]].to(torch.int16))
+                rows.append(b)
+                seqs.append(seq)
+                params.append(r.params)
+        self._accept(seqs, *sample(last[rows], params, [s.generator for s in seqs]))
+
+    def _decode(self) -> None:
+        seqs = list(self._running)
+        ids = torch.tensor([[s.output_ids[-1]] for s in seqs])
+        device = self.model.model.embed_tokens.weight.device
+        out = self.model(ids.to(device), cache=self.cache, slots=torch.arange(len(seqs), device=device))
+        for b, seq in enumerate(seqs):
+            if seq.req.params.return_routed_experts:
+                seq.routed.append(out.routed_experts[b].to(torch.int16))
+        self._accept(seqs, *sample(out.logits[:, -1], [s.req.params for s in seqs], [s.generator for s in seqs]))
+
+    def _accept(self, seqs: list[_Seq], ids: Tensor, logprobs: Tensor) -> None:
+        self.stats["generated_tokens"] += len(seqs)
+        for seq, t, lp in zip(seqs, ids.tolist(), logprobs.tolist()):
+            p = seq.req.params
+            if p.max_new_tokens == 0:
+                self._finish(seq, "length", None)
+                continue
+            seq.output_ids.append(t)
+            seq.logprobs.append(lp)
+            if t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_ids):
+                self._finish(seq, "stop", t)
+            elif len(seq.output_ids) >= p.max_new_tokens or len(seq.req.prompt_ids) + len(seq.output_ids) >= self.max_len:
+                self._finish(seq, "length", None)
+
+    def _finish(self, seq: _Seq, reason: str, matched: int | None) -> None:
+        req = seq.req
+        if seq.slot >= 0:  # free the slot: move the last running sequence into it
+            i, last = seq.slot, self._running[-1]
+            if last is not seq:
+                self.cache.copy_slot(last.slot, i)
+                self._running[i] = last
+                last.slot = i
+            self._running.pop()
+            seq.slot = -1
+        routed = torch.cat(seq.routed) if seq.routed else None
+        out = Output(req.id, seq.index, req.prompt_ids, seq.output_ids, seq.logprobs, reason, matched,
+                     self.weight_version, routed)
+        self.stats["finished"] += 1
+        if all(o is not None or s is seq for o, s in zip(req.outputs, req.seqs)):
+            self._requests.pop(req.id, None)
+        req.finish_one(out)
+
+
