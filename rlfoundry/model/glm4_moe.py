@@ -306,6 +306,37 @@ def _(x_MA, g_MB, offsets_E):
 grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
+class _Dispatch(torch.autograd.Function):
+    """x [N, D] -> its rows repeated once per chosen expert, in expert order: [M = N*K, D].
+    The backward is a gather and a sum over the K copies: no scatter-add (slow on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x_ND: Tensor, order_M: Tensor, inverse_M: Tensor, K: int) -> Tensor:
+        ctx.save_for_backward(order_M, inverse_M)
+        ctx.K = K
+        return x_ND.index_select(0, order_M // K)
+
+    @staticmethod
+    def backward(ctx, g_MD: Tensor):
+        order_M, inverse_M = ctx.saved_tensors
+        return _Combine.apply(g_MD, order_M, inverse_M, ctx.K), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """The adjoint of _Dispatch: rows in expert order [M, D] -> per-token sums over K: [N, D]."""
+
+    @staticmethod
+    def forward(ctx, y_MD: Tensor, order_M: Tensor, inverse_M: Tensor, K: int) -> Tensor:
+        ctx.save_for_backward(order_M, inverse_M)
+        ctx.K = K
+        return y_MD.index_select(0, inverse_M).view(-1, K, y_MD.shape[-1]).sum(1)
+
+    @staticmethod
+    def backward(ctx, g_ND: Tensor):
+        order_M, inverse_M = ctx.saved_tensors
+        return _Dispatch.apply(g_ND, order_M, inverse_M, ctx.K), None, None, None
+
+
 class Experts(nn.Module):
     """E routed SwiGLU experts held as two tensors: gate_up_proj [E, 2I, D] (gate rows first) and
     down_proj [E, D, I] — the fused layout of transformers 5.x."""
@@ -321,14 +352,14 @@ class Experts(nn.Module):
         E = self.gate_up_proj.shape[0]
         flat_ids = routing.ids_NK.reshape(-1)
         order = flat_ids.argsort(stable=True)                 # token-expert pairs sorted by expert
-        token_of = order // K
-        counts_E = torch.bincount(flat_ids, minlength=E)
-        offsets_E = counts_E.cumsum(0).to(torch.int32)
-        x_MD = x_ND.index_select(0, token_of)                  # M = N*K rows, grouped by expert
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        offsets_E = torch.bincount(flat_ids, minlength=E).cumsum(0).to(torch.int32)
+        x_MD = _Dispatch.apply(x_ND, order, inverse, K)       # M = N*K rows, grouped by expert
         gate_MI, up_MI = grouped_mm(x_MD, self.gate_up_proj.transpose(1, 2), offsets_E).chunk(2, dim=-1)
         y_MD = grouped_mm(F.silu(gate_MI) * up_MI, self.down_proj.transpose(1, 2), offsets_E)
-        y_MD = y_MD * routing.weights_NK.reshape(-1)[order, None]
-        return torch.zeros_like(x_ND).index_add_(0, token_of, y_MD.to(x_ND.dtype))
+        y_MD = y_MD * routing.weights_NK.reshape(-1).index_select(0, order)[:, None]
+        return _Combine.apply(y_MD.to(x_ND.dtype), order, inverse, K)
 
 
 class MoE(nn.Module):

@@ -1,0 +1,229 @@
+"""The inference engine against the full forward of the same model (and transformers' generate)."""
+
+import threading
+import time
+import warnings
+
+import pytest
+import torch
+
+from conftest import hf_twin, random_model, small_config
+from rlfoundry.rollout import Engine, RequestError, SamplingParams, sample
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(small_config(max_position_embeddings=128), seed=21)
+
+
+def _prompts(cfg, lens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lens]
+
+
+def trainer_logprobs(model, prompt, output, temperature=1.0):
+    """What the trainer computes: log softmax(logits / T) of the sampled tokens, full forward."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + output])).logits[0, len(prompt) - 1:-1].float()
+    scaled = logits / (temperature if temperature > 0 else 1.0)
+    return scaled.log_softmax(-1).gather(1, torch.tensor(output)[:, None]).flatten(), logits
+
+
+def test_greedy_equals_full_forward_and_transformers_generate(model):
+    cfg = model.config
+    prompts = _prompts(cfg, [3, 11, 6, 1])
+    outs = Engine(model, max_batch=4).generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
+    hf = hf_twin(model)
+    for p, (o,) in zip(prompts, outs):
+        lp, logits = trainer_logprobs(model, p, o.output_ids)
+        assert logits.argmax(-1).tolist() == o.output_ids
+        assert (lp - torch.tensor(o.logprobs)).abs().max().item() <= 1e-5
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)
+        assert ref[0, len(p):].tolist() == o.output_ids
+        assert o.finish_reason == "length" and o.weight_version == "0"
+
+
+def test_sampled_logprobs_equal_trainer_logprobs(model):
+    prompts = _prompts(model.config, [4, 9, 2], seed=1)
+    params = SamplingParams(temperature=0.7, max_new_tokens=16, seed=5)
+    outs = Engine(model, max_batch=8).generate(prompts, params)
+    for p, (o,) in zip(prompts, outs):
+        lp, _ = trainer_logprobs(model, p, o.output_ids, temperature=0.7)
+        assert (lp - torch.tensor(o.logprobs)).abs().max().item() <= 1e-5
+
+
+def test_n_samples_share_one_prefill_and_seeds_reproduce(model):
+    prompt = _prompts(model.config, [7])[0]
+    engine = Engine(model, max_batch=8)
+    params = SamplingParams(temperature=1.0, max_new_tokens=10, n=6, seed=123)
+    first = engine.generate([prompt], params)[0]
+    assert engine.stats["prompt_tokens"] == 7           # one prefill for six samples
+    assert [o.index for o in first] == list(range(6))
+    assert len({tuple(o.output_ids) for o in first}) > 1  # the samples differ
+    # same seed, different company in the batch: same outputs
+    other = _prompts(model.config, [5, 3], seed=9)
+    again = engine.generate([other[0], prompt, other[1]], [SamplingParams(temperature=1.0, max_new_tokens=4),
+                                                           params, SamplingParams(temperature=0.5)])[1]
+    assert [o.output_ids for o in again] == [o.output_ids for o in first]
+    for o in first:
+        lp, _ = trainer_logprobs(model, prompt, o.output_ids)
+        assert (lp - torch.tensor(o.logprobs)).abs().max().item() <= 1e-5
+
+
+def test_queueing_beyond_capacity_gives_the_same_results(model):
+    prompts = _prompts(model.config, [2, 5, 8, 3, 6, 4, 7, 1, 9], seed=2)
+    greedy = SamplingParams(temperature=0, max_new_tokens=9)
+    small = Engine(model, max_batch=2).generate(prompts, greedy)      # most requests wait
+    alone = [Engine(model, max_batch=1).generate([p], greedy)[0][0] for p in prompts[:3]]
+    assert [o[0].output_ids for o in small[:3]] == [o.output_ids for o in alone]
+    big = Engine(model, max_batch=16).generate(prompts, greedy)
+    assert [o[0].output_ids for o in small] == [o[0].output_ids for o in big]
+
+
+def test_stop_tokens_eos_and_lengths(model):
+    prompt = _prompts(model.config, [5], seed=3)[0]
+    engine = Engine(model, max_batch=4, max_len=20)
+    free = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=10))[0][0]
+    stop = free.output_ids[3]
+    first_stop = free.output_ids.index(stop)
+    o = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=10, stop_token_ids=[stop]))[0][0]
+    assert o.output_ids == free.output_ids[: first_stop + 1] and o.finish_reason == "stop" and o.matched_stop == stop
+    eos_engine = Engine(model, max_batch=4, max_len=20, eos_token_ids=[stop])
+    assert eos_engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=10))[0][0].finish_reason == "stop"
+    o = eos_engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True))[0][0]
+    assert o.output_ids == free.output_ids and o.finish_reason == "length"
+    o = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=100))[0][0]
+    assert len(o.output_ids) == 20 - 5 and o.finish_reason == "length"   # the context ends it
+    assert engine.generate([prompt], SamplingParams(max_new_tokens=0))[0][0].output_ids == []
+
+
+def test_truncation_filters(model):
+    prompt = _prompts(model.config, [6], seed=4)[0]
+    engine = Engine(model, max_batch=4)
+    greedy = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=8))[0][0].output_ids
+    for params in (dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)):
+        o = engine.generate([prompt], SamplingParams(temperature=1.3, max_new_tokens=8, seed=1, **params))[0][0]
+        assert o.output_ids == greedy
+        lp, _ = trainer_logprobs(model, prompt, o.output_ids, temperature=1.3)  # untruncated log-probs
+        assert (lp - torch.tensor(o.logprobs)).abs().max().item() <= 1e-5
+
+
+def test_sampler_draws_from_softmax_and_filters():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]])
+    rows, rounds = 2000, 10
+    gens = [torch.Generator().manual_seed(i) for i in range(rows)]
+    batch = logits.expand(rows, 5)
+
+    def counts_of(params):
+        counts = torch.zeros(5)
+        for _ in range(rounds):
+            ids, lp = sample(batch, [params] * rows, gens)
+            counts += torch.bincount(ids, minlength=5)
+        return counts, lp
+
+    n = rows * rounds
+    counts, lp = counts_of(SamplingParams(temperature=1.0))
+    expected = logits.softmax(-1)[0] * n
+    assert ((counts - expected) ** 2 / expected).sum().item() < 18.5  # chi-square, 4 dof, p = 0.001
+    counts, lp = counts_of(SamplingParams(temperature=2.0, top_k=2))
+    assert counts[2:].sum() == 0
+    assert abs(counts[0] / n - 1 / (1 + torch.e ** -0.5)) < 0.015          # renormalised over the top 2
+    counts, lp = counts_of(SamplingParams(temperature=1.0, top_p=0.6))  # nucleus: the top 2 (0.49 + 0.18)
+    assert counts[2:].sum() == 0
+
+
+def test_routed_experts_replay_to_the_same_logprobs(model):
+    prompt = _prompts(model.config, [6], seed=5)[0]
+    o = Engine(model, max_batch=2).generate([prompt], SamplingParams(temperature=1.0, max_new_tokens=7, seed=2,
+                                                                     return_routed_experts=True))[0][0]
+    seq = torch.tensor([prompt + o.output_ids])
+    with torch.no_grad():
+        full = model(seq)
+    T = len(prompt) + len(o.output_ids) - 1
+    assert o.routed_experts.shape == (T, model.config.num_moe_layers, model.config.num_experts_per_tok)
+    assert torch.equal(o.routed_experts.long().sort(-1).values, full.routed_experts[0, :T].sort(-1).values)
+    routed = torch.cat([o.routed_experts.long(), full.routed_experts[0, T:]])[None]
+    with torch.no_grad():
+        replay = model(seq, routed_experts=routed)
+    assert torch.allclose(replay.logits, full.logits, atol=1e-6)
+
+
+def test_bad_requests_name_the_field(model):
+    engine = Engine(model, max_batch=2, max_len=16)
+    with pytest.raises(RequestError, match="sampling_params.temperature must be >= 0, got -1"):
+        engine.add_request([1, 2], SamplingParams(temperature=-1))
+    with pytest.raises(RequestError, match="sampling_params.max_new_tokens must be >= 0"):
+        engine.add_request([1, 2], SamplingParams(max_new_tokens=-5))
+    with pytest.raises(RequestError, match="does not fit the context of 16"):
+        engine.add_request(list(range(16)))
+    with pytest.raises(RequestError, match="input_ids"):
+        engine.add_request([1, 10_000])
+    with pytest.raises(RequestError, match="sampling_params.n must be <= max_batch=2"):
+        engine.add_request([1], SamplingParams(n=3))
+    assert not engine.has_work()
+
+
+def _wait(cond, timeout=30.0):
+    t = time.time()
+    while not cond():
+        assert time.time() - t < timeout, "timed out"
+        time.sleep(0.005)
+
+
+def test_abort_pause_and_weight_update_mid_generation(model, tmp_path):
+    from rlfoundry.model import save_pretrained
+
+    cfg = model.config
+    local = random_model(cfg, seed=21)  # our own copy: its weights change here
+    engine = Engine(local, max_batch=4).start()
+    try:
+        prompt = _prompts(cfg, [4], seed=6)[0]
+        greedy = SamplingParams(temperature=0, max_new_tokens=60)
+        reference = engine.generate([prompt], greedy)[0][0]
+        # abort: partial output, finish_reason abort
+        req = engine.add_request(prompt, SamplingParams(temperature=0, max_new_tokens=100))
+        _wait(lambda: req.seqs[0].output_ids.__len__() >= 3)
+        assert engine.abort(req.id)
+        req.done.wait(10)
+        out = req.outputs[0]
+        assert out.finish_reason == "abort" and 3 <= len(out.output_ids) < 100
+        assert out.output_ids == reference.output_ids[: len(out.output_ids)]
+        # pause: no progress until continue, then the same tokens as without a pause
+        req = engine.add_request(prompt, greedy)
+        _wait(lambda: len(req.seqs[0].output_ids) >= 2)
+        engine.pause()
+        time.sleep(0.05)
+        frozen = len(req.seqs[0].output_ids)
+        time.sleep(0.2)
+        assert len(req.seqs[0].output_ids) == frozen and not req.done.is_set()
+        engine.resume()
+        req.done.wait(20)
+        assert req.outputs[0].output_ids == reference.output_ids
+        # weight update mid-generation: new version on the output, new weights from then on
+        other = random_model(cfg, seed=99)
+        req = engine.add_request(prompt, greedy)
+        _wait(lambda: len(req.seqs[0].output_ids) >= 5)
+        engine.pause()
+        n_before = len(req.seqs[0].output_ids)
+        engine.update_weights(other.state_dict(), version="v7")
+        engine.resume()
+        req.done.wait(20)
+        out = req.outputs[0]
+        assert out.weight_version == "v7"
+        assert out.output_ids[:n_before] == reference.output_ids[:n_before]
+        fresh = engine.generate([prompt], greedy)[0][0]
+        assert fresh.output_ids == Engine(other, max_batch=1).generate([prompt], greedy)[0][0].output_ids
+        # subset update by checkpoint name (one expert of one layer), and from a directory
+        w = torch.randn(cfg.moe_intermediate_size, cfg.hidden_size)
+        engine.update_weights({"model.layers.1.mlp.experts.3.up_proj.weight": w}, version="v8")
+        I = cfg.moe_intermediate_size
+        assert torch.equal(local.model.layers[1].mlp.experts.gate_up_proj[3, I:], w)
+        save_pretrained(model, tmp_path / "ckpt")
+        engine.update_weights(tmp_path / "ckpt", version="v9")
+        again = engine.generate([prompt], greedy)[0][0]
+        assert again.output_ids == reference.output_ids and again.weight_version == "v9"
+    finally:
+        engine.shutdown()
