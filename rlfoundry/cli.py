@@ -55,6 +55,13 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out), seed=args.seed)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from rlfoundry.rollout.launch import serve
+
+    return serve(args.model, host=args.host, port=args.port, engines=args.engines, max_batch=args.max_batch,
+                 max_len=args.max_len, dtype=args.dtype, served_model_name=args.served_model_name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlfoundry", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a preset (glm-4.5, glm-4.5-air, tiny) or a checkpoint directory / config.json")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_model_info)
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP (SGLang native API + OpenAI API)")
+    p.add_argument("--model", required=True, help="Hugging Face glm4_moe checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--engines", type=int, default=1, help="N > 1: N engine servers behind sglang-router on --port")
+    p.add_argument("--max-batch", type=int, default=64, help="sequences decoded together (KV cache slots)")
+    p.add_argument("--max-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--served-model-name", default=None, help="model name of the OpenAI API (default: --model)")
+    p.set_defaults(func=_serve)
     p = sub.add_parser("demo", help="the embedded default job (CPU, no downloads)")
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--seed", type=int, default=0)

@@ -53,3 +53,19 @@ def hf_twin(model: Glm4MoeForCausalLM):
 @pytest.fixture
 def tmp_ckpt(tmp_path):
     return tmp_path / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny-preset checkpoint (random weights) with a trained byte-level BPE tokenizer and chat template."""
+    from rlfoundry.data.tokenizer import train_tokenizer
+    from rlfoundry.model import save_pretrained
+
+    path = tmp_path_factory.mktemp("tiny") / "ckpt"
+    corpus = [f"{a} + {b} = {a + b}. The quick brown fox jumps over the lazy dog." for a in range(60) for b in range(9)]
+    train_tokenizer(corpus, 512, path)
+    cfg = ModelConfig.from_preset("tiny", max_position_embeddings=256)
+    model = Glm4MoeForCausalLM(cfg)
+    model.init_weights(seed=3)
+    save_pretrained(model, path)
+    return path

@@ -109,6 +109,7 @@ class _Request:
         self.seqs: list[_Seq] = []
         self.done = threading.Event()
         self.arrival = time.perf_counter()
+        self.on_progress: Callable[["_Request"], None] | None = None  # called after each step with new tokens
 
     def finish_one(self, out: Output) -> None:
         self.outputs[out.index] = out
@@ -386,6 +387,8 @@ class Engine:
                 self._finish(seq, "stop", t)
             elif len(seq.output_ids) >= p.max_new_tokens or len(seq.req.prompt_ids) + len(seq.output_ids) >= self.max_len:
                 self._finish(seq, "length", None)
+        for req in {s.req for s in seqs if s.req.on_progress is not None}:
+            req.on_progress(req)
 
     def _finish(self, seq: _Seq, reason: str, matched: int | None) -> None:
         req = seq.req

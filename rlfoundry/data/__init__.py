@@ -1,0 +1,1 @@
+"""Data: tokenizers, datasets, packing and the built-in tasks."""

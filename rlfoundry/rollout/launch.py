@@ -1,0 +1,108 @@
+"""`rlfoundry serve`: one engine server, or N of them behind sglang-router.
+
+With `--engines N` the engines run as child processes on ports after P and the real
+`sglang-router` (PyPI) listens on P; Ctrl-C or SIGTERM stops them all.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float, procs: list[subprocess.Popen] = ()) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{p.args[:4]}... exited with code {p.returncode} before {url} came up")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not become healthy in {timeout:.0f} s")
+
+
+def build_engine_app(model_path: str, max_batch: int, max_len: int | None, dtype: str, name: str | None):
+    import torch
+
+    from rlfoundry.data.tokenizer import eos_token_ids, load_tokenizer
+    from rlfoundry.model import load_pretrained
+    from rlfoundry.rollout.engine import Engine
+    from rlfoundry.rollout.server import create_app
+
+    model = load_pretrained(model_path, dtype=getattr(torch, dtype))
+    tokenizer = load_tokenizer(model_path)
+    eos = eos_token_ids(tokenizer) if tokenizer is not None else None
+    engine = Engine(model, max_batch=max_batch, max_len=max_len, eos_token_ids=eos)
+    return create_app(engine, tokenizer, model_path=str(model_path), served_model_name=name)
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int = 1, max_batch: int = 64,
+          max_len: int | None = None, dtype: str = "float32", served_model_name: str | None = None,
+          log_level: str = "warning") -> int:
+    if not (Path(model) / "config.json").exists():
+        print(f"error: --model {model}: no config.json there", file=sys.stderr)
+        return 2
+    if engines == 1:
+        import uvicorn
+
+        app = build_engine_app(model, max_batch, max_len, dtype, served_model_name)
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        return 0
+
+    children: list[subprocess.Popen] = []
+
+    def stop(*_):
+        for p in children:
+            if p.poll() is None:
+                p.terminate()
+        for p in children:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(0)))
+    try:
+        urls = []
+        for _ in range(engines):
+            p_port = free_port()
+            cmd = [sys.executable, "-m", "rlfoundry.cli", "serve", "--model", model, "--host", "127.0.0.1",
+                   "--port", str(p_port), "--max-batch", str(max_batch), "--dtype", dtype]
+            if max_len:
+                cmd += ["--max-len", str(max_len)]
+            if served_model_name:
+                cmd += ["--served-model-name", served_model_name]
+            children.append(subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+            urls.append(f"http://127.0.0.1:{p_port}")
+        for url in urls:
+            wait_healthy(url + "/health", 300, children)
+        router = [sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
+                  "--worker-urls", *urls, "--policy", "round_robin", "--log-level", "warn"]
+        children.append(subprocess.Popen(router))
+        wait_healthy(f"http://127.0.0.1:{port}/health", 120, children)
+        print(f"sglang-router on {host}:{port} -> {' '.join(urls)}", flush=True)
+        while all(p.poll() is None for p in children):
+            time.sleep(0.5)
+        failed = [p for p in children if p.poll() is not None]
+        print(f"error: {failed[0].args[:4]}... exited with code {failed[0].returncode}; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop()
