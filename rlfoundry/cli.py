@@ -59,7 +59,8 @@ def _serve(args: argparse.Namespace) -> int:
     from rlfoundry.rollout.launch import serve
 
     return serve(args.model, host=args.host, port=args.port, engines=args.engines, max_batch=args.max_batch,
-                 max_len=args.max_len, dtype=args.dtype, served_model_name=args.served_model_name)
+                 max_len=args.max_len, dtype=args.dtype, served_model_name=args.served_model_name,
+                 log_level=args.log_level)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--served-model-name", default=None, help="model name of the OpenAI API (default: --model)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_serve)
     p = sub.add_parser("demo", help="the embedded default job (CPU, no downloads)")
     p.add_argument("--out", default="runs/demo", help="run directory")

@@ -55,6 +55,7 @@ def build_engine_app(model_path: str, max_batch: int, max_len: int | None, dtype
 def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int = 1, max_batch: int = 64,
           max_len: int | None = None, dtype: str = "float32", served_model_name: str | None = None,
           log_level: str = "warning") -> int:
+    """Serve `model`; with engines > 1, behind sglang-router. Returns the exit code."""
     if not (Path(model) / "config.json").exists():
         print(f"error: --model {model}: no config.json there", file=sys.stderr)
         return 2
@@ -83,7 +84,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
         for _ in range(engines):
             p_port = free_port()
             cmd = [sys.executable, "-m", "rlfoundry.cli", "serve", "--model", model, "--host", "127.0.0.1",
-                   "--port", str(p_port), "--max-batch", str(max_batch), "--dtype", dtype]
+                   "--port", str(p_port), "--max-batch", str(max_batch), "--dtype", dtype, "--log-level", "error"]
             if max_len:
                 cmd += ["--max-len", str(max_len)]
             if served_model_name:
@@ -96,6 +97,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
                   "--worker-urls", *urls, "--policy", "round_robin", "--log-level", "warn"]
         children.append(subprocess.Popen(router))
         wait_healthy(f"http://127.0.0.1:{port}/health", 120, children)
+        for url, p in zip(urls, children):
+            print(f"engine pid={p.pid} url={url}", flush=True)
         print(f"sglang-router on {host}:{port} -> {' '.join(urls)}", flush=True)
         while all(p.poll() is None for p in children):
             time.sleep(0.5)

@@ -73,6 +73,18 @@ class GenerateRequest(_Strict):
     return_routed_experts: bool = False
     stream: bool = False
     rid: str | list[str] | None = None
+    # fields sglang-router and SGLang clients add; their defaults are what this server does
+    model: str | None = None
+    log_metrics: bool = True
+    no_logs: bool = False
+    background: bool = False
+    return_hidden_states: bool = False
+    return_bytes: bool = False
+    return_entropy: bool = False
+    lora_path: str | list[str] | None = None
+    image_data: Any = None
+    custom_logit_processor: str | None = None
+    data_parallel_rank: int | None = None
 
 
 class UpdateFromDisk(_Strict):
@@ -244,6 +256,12 @@ def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_mode
             raise RequestError("stream: streaming is offered on /v1/completions and /v1/chat/completions")
         if body.top_logprobs_num:
             raise RequestError("top_logprobs_num: only 0 is supported")
+        for field in ("background", "return_hidden_states", "return_bytes", "return_entropy"):
+            if getattr(body, field):
+                raise RequestError(f"{field}: not supported")
+        for field in ("lora_path", "image_data", "custom_logit_processor"):
+            if getattr(body, field) is not None:
+                raise RequestError(f"{field}: not supported")
         if (body.text is None) == (body.input_ids is None):
             raise RequestError("give exactly one of text and input_ids")
         sp = body.sampling_params

@@ -1,0 +1,58 @@
+"""`rlfoundry serve --engines 2`: two engine servers behind the real sglang-router."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from rlfoundry.rollout.launch import free_port, wait_healthy
+
+
+def _up(url):
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        return True
+    except OSError:
+        return False
+
+
+def test_openai_client_through_sglang_router(tiny_checkpoint, tmp_path):
+    import openai
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "rlfoundry.cli", "serve", "--model", str(tiny_checkpoint),
+                             "--engines", "2", "--port", str(port), "--served-model-name", "tiny", "--max-len", "128"],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", 180, [proc])
+        deadline = time.time() + 30
+        while "sglang-router on" not in (tmp_path / "serve.log").read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        engines = re.findall(r"engine pid=(\d+) url=(\S+)", (tmp_path / "serve.log").read_text())
+        assert len(engines) == 2
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        for _ in range(4):  # round robin: both engines answer
+            r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "2 + 2 ="}],
+                                               max_tokens=4, temperature=0)
+            assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4
+        r = client.completions.create(model="tiny", prompt="1 + 1 =", max_tokens=3)
+        assert r.usage.completion_tokens == 3
+        # one engine dies: the router's retries and health checks route around it
+        os.kill(int(engines[0][0]), signal.SIGKILL)
+        for _ in range(4):
+            r = client.completions.create(model="tiny", prompt="3 + 4 =", max_tokens=2)
+            assert r.usage.completion_tokens == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        log.close()
+    # SIGTERM stopped the router and every engine
+    time.sleep(1)
+    assert not _up(f"http://127.0.0.1:{port}/health")
+    assert not _up(engines[1][1] + "/health")
