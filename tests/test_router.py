@@ -48,6 +48,9 @@ def test_openai_client_through_sglang_router(tiny_checkpoint, tmp_path):
         for _ in range(4):
             r = client.completions.create(model="tiny", prompt="3 + 4 =", max_tokens=2)
             assert r.usage.completion_tokens == 2
+        # ... and the launcher brings the dead engine back on its URL
+        wait_healthy(engines[0][1] + "/health", 120)
+        assert "restarting it" in (tmp_path / "serve.log").read_text()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

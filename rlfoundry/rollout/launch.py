@@ -78,32 +78,41 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
             except subprocess.TimeoutExpired:
                 p.kill()
 
+    def start_engine(p_port: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "rlfoundry.cli", "serve", "--model", model, "--host", "127.0.0.1",
+               "--port", str(p_port), "--max-batch", str(max_batch), "--dtype", dtype, "--log-level", "error"]
+        if max_len:
+            cmd += ["--max-len", str(max_len)]
+        if served_model_name:
+            cmd += ["--served-model-name", served_model_name]
+        return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
     signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(0)))
     try:
-        urls = []
-        for _ in range(engines):
-            p_port = free_port()
-            cmd = [sys.executable, "-m", "rlfoundry.cli", "serve", "--model", model, "--host", "127.0.0.1",
-                   "--port", str(p_port), "--max-batch", str(max_batch), "--dtype", dtype, "--log-level", "error"]
-            if max_len:
-                cmd += ["--max-len", str(max_len)]
-            if served_model_name:
-                cmd += ["--served-model-name", served_model_name]
-            children.append(subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
-            urls.append(f"http://127.0.0.1:{p_port}")
+        ports = [free_port() for _ in range(engines)]
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        children.extend(start_engine(p) for p in ports)
         for url in urls:
             wait_healthy(url + "/health", 300, children)
-        router = [sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
-                  "--worker-urls", *urls, "--policy", "round_robin", "--log-level", "warn"]
-        children.append(subprocess.Popen(router))
+        router = subprocess.Popen([sys.executable, "-m", "sglang_router.launch_router", "--host", host,
+                                   "--port", str(port), "--worker-urls", *urls, "--policy", "round_robin",
+                                   "--log-level", "warn"])
+        children.append(router)
         wait_healthy(f"http://127.0.0.1:{port}/health", 120, children)
         for url, p in zip(urls, children):
             print(f"engine pid={p.pid} url={url}", flush=True)
         print(f"sglang-router on {host}:{port} -> {' '.join(urls)}", flush=True)
-        while all(p.poll() is None for p in children):
+        restarts = 0
+        while router.poll() is None:
             time.sleep(0.5)
-        failed = [p for p in children if p.poll() is not None]
-        print(f"error: {failed[0].args[:4]}... exited with code {failed[0].returncode}; stopping", file=sys.stderr)
+            for i, p in enumerate(children[:engines]):
+                if p.poll() is not None and restarts < 10 * engines:
+                    # the router stops sending it work after failed health checks; bring it back on
+                    # the same URL and the router takes it again once it answers
+                    print(f"engine {urls[i]} exited with code {p.returncode}; restarting it", file=sys.stderr, flush=True)
+                    children[i] = start_engine(ports[i])
+                    restarts += 1
+        print(f"error: sglang-router exited with code {router.returncode}; stopping", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
