@@ -126,6 +126,9 @@ class _Seq:
         self.output_ids: list[int] = []
         self.logprobs: list[float] = []
         self.routed: list[Tensor] = []
+        # speculative decoding: (hidden state, next token) pairs not yet in the MTP cache
+        self.mtp_h: Tensor | None = None
+        self.mtp_ids: list[int] = []
 
 
 def _filter_probs(probs_BV: Tensor, top_k_B: Tensor, top_p_B: Tensor, min_p_B: Tensor) -> Tensor:
@@ -165,15 +168,21 @@ def sample(logits_BV: Tensor, params: list[SamplingParams], generators: list[tor
 class Engine:
     def __init__(self, model: Glm4MoeForCausalLM, max_batch: int = 64, max_len: int | None = None,
                  eos_token_ids: Iterable[int] | None = None, seed: int = 0,
-                 max_prefill_tokens: int = 8192, weight_version: str = "0"):
+                 max_prefill_tokens: int = 8192, weight_version: str = "0", speculative_steps: int = 0):
         self.model = model.eval()
         cfg = model.config
+        if speculative_steps and not cfg.num_nextn_predict_layers:
+            raise ValueError("speculative_steps needs a model with an MTP layer (num_nextn_predict_layers >= 1)")
+        self.spec_steps = speculative_steps
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
         dtype = model.model.embed_tokens.weight.dtype
         self.cache = KVCache.for_model(cfg, max_batch, self.max_len, dtype=dtype,
                                        device=model.model.embed_tokens.weight.device)
+        # the MTP layer's own cache: position t holds the pair (h_t, token t+1)
+        self.mtp_cache = KVCache.for_model(cfg, max_batch, self.max_len, num_layers=1, dtype=dtype,
+                                           device=model.model.embed_tokens.weight.device) if speculative_steps else None
         eos = cfg.eos_token_id if eos_token_ids is None else list(eos_token_ids)
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
         self.weight_version = weight_version
@@ -186,7 +195,8 @@ class Engine:
         self._paused = False
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.stats = {"generated_tokens": 0, "prompt_tokens": 0, "steps": 0, "finished": 0}
+        self.stats = {"generated_tokens": 0, "prompt_tokens": 0, "steps": 0, "finished": 0,
+                      "spec_verify_steps": 0, "spec_emitted_tokens": 0, "spec_accept_length": 0.0}
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
@@ -359,12 +369,25 @@ class Engine:
             for seq in r.seqs:
                 if r.params.return_routed_experts:
                     seq.routed.append(out.routed_experts[b, : lens[b]].to(torch.int16))
+                if self.spec_steps:
+                    self.mtp_cache.lens[seq.slot] = 0
+                    seq.mtp_h, seq.mtp_ids = out.hidden[b, : lens[b]], list(r.prompt_ids[1:])
                 rows.append(b)
                 seqs.append(seq)
                 params.append(r.params)
         self._accept(seqs, *sample(last[rows], params, [s.generator for s in seqs]))
+        if self.spec_steps:
+            for seq in seqs:
+                if seq.output_ids:
+                    seq.mtp_ids.append(seq.output_ids[-1])
 
     def _decode(self) -> None:
+        if self.spec_steps:
+            k = min([self.spec_steps] + [min(self.max_len - len(s.req.prompt_ids) - len(s.output_ids),
+                                             s.req.params.max_new_tokens - len(s.output_ids)) - 1
+                                         for s in self._running])
+            if k >= 1:
+                return self._decode_speculative(k)
         seqs = list(self._running)
         ids = torch.tensor([[s.output_ids[-1]] for s in seqs])
         device = self.model.model.embed_tokens.weight.device
@@ -372,7 +395,125 @@ class Engine:
         for b, seq in enumerate(seqs):
             if seq.req.params.return_routed_experts:
                 seq.routed.append(out.routed_experts[b].to(torch.int16))
+            if self.spec_steps:
+                seq.mtp_h = torch.cat([seq.mtp_h, out.hidden[b]])
         self._accept(seqs, *sample(out.logits[:, -1], [s.req.params for s in seqs], [s.generator for s in seqs]))
+        if self.spec_steps:
+            for seq in seqs:
+                seq.mtp_ids.append(seq.output_ids[-1])
+
+    def _decode_speculative(self, k: int) -> None:
+        """MTP speculative decoding (Leviathan et al. 2023; Chen et al. 2023): the MTP layer drafts k
+        tokens one after another, the main model scores all of them in one forward, and each draft
+        is kept with probability min(1, p/q) — exact agreement for greedy — the first rejected one
+        replaced by a sample of max(0, p - q), a bonus token from p when all are kept. The output
+        has the distribution of plain decoding. Drafts after the first feed the MTP layer its own
+        output hidden state, as SGLang and vLLM do with GLM-4.5's MTP layer."""
+        model, seqs = self.model, list(self._running)
+        B, device = len(seqs), self.model.model.embed_tokens.weight.device
+        slots = torch.arange(B, device=device)
+        params = [s.req.params for s in seqs]
+        gens = [s.generator for s in seqs]
+        # 1. catch the MTP cache up with the pairs of the last step; its last position drafts d1
+        n_new = [len(s.mtp_ids) for s in seqs]
+        T = max(n_new)
+        h = torch.zeros(B, T, model.config.hidden_size, dtype=seqs[0].mtp_h.dtype, device=device)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            h[b, : n_new[b]] = s.mtp_h
+            ids[b, : n_new[b]] = torch.tensor(s.mtp_ids)
+        out = model.mtp_forward(h, ids.to(device), cache=self.mtp_cache, slots=slots, input_lens=torch.tensor(n_new))
+        last = torch.tensor(n_new) - 1
+        logits, g = out.logits[torch.arange(B), last], out.hidden[torch.arange(B), last]
+        drafts, q_probs = [], []
+        for i in range(k):
+            d, q = self._draft(logits, params, gens)
+            drafts.append(d)
+            q_probs.append(q)
+            if i + 1 < k:
+                out = model.mtp_forward(g[:, None], d[:, None].to(device), cache=self.mtp_cache, slots=slots)
+                logits, g = out.logits[:, -1], out.hidden[:, -1]
+        drafts_Bk = torch.stack(drafts, 1)
+        # 2. verify: the pending token and the k drafts in one forward of the main model
+        L = self.cache.lens[:B].clone()
+        pending = torch.tensor([[s.output_ids[-1]] for s in seqs])
+        ver = model(torch.cat([pending, drafts_Bk], 1).to(device), cache=self.cache, slots=slots)
+        p_logits = ver.logits.float()                                     # [B, k+1, V]
+        temps = torch.tensor([p.temperature for p in params])
+        scaled = p_logits / torch.where(temps == 0, 1.0, temps)[:, None, None]
+        logprobs_all = scaled.log_softmax(-1)
+        # 3. accept or reject each sequence's drafts
+        emits = []
+        for b, seq in enumerate(seqs):
+            pr = params[b]
+            accepted = 0
+            new_token = None
+            for i in range(k):
+                d = int(drafts_Bk[b, i])
+                if pr.temperature == 0:
+                    target = int(p_logits[b, i].argmax())
+                    if target == d:
+                        accepted += 1
+                        continue
+                    new_token = target
+                    break
+                p = self._target_probs(logprobs_all[b, i], pr)
+                q = q_probs[i][b]
+                if torch.rand((), generator=gens[b]) * q[d] <= p[d]:   # accept with prob min(1, p/q)
+                    accepted += 1
+                    continue
+                residual = (p - q).clamp(min=0)
+                new_token = self._draw(residual if residual.sum() > 0 else p, gens[b])
+                break
+            if new_token is None:  # every draft kept: a bonus token from the last position
+                new_token = int(p_logits[b, k].argmax()) if pr.temperature == 0 else \
+                    self._draw(self._target_probs(logprobs_all[b, k], pr), gens[b])
+            tokens = drafts_Bk[b, :accepted].tolist() + [new_token]
+            lps = [float(logprobs_all[b, i, t]) for i, t in enumerate(tokens)]
+            # the cache keeps the pending token and the accepted drafts; the MTP cache what it had
+            self.cache.lens[b] = L[b] + accepted + 1
+            self.mtp_cache.lens[b] = L[b]
+            seq.mtp_h = ver.hidden[b, : accepted + 1]
+            seq.mtp_ids = tokens[:]
+            if pr.return_routed_experts:
+                seq.routed.append(ver.routed_experts[b, : accepted + 1].to(torch.int16))
+            emits.append((seq, tokens, lps))
+        # only now finish sequences: finishing moves other sequences between slots
+        for seq, tokens, lps in emits:
+            for t, lp in zip(tokens, lps):
+                if seq.slot < 0:
+                    break
+                self._accept([seq], torch.tensor([t]), torch.tensor([lp]))
+        st = self.stats
+        st["spec_verify_steps"] += B
+        st["spec_emitted_tokens"] += sum(len(t) for _, t, _ in emits)
+        st["spec_accept_length"] = st["spec_emitted_tokens"] / st["spec_verify_steps"]
+
+    @staticmethod
+    def _target_probs(logprobs_V: Tensor, p: SamplingParams) -> Tensor:
+        """The sampling distribution: softmax after temperature, then top-k / top-p / min-p."""
+        probs = logprobs_V.exp()[None]
+        if p.top_k > 0 or p.top_p < 1 or p.min_p > 0:
+            probs = _filter_probs(probs, torch.tensor([p.top_k]), torch.tensor([p.top_p]), torch.tensor([p.min_p]))
+        return (probs / probs.sum())[0]
+
+    @staticmethod
+    def _draw(probs_V: Tensor, gen: torch.Generator) -> int:
+        cdf = probs_V.cumsum(-1)
+        u = torch.rand((), generator=gen) * cdf[-1]
+        return int(torch.searchsorted(cdf, u[None], right=True).clamp(max=probs_V.shape[-1] - 1))
+
+    def _draft(self, logits_BV: Tensor, params: list[SamplingParams], gens) -> tuple[Tensor, Tensor]:
+        """Draft tokens [B] from MTP logits, and the draft distributions q [B, V] (for rejection)."""
+        logits = logits_BV.float()
+        temps = torch.tensor([p.temperature for p in params])
+        q = (logits / torch.where(temps == 0, 1.0, temps)[:, None]).softmax(-1)
+        d = logits.argmax(-1)
+        for b, p in enumerate(params):
+            if p.temperature > 0:
+                q[b] = self._target_probs(q[b].log(), p)
+                d[b] = self._draw(q[b], gens[b])
+        return d, q
 
     def _accept(self, seqs: list[_Seq], ids: Tensor, logprobs: Tensor) -> None:
         self.stats["generated_tokens"] += len(seqs)
@@ -396,6 +537,8 @@ class Engine:
             i, last = seq.slot, self._running[-1]
             if last is not seq:
                 self.cache.copy_slot(last.slot, i)
+                if self.mtp_cache is not None:
+                    self.mtp_cache.copy_slot(last.slot, i)
                 self._running[i] = last
                 last.slot = i
             self._running.pop()
