@@ -419,7 +419,7 @@ def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_mode
             out = []
             for n, dt, shape in zip(body.names, dtypes, body.shapes):
                 t = torch.empty(shape, dtype=dt)
-                group.broadcast([t], 0).wait()
+                group.broadcast(t, 0).wait()
                 out.append((n, t))
             return out
 

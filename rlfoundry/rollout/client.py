@@ -1,0 +1,201 @@
+"""Rollout clients: one interface over the engines the RL loop can drive.
+
+`SGLangClient` speaks SGLang's native HTTP API — our own server, a real SGLang server, or
+sglang-router in front of either. `VLLMClient` speaks vLLM's OpenAI server. Both take token ids in
+and give token ids and log-probs out, so that trainer and engine see the same tokens.
+
+`DistributedWeightSender` pushes weights from the trainer (rank 0) to SGLang-protocol engines over a
+torch.distributed broadcast group (gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Iterable
+
+import torch
+
+
+class RolloutError(RuntimeError):
+    """An engine answered with an error (the message carries its status and body)."""
+
+
+@dataclass
+class Generation:
+    output_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str                 # "stop" | "length" | "abort"
+    weight_version: str | None = None
+    routed_experts: list | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def _post(url: str, payload: dict | None, timeout: float) -> dict | str:
+    data = json.dumps(payload).encode() if payload is not None else b""
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            body = r.read().decode()
+    except urllib.error.HTTPError as e:
+        raise RolloutError(f"{url}: HTTP {e.code}: {e.read().decode()[:2000]}") from None
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError:
+        return body
+
+
+def _get(url: str, timeout: float) -> dict | str:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            body = r.read().decode()
+    except urllib.error.HTTPError as e:
+        raise RolloutError(f"{url}: HTTP {e.code}: {e.read().decode()[:2000]}") from None
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError:
+        return body
+
+
+class RolloutClient(ABC):
+    """What the RL loop needs from an inference engine."""
+
+    def __init__(self, url: str, timeout: float = 600.0):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    @abstractmethod
+    def generate(self, input_ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                 top_k: int = -1, n: int = 1, stop_token_ids: list[int] | None = None,
+                 seed: int | None = None) -> list[Generation]:
+        """n samples continuing `input_ids`, with the log-prob of every generated token."""
+
+    @abstractmethod
+    def update_weights_from_disk(self, path: str, version: str | None = None) -> None:
+        """Load the weights of a Hugging Face checkpoint directory in place."""
+
+    def health(self) -> bool:
+        try:
+            _get(self.url + "/health", 5)
+            return True
+        except (OSError, RolloutError):
+            return False
+
+
+class SGLangClient(RolloutClient):
+    """SGLang's native API (`/generate` with input_ids): our server, SGLang, or sglang-router."""
+
+    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_p=1.0, top_k=-1, n=1,
+                 stop_token_ids=None, seed=None, return_routed_experts: bool = False) -> list[Generation]:
+        sp = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "n": n}
+        if stop_token_ids:
+            sp["stop_token_ids"] = list(stop_token_ids)
+        if seed is not None:
+            sp["sampling_seed"] = seed
+        payload = {"input_ids": list(input_ids), "sampling_params": sp, "return_logprob": True}
+        if return_routed_experts:
+            payload["return_routed_experts"] = True
+        body = _post(self.url + "/generate", payload, self.timeout)
+        items = body if isinstance(body, list) else [body]
+        out = []
+        for item in items:
+            meta = item["meta_info"]
+            lps = meta.get("output_token_logprobs") or []
+            out.append(Generation(output_ids=item["output_ids"], logprobs=[float(e[0]) for e in lps],
+                                  finish_reason=meta["finish_reason"]["type"],
+                                  weight_version=meta.get("weight_version"),
+                                  routed_experts=meta.get("routed_experts"), meta=meta))
+        return out
+
+    def update_weights_from_disk(self, path, version=None):
+        body = _post(self.url + "/update_weights_from_disk", {"model_path": str(path), "weight_version": version},
+                     self.timeout)
+        if not body.get("success"):
+            raise RolloutError(f"{self.url}: update_weights_from_disk failed: {body.get('message')}")
+
+    def update_weights_from_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                                    version: str | None = None) -> None:
+        buf = io.BytesIO()
+        torch.save([(n, t.detach().cpu()) for n, t in named_tensors], buf)
+        body = _post(self.url + "/update_weights_from_tensor",
+                     {"serialized_named_tensors": [base64.b64encode(buf.getvalue()).decode()],
+                      "weight_version": version}, self.timeout)
+        if not body.get("success"):
+            raise RolloutError(f"{self.url}: update_weights_from_tensor failed: {body.get('message')}")
+
+    def pause(self) -> None:
+        _post(self.url + "/pause_generation", {}, self.timeout)
+
+    def resume(self) -> None:
+        _post(self.url + "/continue_generation", None, self.timeout)
+
+    def server_info(self) -> dict:
+        return _get(self.url + "/get_server_info", self.timeout)
+
+
+class DistributedWeightSender:
+    """The trainer's side of `/init_weights_update_group` + `/update_weights_from_distributed`:
+    rank 0 of a process group whose other ranks are the engines, one rank each."""
+
+    def __init__(self, clients: list[SGLangClient], master_address: str, master_port: int,
+                 backend: str = "gloo", group_name: str = "weight_update_group"):
+        import torch.distributed as dist
+
+        self.clients, self.group_name = clients, group_name
+        world = 1 + len(clients)
+        errors: list[Exception] = []
+
+        def join(i: int, client: SGLangClient) -> None:
+            try:
+                body = _post(client.url + "/init_weights_update_group",
+                             {"master_address": master_address, "master_port": master_port, "rank_offset": 1 + i,
+                              "world_size": world, "group_name": group_name, "backend": backend}, client.timeout)
+                if not body.get("success"):
+                    errors.append(RolloutError(f"{client.url}: {body.get('message')}"))
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=join, args=(i, c)) for i, c in enumerate(clients)]
+        for t in threads:
+            t.start()
+        store = dist.TCPStore(master_address, master_port, world, is_master=True, timeout=timedelta(seconds=120))
+        cls = dist.ProcessGroupGloo if backend == "gloo" else dist.ProcessGroupNCCL
+        self.group = cls(store, 0, world)
+        self._store = store
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str | None = None) -> None:
+        """Broadcast the tensors to every engine; each applies them in place under `version`."""
+        tensors = [(n, t.detach().contiguous()) for n, t in named_tensors]
+        meta = {"names": [n for n, _ in tensors], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in tensors],
+                "shapes": [list(t.shape) for _, t in tensors], "group_name": self.group_name,
+                "weight_version": version}
+        errors: list[Exception] = []
+
+        def request(client: SGLangClient) -> None:
+            try:
+                body = _post(client.url + "/update_weights_from_distributed", meta, client.timeout)
+                if not body.get("success"):
+                    errors.append(RolloutError(f"{client.url}: {body.get('message')}"))
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=request, args=(c,)) for c in self.clients]
+        for t in threads:
+            t.start()
+        for _, t in tensors:
+            self.group.broadcast(t, 0).wait()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]

@@ -1,0 +1,76 @@
+"""Weight updates into running engine servers: torch.distributed broadcast (gloo) and from disk,
+through the rollout client, with generation in flight."""
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from rlfoundry.model import Glm4MoeForCausalLM, load_pretrained, save_pretrained, to_hf_state_dict
+from rlfoundry.rollout.client import DistributedWeightSender, SGLangClient
+from rlfoundry.rollout.launch import free_port, wait_healthy
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_checkpoint, tmp_path_factory):
+    procs, clients = [], []
+    for _ in range(2):
+        port = free_port()
+        procs.append(subprocess.Popen([sys.executable, "-m", "rlfoundry.cli", "serve", "--model", str(tiny_checkpoint),
+                                       "--port", str(port), "--max-len", "128", "--log-level", "error"],
+                                      env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+        clients.append(SGLangClient(f"http://127.0.0.1:{port}", timeout=120))
+    try:
+        for c in clients:
+            wait_healthy(c.url + "/health", 120, procs)
+        yield clients
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(20)
+
+
+def _greedy(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_broadcast_and_disk_updates(servers, tiny_checkpoint, tmp_path):
+    base = load_pretrained(tiny_checkpoint)
+    trainer = Glm4MoeForCausalLM(base.config)
+    trainer.init_weights(seed=1234)  # "trained" weights, different from the servers'
+    prompt = [3, 1, 4, 1, 5]
+    for c in servers:
+        assert c.generate(prompt, 8, temperature=0)[0].output_ids == _greedy(base, prompt, 8)
+
+    sender = DistributedWeightSender(servers, "127.0.0.1", free_port(), backend="gloo")
+    # a long generation is in flight on one server while the weights change
+    long = {}
+    t = threading.Thread(target=lambda: long.update(g=servers[0].generate(prompt, 100, temperature=0)[0]))
+    t.start()
+    sender.send(to_hf_state_dict(trainer), version="step-1")
+    t.join()
+    assert len(long["g"].output_ids) == 100
+    for c in servers:
+        g = c.generate(prompt, 8, temperature=0)[0]
+        assert g.weight_version == "step-1" and g.output_ids == _greedy(trainer, prompt, 8)
+    # log-probs after the update are the trainer's log-probs
+    g = servers[1].generate(prompt, 6, temperature=1.0, seed=3)[0]
+    with torch.no_grad():
+        logits = trainer(torch.tensor([prompt + g.output_ids])).logits[0, len(prompt) - 1:-1]
+    ref = logits.log_softmax(-1).gather(1, torch.tensor(g.output_ids)[:, None]).flatten()
+    assert (ref - torch.tensor(g.logprobs)).abs().max() <= 1e-5
+    # a second broadcast of a subset, then from disk back to the original
+    sender.send([("model.norm.weight", torch.full_like(trainer.model.norm.weight, 0.5))], version="step-2")
+    assert servers[0].generate(prompt, 2, temperature=0)[0].weight_version == "step-2"
+    save_pretrained(base, tmp_path / "back")
+    for c in servers:
+        c.update_weights_from_disk(str(tmp_path / "back"), version="step-3")
+        g = c.generate(prompt, 8, temperature=0)[0]
+        assert g.weight_version == "step-3" and g.output_ids == _greedy(base, prompt, 8)
