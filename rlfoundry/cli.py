@@ -60,7 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     return serve(args.model, host=args.host, port=args.port, engines=args.engines, max_batch=args.max_batch,
                  max_len=args.max_len, dtype=args.dtype, served_model_name=args.served_model_name,
-                 log_level=args.log_level)
+                 log_level=args.log_level, speculative_steps=args.speculative_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--served-model-name", default=None, help="model name of the OpenAI API (default: --model)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--speculative-steps", type=int, default=0,
+                   help="MTP speculative decoding: draft tokens per step (3 is GLM-4.5's setting; 0 is off)")
     p.set_defaults(func=_serve)
     p = sub.add_parser("demo", help="the embedded default job (CPU, no downloads)")
     p.add_argument("--out", default="runs/demo", help="run directory")

@@ -37,7 +37,8 @@ def wait_healthy(url: str, timeout: float, procs: list[subprocess.Popen] = ()) -
     raise TimeoutError(f"{url} did not become healthy in {timeout:.0f} s")
 
 
-def build_engine_app(model_path: str, max_batch: int, max_len: int | None, dtype: str, name: str | None):
+def build_engine_app(model_path: str, max_batch: int, max_len: int | None, dtype: str, name: str | None,
+                     speculative_steps: int = 0):
     import torch
 
     from rlfoundry.data.tokenizer import eos_token_ids, load_tokenizer
@@ -48,13 +49,13 @@ def build_engine_app(model_path: str, max_batch: int, max_len: int | None, dtype
     model = load_pretrained(model_path, dtype=getattr(torch, dtype))
     tokenizer = load_tokenizer(model_path)
     eos = eos_token_ids(tokenizer) if tokenizer is not None else None
-    engine = Engine(model, max_batch=max_batch, max_len=max_len, eos_token_ids=eos)
+    engine = Engine(model, max_batch=max_batch, max_len=max_len, eos_token_ids=eos, speculative_steps=speculative_steps)
     return create_app(engine, tokenizer, model_path=str(model_path), served_model_name=name)
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int = 1, max_batch: int = 64,
           max_len: int | None = None, dtype: str = "float32", served_model_name: str | None = None,
-          log_level: str = "warning") -> int:
+          log_level: str = "warning", speculative_steps: int = 0) -> int:
     """Serve `model`; with engines > 1, behind sglang-router. Returns the exit code."""
     if not (Path(model) / "config.json").exists():
         print(f"error: --model {model}: no config.json there", file=sys.stderr)
@@ -62,7 +63,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
     if engines == 1:
         import uvicorn
 
-        app = build_engine_app(model, max_batch, max_len, dtype, served_model_name)
+        app = build_engine_app(model, max_batch, max_len, dtype, served_model_name, speculative_steps)
         uvicorn.run(app, host=host, port=port, log_level=log_level)
         return 0
 
@@ -85,6 +86,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
             cmd += ["--max-len", str(max_len)]
         if served_model_name:
             cmd += ["--served-model-name", served_model_name]
+        if speculative_steps:
+            cmd += ["--speculative-steps", str(speculative_steps)]
         return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(0)))

