@@ -56,11 +56,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from rlfoundry.rollout.launch import serve
+    import shlex
 
+    from rlfoundry.rollout.launch import RlfoundryBackend, VLLMBackend, serve
+
+    backend = VLLMBackend(shlex.split(args.vllm_args)) if args.backend == "vllm" else RlfoundryBackend()
     return serve(args.model, host=args.host, port=args.port, engines=args.engines, max_batch=args.max_batch,
                  max_len=args.max_len, dtype=args.dtype, served_model_name=args.served_model_name,
-                 log_level=args.log_level, speculative_steps=args.speculative_steps)
+                 log_level=args.log_level, speculative_steps=args.speculative_steps, backend=backend)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--served-model-name", default=None, help="model name of the OpenAI API (default: --model)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--backend", default="rlfoundry", choices=["rlfoundry", "vllm"],
+                   help="the engine: ours, or vLLM's OpenAI server on the same checkpoint")
+    p.add_argument("--vllm-args", default="", help="extra arguments for vLLM's server (e.g. '--enforce-eager')")
     p.add_argument("--speculative-steps", type=int, default=0,
                    help="MTP speculative decoding: draft tokens per step (3 is GLM-4.5's setting; 0 is off)")
     p.set_defaults(func=_serve)

@@ -199,3 +199,44 @@ class DistributedWeightSender:
             t.join()
         if errors:
             raise errors[0]
+
+
+class VLLMClient(RolloutClient):
+    """vLLM's OpenAI server: `/v1/completions` with token ids in (`prompt` as a list of ids) and
+    `return_tokens_as_token_ids`, log-probs after temperature when the server runs with
+    `--logprobs-mode processed_logprobs` (as `rlfoundry serve --backend vllm` starts it).
+    Weights from disk through vLLM's dev `/collective_rpc` `reload_weights` (VLLM_SERVER_DEV_MODE=1)
+    and the version through `/update_weight_version`."""
+
+    def __init__(self, url: str, model: str, timeout: float = 600.0):
+        super().__init__(url, timeout)
+        self.model = model
+        self.weight_version: str | None = None
+
+    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_p=1.0, top_k=-1, n=1,
+                 stop_token_ids=None, seed=None) -> list[Generation]:
+        payload = {"model": self.model, "prompt": list(input_ids), "max_tokens": max_new_tokens,
+                   "temperature": temperature, "top_p": top_p, "top_k": top_k, "n": n, "logprobs": 0,
+                   "return_tokens_as_token_ids": True}
+        if stop_token_ids:
+            payload["stop_token_ids"] = list(stop_token_ids)
+        if seed is not None:
+            payload["seed"] = seed
+        body = _post(self.url + "/v1/completions", payload, self.timeout)
+        out = []
+        for choice in sorted(body["choices"], key=lambda c: c["index"]):
+            lp = choice["logprobs"]
+            ids = [int(t.removeprefix("token_id:")) for t in lp["tokens"]]
+            out.append(Generation(output_ids=ids, logprobs=[float(x) for x in lp["token_logprobs"]],
+                                  finish_reason="stop" if choice["finish_reason"] == "stop" else
+                                  ("length" if choice["finish_reason"] == "length" else "abort"),
+                                  weight_version=self.weight_version, meta=choice))
+        return out
+
+    def update_weights_from_disk(self, path, version=None):
+        _post(self.url + "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(path)}},
+              self.timeout)
+        _post(self.url + "/reset_prefix_cache", None, self.timeout)  # cached prefixes hold the old weights' KV
+        if version is not None:
+            _post(self.url + "/update_weight_version", {"new_version": str(version)}, self.timeout)
+            self.weight_version = str(version)

