@@ -38,9 +38,10 @@ class Generation:
     meta: dict = field(default_factory=dict)
 
 
-def _post(url: str, payload: dict | None, timeout: float) -> dict | str:
-    data = json.dumps(payload).encode() if payload is not None else b""
-    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+def _request(url: str, payload: dict | None, timeout: float, method: str) -> dict | str:
+    """One HTTP call; a JSON answer decoded, any other text as is; HTTP errors raise RolloutError."""
+    data = json.dumps(payload).encode() if payload is not None else (b"" if method == "POST" else None)
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             body = r.read().decode()
@@ -52,16 +53,12 @@ def _post(url: str, payload: dict | None, timeout: float) -> dict | str:
         return body
 
 
+def _post(url: str, payload: dict | None, timeout: float) -> dict | str:
+    return _request(url, payload, timeout, "POST")
+
+
 def _get(url: str, timeout: float) -> dict | str:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            body = r.read().decode()
-    except urllib.error.HTTPError as e:
-        raise RolloutError(f"{url}: HTTP {e.code}: {e.read().decode()[:2000]}") from None
-    try:
-        return json.loads(body)
-    except json.JSONDecodeError:
-        return body
+    return _request(url, None, timeout, "GET")
 
 
 class RolloutClient(ABC):
