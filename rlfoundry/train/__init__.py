@@ -1,0 +1,1 @@
+"""The training workshop: optimizers, losses, the trainer and the training stages."""
