@@ -1,0 +1,57 @@
+"""The task interface."""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+ANSWER_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.S)
+
+
+@dataclass
+class Problem:
+    task: str
+    level: int
+    question: str            # what the user asks
+    answer: str              # the reference answer (what a checker compares against)
+    solution: str            # a worked solution ending in <answer>...</answer> (for SFT / pre-training)
+    metadata: dict = field(default_factory=dict)
+
+
+class Task:
+    """A family of problems with `levels` difficulty levels (1 = easiest)."""
+
+    name = ""
+    levels = 1
+
+    def make(self, level: int, rng: random.Random) -> Problem:
+        raise NotImplementedError
+
+    def score(self, response: str, problem: Problem) -> float:
+        """1.0 for a correct final answer in <answer>...</answer>, else 0.0."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- shared helpers
+    def problems(self, n: int, level: int, seed: int = 0) -> list[Problem]:
+        if not 1 <= level <= self.levels:
+            raise ValueError(f"{self.name}: level must be in 1..{self.levels}, got {level}")
+        rng = random.Random(f"{self.name}:{level}:{seed}")
+        return [self.make(level, rng) for _ in range(n)]
+
+    @staticmethod
+    def final_answer(response: str) -> str | None:
+        """The content of the last <answer>...</answer> in a response, or None."""
+        found = ANSWER_RE.findall(response)
+        return found[-1].strip() if found else None
+
+    def pretrain_text(self, p: Problem) -> str:
+        return f"Question: {p.question}\nSolution: {p.solution}\n"
+
+    def sft_messages(self, p: Problem) -> list[dict]:
+        return [{"role": "user", "content": p.question}, {"role": "assistant", "content": p.solution}]
+
+    def rl_record(self, p: Problem) -> dict:
+        """A prompt record in slime's format: prompt (as messages), label, metadata."""
+        return {"prompt": [{"role": "user", "content": p.question}], "label": p.answer,
+                "metadata": {"task": p.task, "level": p.level, **p.metadata}}

@@ -1,0 +1,45 @@
+"""Built-in tasks: problems are deterministic per seed, solutions score 1, wrong answers 0."""
+
+import pytest
+
+from rlfoundry.data.tasks import TASKS, Countdown, get_task
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_reference_solutions_score_one_and_wrong_answers_zero(name):
+    task = get_task(name)
+    for level in range(1, task.levels + 1):
+        problems = task.problems(20, level, seed=1)
+        assert problems == task.problems(20, level, seed=1)            # deterministic
+        assert problems != task.problems(20, level, seed=2)
+        for p in problems:
+            assert task.score(p.solution, p) == 1.0, p
+            assert task.score("no answer here", p) == 0.0
+            assert task.score(f"<answer>{int(p.answer) + 1}</answer>", p) == 0.0
+        record = task.rl_record(problems[0])
+        assert record["label"] == problems[0].answer and record["prompt"][0]["role"] == "user"
+    with pytest.raises(ValueError, match="level must be in"):
+        task.problems(1, task.levels + 1)
+
+
+def test_arithmetic_checks_by_value():
+    task = get_task("arithmetic")
+    p = task.problems(1, 2, seed=3)[0]
+    assert task.score(f"thinking... <answer>1</answer> no wait <answer>{p.answer}</answer>", p) == 1.0
+    assert p.metadata["a"] + p.metadata["b"] == int(p.answer)
+
+
+def test_countdown_accepts_any_valid_expression_and_rejects_cheats():
+    task = Countdown()
+    p = task.problems(1, 2, seed=0)[0]
+    a, b, c = p.metadata["numbers"]
+    target = p.metadata["target"]
+    assert task.score(f"<answer>{target}</answer>", p) == float(target in (a, b, c))  # a bare number only if given
+    assert task.score("<answer>__import__('os')</answer>", p) == 0.0
+    assert task.score(f"<answer>{a} + {a} + {a} + {a} + {a}</answer>", p) == float(
+        5 * a == target and p.metadata["numbers"].count(a) >= 5)
+    alt = type(p)(p.task, p.level, p.question, p.answer, p.solution, {"numbers": [2, 3, 4], "target": 10})
+    assert task.score("<answer>2 * 3 + 4</answer>", alt) == 1.0
+    assert task.score("<answer>4 * 3 - 2</answer>", alt) == 1.0
+    assert task.score("<answer>2 * 5</answer>", alt) == 0.0       # 5 is not given
+    assert Countdown.solvable([2, 3, 4], 10) and not Countdown.solvable([1, 1], 50)
