@@ -1,0 +1,57 @@
+"""Training losses as small pure functions.
+
+- `token_cross_entropy`: next-token cross-entropy with a loss mask, averaged over the masked tokens.
+- `mtp_loss`: the multi-token-prediction loss of the MTP layer (DeepSeek-V3, arXiv 2412.19437,
+  sec. 2.2; GLM-4.5 weights it 0.3, later 0.1): the layer at position t sees h_t and token t+1 and
+  predicts token t+2.
+- `balance_loss`: the sequence-level auxiliary balance loss summed over MoE layers (weight 1e-4 in
+  GLM-4.5); see `rlfoundry.model.sequence_balance_loss` for the per-layer formula.
+- `mtp_weight`: the step schedule of the MTP loss weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rlfoundry.model import CausalLMOutput, Glm4MoeForCausalLM, sequence_balance_loss
+
+
+def token_cross_entropy(logits_BTV: Tensor, input_ids_BT: Tensor, loss_mask_BT: Tensor | None = None) -> Tensor:
+    """Mean over masked positions of -log p(x_{t+1} | x_<=t). `loss_mask_BT[b, t]` says whether token
+    t is a target (position 0 never is); computed in fp32."""
+    targets = input_ids_BT[:, 1:]
+    mask = torch.ones_like(targets, dtype=torch.float32) if loss_mask_BT is None else loss_mask_BT[:, 1:].float()
+    nll = F.cross_entropy(logits_BTV[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="none")
+    return (nll * mask.flatten()).sum() / mask.sum().clamp(min=1)
+
+
+def mtp_loss(model: Glm4MoeForCausalLM, out: CausalLMOutput, input_ids_BT: Tensor,
+             loss_mask_BT: Tensor | None = None, position_ids_BT: Tensor | None = None) -> Tensor:
+    """Cross-entropy of the MTP layer predicting token t+2 from (h_t, token t+1), over the positions
+    whose token t+2 is a target."""
+    if input_ids_BT.shape[1] < 3:
+        return out.logits.sum() * 0.0
+    pos = None if position_ids_BT is None else position_ids_BT[:, :-1]
+    mtp = model.mtp_forward(out.hidden[:, :-1], input_ids_BT[:, 1:], position_ids=pos)
+    # mtp.logits[:, t] predicts input_ids[:, t + 2]
+    mask = None if loss_mask_BT is None else loss_mask_BT[:, 1:]
+    return token_cross_entropy(mtp.logits, input_ids_BT[:, 1:], mask)
+
+
+def balance_loss(out: CausalLMOutput, mask_BT: Tensor | None = None) -> Tensor:
+    """Sum over MoE layers of the sequence-level balance loss (needs `return_router=True`)."""
+    if not out.router_scores:
+        raise ValueError("balance_loss needs the forward's router scores: call the model with return_router=True")
+    return sum(sequence_balance_loss(s, out.routed_experts[:, :, l], mask_BT) for l, s in enumerate(out.router_scores))
+
+
+def mtp_weight(step: int, schedule: list[tuple[int, float]]) -> float:
+    """The MTP loss weight at `step` for a schedule [(from_step, weight), ...], e.g. the report's
+    [(0, 0.3), (N, 0.1)]."""
+    weight = 0.0
+    for start, w in sorted(schedule):
+        if step >= start:
+            weight = w
+    return weight
