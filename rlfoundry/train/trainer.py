@@ -1,0 +1,142 @@
+"""The trainer every stage uses (and, later, RL): forward, loss, backward, optimizer step.
+
+`Trainer.train_step(micro_batches)` accumulates gradients over the micro-batches, clips, steps the
+optimizer at the scheduled learning rate, applies the loss-free balance bias update from the step's
+expert load, and returns the step's metrics. `state_dict` / `load_state_dict` cover the model, the
+optimizer, the step and the RNG states, so that a resumed run repeats the uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rlfoundry.model import Glm4MoeForCausalLM, apply_loss_free_bias_update, expert_load
+from rlfoundry.train.losses import balance_loss, mtp_loss, mtp_weight, token_cross_entropy
+from rlfoundry.train.optim import MuonWithAdamW
+from rlfoundry.train.schedule import warmup_cosine
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2.5e-4
+    """Peak learning rate."""
+    final_lr: float = 2.5e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    total_steps: int = 1000
+    """Steps of the schedule (the cosine reaches final_lr here)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (both optimizers)."""
+    optimizer: str = "muon"
+    """"muon" (Muon for matrices + AdamW for the rest, as GLM-4.5) or "adamw"."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    mtp_schedule: list = field(default_factory=lambda: [(0, 0.3)])
+    """[(from_step, weight), ...] of the MTP loss (the report: 0.3, later 0.1)."""
+    balance_loss_weight: float = 1e-4
+    """Weight of the sequence-level auxiliary balance loss."""
+    bias_update_rate: float = 1e-3
+    """Loss-free balance bias update rate (0 freezes the bias, as in RL)."""
+    bf16: bool = False
+    """bf16 autocast for the forward and backward."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder block in the backward to save memory."""
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("muon", "adamw"):
+            raise ValueError(f"TrainConfig.optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
+        for name in ("lr", "total_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)!r}")
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor                 # [B, T]
+    loss_mask: Tensor | None = None   # [B, T], 1 where the token is a target
+    segment_ids: Tensor | None = None  # [B, T], packed documents
+    position_ids: Tensor | None = None  # [B, T]
+
+
+class Trainer:
+    def __init__(self, model: Glm4MoeForCausalLM, cfg: TrainConfig):
+        self.model, self.cfg = model, cfg
+        model.gradient_checkpointing = cfg.activation_checkpointing
+        if cfg.optimizer == "muon":
+            self.optimizer = MuonWithAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                               weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        self.step = 0
+
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        return warmup_cosine(step, c.lr, c.final_lr, c.warmup_steps, c.total_steps)
+
+    def _loss(self, b: Batch) -> tuple[Tensor, dict]:
+        cfg, model = self.cfg, self.model
+        autocast = torch.autocast("cpu" if b.input_ids.device.type == "cpu" else "cuda", dtype=torch.bfloat16) \
+            if cfg.bf16 else contextlib.nullcontext()
+        with autocast:
+            out = model(b.input_ids, segment_ids=b.segment_ids, position_ids=b.position_ids,
+                        return_router=cfg.balance_loss_weight > 0)
+            ce = token_cross_entropy(out.logits, b.input_ids, b.loss_mask)
+            loss, metrics = ce, {"loss": ce.item()}
+            w = mtp_weight(self.step, cfg.mtp_schedule) if model.config.num_nextn_predict_layers else 0.0
+            if w > 0:
+                mtp = mtp_loss(model, out, b.input_ids, b.loss_mask, b.position_ids)
+                loss = loss + w * mtp
+                metrics["mtp_loss"] = mtp.item()
+            if cfg.balance_loss_weight > 0 and out.router_scores:
+                bal = balance_loss(out, None if b.segment_ids is None else b.segment_ids >= 0)
+                loss = loss + cfg.balance_loss_weight * bal
+                metrics["balance_loss"] = bal.item()
+        return loss, metrics | {"_routed": out.routed_experts}
+
+    def train_step(self, micro_batches: list[Batch]) -> dict:
+        """One optimizer step over `micro_batches` (gradient accumulation); returns its metrics."""
+        model, cfg = self.model, self.cfg
+        model.train()
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, float] = {}
+        load = None
+        n_tokens = 0
+        for b in micro_batches:
+            loss, metrics = self._loss(b)
+            (loss / len(micro_batches)).backward()
+            routed = metrics.pop("_routed")
+            if routed is not None:
+                step_load = expert_load(routed, model.config.n_routed_experts)
+                load = step_load if load is None else load + step_load
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / len(micro_batches)
+            n_tokens += b.input_ids.numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if load is not None and cfg.bias_update_rate > 0:
+            apply_loss_free_bias_update(model, load, cfg.bias_update_rate)
+        self.step += 1
+        return {"step": self.step, **sums, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens}
+
+    # ------------------------------------------------------------------ exact resume
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
