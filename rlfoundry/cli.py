@@ -66,6 +66,32 @@ def _serve(args: argparse.Namespace) -> int:
                  log_level=args.log_level, speculative_steps=args.speculative_steps, backend=backend)
 
 
+def _stage(args: argparse.Namespace) -> int:
+    from rlfoundry.data.datasets import DataError
+    from rlfoundry.train.stages import ConfigError, load_stage_config, run_stage
+
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    try:
+        cfg = load_stage_config(args.config, overrides, args.command)
+        hf = run_stage(cfg, args.out or f"runs/{args.command}", resume=args.resume)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {hf}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rlfoundry.evaluate import evaluate
+
+    result = evaluate(args.model, args.task, [args.level] if args.level else None, n=args.n, seed=args.seed,
+                      max_new_tokens=args.max_new_tokens)
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlfoundry", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +115,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative-steps", type=int, default=0,
                    help="MTP speculative decoding: draft tokens per step (3 is GLM-4.5's setting; 0 is off)")
     p.set_defaults(func=_serve)
+    for stage, what in (("pretrain", "pre-training on packed token streams"),
+                        ("midtrain", "mid-training: best-fit packing, optional RoPE base change"),
+                        ("sft", "supervised fine-tuning on conversations, loss on assistant tokens")):
+        p = sub.add_parser(stage, help=what)
+        p.add_argument("--config", default=None, help="YAML file of the stage configuration")
+        p.add_argument("--out", default=None, help=f"run directory (default runs/{stage})")
+        p.add_argument("--max-steps", type=int, default=None)
+        p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-3 data.tasks=[arithmetic]")
+        p.set_defaults(func=_stage)
+    p = sub.add_parser("eval", help="accuracy of a checkpoint on a built-in task (one JSON line)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("--level", type=int, default=None, help="one level (default: all)")
+    p.add_argument("--n", type=int, default=100, help="problems per level")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.set_defaults(func=_eval)
     p = sub.add_parser("demo", help="the embedded default job (CPU, no downloads)")
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--seed", type=int, default=0)
@@ -97,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may come between options
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     return args.func(args)
 
 

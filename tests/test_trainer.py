@@ -17,7 +17,8 @@ def test_pack_stream_and_best_fit():
     assert seg.tolist() == [[0, 0, 0, 0, 1], [1, 1, 2, 2, 2], [2, 2, 2, 3, 3]]
     assert pos.tolist() == [[0, 1, 2, 3, 0], [0, 1, 0, 1, 2], [0, 1, 2, 0, 1]]
     assert packed_loss_mask(seg).tolist() == [[0, 1, 1, 1, 0], [0, 1, 0, 1, 1], [0, 1, 1, 0, 1]]
-    ids, seg, pos = best_fit_pack([[1] * 5, [2] * 3, [3] * 2, [4] * 4, [5]], seq_len=6, pad_id=0)
+    ids, seg, pos, mask = best_fit_pack([[1] * 5, [2] * 3, [3] * 2, [4] * 4, [5]], seq_len=6, pad_id=0)
+    assert torch.equal(mask, packed_loss_mask(seg))
     assert sorted(sorted(set(r.tolist()) - {0}) for r in ids) == [[1, 5], [2], [3, 4]]  # best fit: 5+1, 4+2, 3
     assert (seg == -1).sum() == 18 - 15 and all(len(set(r.tolist())) > 0 for r in seg)
 

@@ -42,9 +42,11 @@ def packed_loss_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (same & (segment_ids >= 0)).long()
 
 
-def best_fit_pack(docs: list[list[int]], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def best_fit_pack(docs: list[list[int]], seq_len: int, pad_id: int, masks: list[list[int]] | None = None):
     """Best-fit decreasing: each document (longest first) goes to the fullest bin it fits in.
-    Documents longer than seq_len are truncated to it. Returns (input_ids, segment_ids, position_ids)."""
+    Documents longer than seq_len are truncated to it. Returns (input_ids, segment_ids, position_ids,
+    loss_mask): the loss mask is `masks` per document (1 = a target token) where given, else every
+    token but each document's first; padding is never a target."""
     order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
     bins: list[list[int]] = []
     free: list[int] = []
@@ -60,12 +62,16 @@ def best_fit_pack(docs: list[list[int]], seq_len: int, pad_id: int) -> tuple[tor
     ids = torch.full((len(bins), seq_len), pad_id, dtype=torch.long)
     seg = torch.full((len(bins), seq_len), -1, dtype=torch.long)
     pos = torch.zeros((len(bins), seq_len), dtype=torch.long)
+    mask = torch.zeros((len(bins), seq_len), dtype=torch.long)
     for r, members in enumerate(bins):
         at = 0
         for s, i in enumerate(members):
             doc = docs[i][:seq_len]
-            ids[r, at:at + len(doc)] = torch.tensor(doc)
-            seg[r, at:at + len(doc)] = s
-            pos[r, at:at + len(doc)] = torch.arange(len(doc))
-            at += len(doc)
-    return ids, seg, pos
+            n = len(doc)
+            ids[r, at:at + n] = torch.tensor(doc)
+            seg[r, at:at + n] = s
+            pos[r, at:at + n] = torch.arange(n)
+            mask[r, at:at + n] = torch.tensor(masks[i][:n]) if masks is not None else 1
+            mask[r, at] = 0  # nothing predicts a document's first token
+            at += n
+    return ids, seg, pos, mask

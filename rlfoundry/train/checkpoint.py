@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,7 +22,9 @@ def save_checkpoint(trainer: Trainer, directory: str | os.PathLike, extra: dict 
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # a single process without a process group is fine
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
     full = trainer.state_dict()
     torch.save({"step": trainer.step, "rng": full["rng"], "extra": extra or {}}, tmp / "trainer_state.pt")
     if directory.exists():
@@ -42,7 +45,9 @@ def load_checkpoint(trainer: Trainer, directory: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{directory}: not a checkpoint (no trainer_state.pt)")
     model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=str(directory))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, checkpoint_id=str(directory))
     set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     meta = torch.load(directory / "trainer_state.pt", weights_only=False)
     trainer.step = meta["step"]
