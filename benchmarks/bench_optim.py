@@ -34,7 +34,8 @@ def main() -> None:
         tok = load_tokenizer(tmp)
         rows, _ = build_rows(cfg, tok)
     curves = {}
-    # each optimizer at a learning rate tuned for it on this model (a short sweep; see the README)
+    # the same learning rate for both: Muon's update RMS is matched to AdamW's (0.2), so it carries over;
+    # no per-optimizer tuning was done
     for name, lr in (("muon", 2e-3), ("adamw", 2e-3)):
         torch.manual_seed(0)
         model = Glm4MoeForCausalLM(ModelConfig.from_preset("tiny"))
