@@ -170,29 +170,26 @@ def load_stage_config(path: str | None, overrides: list[str], stage: str) -> Sta
 
 
 # ------------------------------------------------------------------------------ data
+def _task_problems(cfg: StageConfig, seed: int):
+    """(task, problem) for every configured task and level of the built-in tasks."""
+    for name in cfg.data.tasks:
+        task = get_task(name)
+        for level in cfg.data.levels or range(1, task.levels + 1):
+            if level <= task.levels:
+                yield from ((task, p) for p in task.problems(cfg.data.examples_per_level, level, seed=seed))
+
+
 def _texts(cfg: StageConfig, stats: DataStats) -> list[str]:
     d = cfg.data
     if d.source == "tasks":
-        out = []
-        for name in d.tasks:
-            task = get_task(name)
-            for level in d.levels or range(1, task.levels + 1):
-                if level <= task.levels:
-                    out += [task.pretrain_text(p) for p in task.problems(d.examples_per_level, level, seed=cfg.seed)]
-        return out
+        return [task.pretrain_text(p) for task, p in _task_problems(cfg, cfg.seed)]
     return [r[d.text_key] for r in read_records(d.source, "text", d.text_key, skip_bad=d.skip_bad_rows, stats=stats)]
 
 
 def _conversations(cfg: StageConfig, stats: DataStats) -> list[list[dict]]:
     d = cfg.data
     if d.source == "tasks":
-        out = []
-        for name in d.tasks:
-            task = get_task(name)
-            for level in d.levels or range(1, task.levels + 1):
-                if level <= task.levels:
-                    out += [task.sft_messages(p) for p in task.problems(d.examples_per_level, level, seed=cfg.seed + 1)]
-        return out
+        return [task.sft_messages(p) for task, p in _task_problems(cfg, cfg.seed + 1)]
     return [r[d.messages_key] for r in read_records(d.source, "messages", messages_key=d.messages_key,
                                                      skip_bad=d.skip_bad_rows, stats=stats)]
 
