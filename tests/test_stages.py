@@ -83,8 +83,11 @@ def test_pretrain_killed_and_resumed_repeats_the_uninterrupted_run(tmp_path):
     assert _losses(tmp_path / "b") == reference
 
 
-def test_sft_and_eval_run(tmp_path):
+def test_midtrain_sft_and_eval_run(tmp_path):
     _run(["pretrain", "--max-steps", "3"], tmp_path / "pt")
+    _run(["midtrain", "--max-steps", "2", f"model={tmp_path / 'pt' / 'hf'}", "rope_theta=50000"], tmp_path / "mt")
+    exported = json.loads((tmp_path / "mt" / "hf" / "config.json").read_text())
+    assert exported["rope_theta"] == 50000 and exported["rope_parameters"]["rope_theta"] == 50000
     _run(["sft", "--max-steps", "3", f"model={tmp_path / 'pt' / 'hf'}"], tmp_path / "sft")
     r = subprocess.run([sys.executable, "-m", "rlfoundry.cli", "eval", "--model", str(tmp_path / "sft" / "hf"),
                         "--task", "arithmetic", "--level", "1", "--n", "8", "--max-new-tokens", "8"],

@@ -1,5 +1,7 @@
 """Packing, the trainer's step, and exact resume from a sharded checkpoint."""
 
+import math
+
 import torch
 
 from conftest import small_config
@@ -76,3 +78,24 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     losses = [resumed.train_step(b)["loss"] for b in batches[extra["batch"]:]]
     assert losses == reference[4:]
     assert all(torch.equal(a, b) for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()))
+
+
+def test_activation_checkpointing_gives_the_same_gradients_and_bf16_trains():
+    cfg = small_config(initializer_range=0.02)
+    batch = _batches(cfg, 1)[0]
+    grads = []
+    for ckpt in (False, True):
+        trainer = Trainer(Glm4MoeForCausalLM(cfg), TrainConfig(activation_checkpointing=ckpt))
+        torch.manual_seed(0)
+        trainer.model.init_weights(seed=0)
+        trainer.model.train()
+        loss, _ = trainer._loss(batch[0])
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+    trainer = Trainer(Glm4MoeForCausalLM(cfg), TrainConfig(bf16=True, lr=3e-3, warmup_steps=1))
+    first = trainer.train_step(_batches(cfg, 1)[0])["loss"]
+    for b in _batches(cfg, 6, seed=1):
+        last = trainer.train_step(b)["loss"]
+    assert math.isfinite(last) and last < first
