@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from rlfoundry.data.tasks import get_task
 from rlfoundry.data.tokenizer import eos_token_ids, load_tokenizer

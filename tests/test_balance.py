@@ -31,7 +31,7 @@ def test_sequence_balance_loss_by_hand():
 
 
 def test_balance_loss_is_minimal_when_balanced_and_trains_the_router():
-    E, K, T = 4, 2, 8
+    E, T = 4, 8
     uniform = torch.full((1, T, E), 0.5)
     balanced_ids = torch.tensor([[0, 1], [2, 3]] * (T // 2))[None]
     assert sequence_balance_loss(uniform, balanced_ids).item() == pytest.approx(1.0)

@@ -1,6 +1,5 @@
 """The inference engine against the full forward of the same model (and transformers' generate)."""
 
-import threading
 import time
 import warnings
 

@@ -2,7 +2,6 @@
 
 import math
 
-import pytest
 import torch
 
 from conftest import random_model, small_config

@@ -8,7 +8,6 @@ import sys
 import time
 import urllib.request
 
-import pytest
 
 from rlfoundry.rollout.launch import free_port, wait_healthy
 

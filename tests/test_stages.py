@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from rlfoundry.data.tokenizer import load_tokenizer, train_tokenizer
 from rlfoundry.train.stages import ConfigError, load_stage_config, sft_tokens

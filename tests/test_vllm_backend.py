@@ -5,7 +5,6 @@ same rollout-client interface, with an in-place weight update. Needs vLLM in its
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
-from .glm4_moe import Glm4MoeForCausalLM, cast_model
+from .glm4_moe import Glm4MoeForCausalLM
 
 SAFE_INDEX = "model.safetensors.index.json"
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")

@@ -19,7 +19,6 @@ import asyncio
 import base64
 import io
 import json
-import threading
 import time
 import uuid
 from typing import Any, Literal
