@@ -25,8 +25,7 @@ def save_checkpoint(trainer: Trainer, directory: str | os.PathLike, extra: dict 
     with warnings.catch_warnings():  # a single process without a process group is fine
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
-    full = trainer.state_dict()
-    torch.save({"step": trainer.step, "rng": full["rng"], "extra": extra or {}}, tmp / "trainer_state.pt")
+    torch.save({"step": trainer.step, "rng": trainer.rng_state(), "extra": extra or {}}, tmp / "trainer_state.pt")
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -51,11 +50,5 @@ def load_checkpoint(trainer: Trainer, directory: str | os.PathLike) -> dict:
     set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     meta = torch.load(directory / "trainer_state.pt", weights_only=False)
     trainer.step = meta["step"]
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(meta["rng"]["torch"])
-    random.setstate(meta["rng"]["python"])
-    np.random.set_state(meta["rng"]["numpy"])
+    trainer.set_rng_state(meta["rng"])
     return meta["extra"]

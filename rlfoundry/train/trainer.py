@@ -129,14 +129,22 @@ class Trainer:
         return {"step": self.step, **sums, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens}
 
     # ------------------------------------------------------------------ exact resume
+    @staticmethod
+    def rng_state() -> dict:
+        return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+    @staticmethod
+    def set_rng_state(rng: dict) -> None:
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}}
+                "rng": self.rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        self.set_rng_state(state["rng"])
