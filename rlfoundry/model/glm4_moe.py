@@ -250,6 +250,12 @@ class Router(nn.Module):
         return biased_NE.topk(cfg.num_experts_per_tok, dim=-1).indices
 
 
+def _torch_grouped_mm_applies(a: Tensor, b: Tensor) -> bool:
+    """torch's grouped GEMM takes non-empty operands of one dtype with 16-byte aligned strides."""
+    return hasattr(F, "grouped_mm") and a.numel() > 0 and a.dtype == b.dtype and all(
+        (s * a.element_size()) % 16 == 0 for t in (a, b) for s in t.stride() if s != 1)
+
+
 def _grouped_mm_eager(x_MA: Tensor, w_EAB: Tensor, offsets_E: Tensor) -> Tensor:
     """Rows offsets[e-1]:offsets[e] of x times w[e] -> [M, B]. For few rows per expert (decoding),
     one batched matmul over rows padded to the busiest expert; otherwise torch's grouped GEMM where
@@ -262,8 +268,7 @@ def _grouped_mm_eager(x_MA: Tensor, w_EAB: Tensor, offsets_E: Tensor) -> Tensor:
         x_ECA = x_MA.new_zeros(E, int(counts.max()), x_MA.shape[1])
         x_ECA[expert_of_row, pos] = x_MA
         return torch.bmm(x_ECA, w_EAB.to(x_MA.dtype))[expert_of_row, pos]
-    if hasattr(F, "grouped_mm") and x_MA.shape[0] and x_MA.dtype == w_EAB.dtype and all(
-            (s * x_MA.element_size()) % 16 == 0 for t in (x_MA, w_EAB) for s in t.stride() if s != 1):
+    if _torch_grouped_mm_applies(x_MA, w_EAB):
         return F.grouped_mm(x_MA, w_EAB, offs=offsets_E)
     counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
     return torch.cat([xe @ w_EAB[e] for e, xe in enumerate(x_MA.split(counts))], dim=0)
@@ -272,8 +277,7 @@ def _grouped_mm_eager(x_MA: Tensor, w_EAB: Tensor, offsets_E: Tensor) -> Tensor:
 def _grouped_wgrad_eager(x_MA: Tensor, g_MB: Tensor, offsets_E: Tensor) -> Tensor:
     """Per-expert x^T g: [E, A, B], the weight gradient of a grouped GEMM."""
     xT = x_MA.t()
-    if hasattr(F, "grouped_mm") and x_MA.shape[0] and x_MA.dtype == g_MB.dtype and all(
-            (s * x_MA.element_size()) % 16 == 0 for t in (xT, g_MB) for s in t.stride() if s != 1):
+    if _torch_grouped_mm_applies(xT, g_MB):
         return F.grouped_mm(xT, g_MB, offs=offsets_E)
     counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
     return torch.stack([xe.t() @ ge for xe, ge in zip(x_MA.split(counts), g_MB.split(counts))])

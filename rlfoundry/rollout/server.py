@@ -31,9 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rlfoundry.rollout.engine import Engine, Output, RequestError, SamplingParams
 
-# Fields SGLang clients send that change nothing here; accepted so that those clients work.
-_INERT = dict(skip_special_tokens=True, spaces_between_special_tokens=True, no_stop_trim=False,
-              frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0, min_new_tokens=0)
+# Sampling fields SGLang clients send that this engine does not implement: accepted only at the
+# value that means "off", so that those clients work and nobody gets a silently ignored penalty.
+_OFF_ONLY = dict(frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0, min_new_tokens=0)
 
 
 class _Strict(BaseModel):
@@ -231,9 +231,8 @@ def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_mode
             raise
 
     def sgl_params(sp: SglSamplingParams, extra_stop: list[int] | None = None) -> SamplingParams:
-        for field, default in _INERT.items():
-            if getattr(sp, field) != default and field not in ("skip_special_tokens", "spaces_between_special_tokens",
-                                                                 "no_stop_trim"):
+        for field, default in _OFF_ONLY.items():
+            if getattr(sp, field) != default:
                 raise RequestError(f"sampling_params.{field} is not supported (only {default!r})")
         return SamplingParams(max_new_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p,
                               top_k=sp.top_k, min_p=sp.min_p, ignore_eos=sp.ignore_eos, n=sp.n,
