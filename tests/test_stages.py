@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from rlfoundry.data.tokenizer import load_tokenizer, train_tokenizer
 from rlfoundry.train.stages import ConfigError, load_stage_config, sft_tokens
@@ -94,3 +95,22 @@ def test_midtrain_sft_and_eval_run(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert 0.0 <= result["accuracy"] <= 1.0 and result["per_level"] == {"1": result["accuracy"]}
+
+
+def test_batch_size_warmup_ramps_and_streams_every_row_once_per_epoch():
+    from rlfoundry.train.stages import StageConfig, batch_size_at, batches_for_step
+
+    n = 40
+    rows = {k: torch.arange(n)[:, None].repeat(1, 4) for k in ("input_ids", "loss_mask", "segment_ids", "position_ids")}
+    cfg = StageConfig(batch_size=8, micro_batch_size=2, batch_size_start=2, batch_warmup_steps=4).validate()
+    assert [batch_size_at(s, cfg) for s in range(6)] == [2, 2, 4, 6, 8, 8]
+    seen = []
+    for step in range(7):  # 2+2+4+6+8+8+8 = 38 rows: all of the 40 but 2 are in the first epoch
+        batches = batches_for_step(rows, step, cfg)
+        assert all(b.input_ids.shape[0] == 2 for b in batches)
+        seen += [int(r) for b in batches for r in b.input_ids[:, 0]]
+    assert len(seen) == 38 and len(set(seen)) == 38
+    # without warm-up: fixed batches, epoch = whole batches of a seeded permutation
+    flat = StageConfig(batch_size=8, micro_batch_size=8)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(batches_for_step(rows, 1, flat)[0].input_ids[:, 0], order[8:16])

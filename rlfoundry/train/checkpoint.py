@@ -11,21 +11,40 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from rlfoundry.train.trainer import Trainer
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def save_checkpoint(trainer: Trainer, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Save on every rank (collective); rank 0 writes the small files and swaps the directory in."""
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
     model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
     with warnings.catch_warnings():  # a single process without a process group is fine
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+    if _rank() != 0:  # every rank's RNG state, rank 0 moves the directory into place
+        torch.save({"rng": trainer.rng_state()}, tmp / f"rng_rank{_rank()}.pt")
+        _barrier()
+        _barrier()
+        return directory
     torch.save({"step": trainer.step, "rng": trainer.rng_state(), "extra": extra or {}}, tmp / "trainer_state.pt")
+    _barrier()
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -34,6 +53,7 @@ def save_checkpoint(trainer: Trainer, directory: str | os.PathLike, extra: dict 
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, directory)
+    _barrier()
     return directory
 
 
@@ -50,5 +70,6 @@ def load_checkpoint(trainer: Trainer, directory: str | os.PathLike) -> dict:
     set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     meta = torch.load(directory / "trainer_state.pt", weights_only=False)
     trainer.step = meta["step"]
-    trainer.set_rng_state(meta["rng"])
+    rng = meta["rng"] if _rank() == 0 else torch.load(directory / f"rng_rank{_rank()}.pt", weights_only=False)["rng"]
+    trainer.set_rng_state(rng)
     return meta["extra"]

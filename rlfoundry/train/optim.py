@@ -15,6 +15,11 @@ over. Every matrix is orthogonalised on its own: a 3-D expert tensor [E, A, B] a
 Deviation: the iteration runs in fp32 (the reference uses bf16), which only makes it more exact.
 
 AdamW takes the embedding, the output head, biases, norm weights (and any 1-D parameter).
+
+Sharded parameters (DTensors from `rlfoundry.model.parallelize`): the momentum stays sharded; the
+Newton–Schulz iteration needs whole matrices, so an FSDP-sharded matrix is gathered, orthogonalised
+(identically on every rank) and its local shard kept, while an expert tensor sharded on the expert
+dimension already holds whole matrices and is orthogonalised locally.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -43,6 +49,17 @@ def newton_schulz(M: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     return X.transpose(-2, -1) if transposed else X
 
 
+def _orthogonalise(m: Tensor, ns_steps: int) -> Tensor:
+    """newton_schulz over whole matrices, for plain tensors and DTensors alike."""
+    if not isinstance(m, DTensor):
+        return newton_schulz(m, ns_steps)
+    if all(isinstance(pl, Shard) and pl.dim < m.ndim - 2 for pl in m.placements):
+        return DTensor.from_local(newton_schulz(m.to_local(), ns_steps), m.device_mesh, m.placements,
+                                  shape=m.shape, stride=m.stride())
+    full = newton_schulz(m.full_tensor(), ns_steps)
+    return distribute_tensor(full, m.device_mesh, m.placements, src_data_rank=None)
+
+
 @torch.no_grad()
 def muon_update_(p: Tensor, state: dict, lr: float, momentum: float = 0.95, weight_decay: float = 0.0,
                  nesterov: bool = True, ns_steps: int = 5, rms_scale: float = 0.2) -> None:
@@ -50,7 +67,7 @@ def muon_update_(p: Tensor, state: dict, lr: float, momentum: float = 0.95, weig
     g = p.grad.float()
     buf = state.setdefault("momentum_buffer", torch.zeros_like(g))
     buf.mul_(momentum).add_(g)
-    o = newton_schulz(g.add(buf, alpha=momentum) if nesterov else buf, ns_steps)
+    o = _orthogonalise(g.add(buf, alpha=momentum) if nesterov else buf, ns_steps)
     p.mul_(1 - lr * weight_decay)
     p.add_(o.to(p.dtype), alpha=-lr * rms_scale * math.sqrt(max(p.shape[-2], p.shape[-1])))
 

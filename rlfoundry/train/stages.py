@@ -33,6 +33,7 @@ from rlfoundry.data.tasks import get_task
 from rlfoundry.data.tokenizer import eos_token_ids, load_tokenizer, train_tokenizer
 from rlfoundry.model import PRESETS, Glm4MoeForCausalLM, ModelConfig, load_pretrained, save_pretrained
 from rlfoundry.train.checkpoint import load_checkpoint, save_checkpoint
+from rlfoundry.train.schedule import batch_size_warmup
 from rlfoundry.train.trainer import Batch, TrainConfig, Trainer
 
 
@@ -74,6 +75,12 @@ class StageConfig:
     """Sequences per optimizer step."""
     micro_batch_size: int = 16
     """Sequences per forward/backward (gradient accumulation over batch_size / micro_batch_size)."""
+    batch_size_start: int = 0
+    """Batch-size warm-up (GLM-4.5 ramps 16M -> 64M tokens per batch): sequences per step at step 0,
+    growing linearly to batch_size over batch_warmup_steps, in multiples of micro_batch_size
+    (0: no warm-up)."""
+    batch_warmup_steps: int = 0
+    """Steps of the batch-size warm-up."""
     max_steps: int = 500
     """Optimizer steps of the run."""
     log_every: int = 10
@@ -98,6 +105,9 @@ class StageConfig:
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"field 'batch_size' ({self.batch_size}) must be a multiple of "
                               f"micro_batch_size ({self.micro_batch_size})")
+        if not 0 <= self.batch_size_start <= self.batch_size or self.batch_warmup_steps < 0:
+            raise ConfigError(f"field 'batch_size_start' must be in [0, batch_size={self.batch_size}] and "
+                              f"'batch_warmup_steps' >= 0, got {self.batch_size_start} and {self.batch_warmup_steps}")
         if self.model not in PRESETS and not (Path(self.model) / "config.json").exists():
             raise ConfigError(f"field 'model' must be a preset {sorted(PRESETS)} or a checkpoint directory, "
                               f"got {self.model!r}")
@@ -235,16 +245,33 @@ def build_rows(cfg: StageConfig, tokenizer) -> tuple[dict[str, torch.Tensor], Da
     return {"input_ids": ids, "segment_ids": seg, "position_ids": pos, "loss_mask": mask}, stats
 
 
+def batch_size_at(step: int, cfg: StageConfig) -> int:
+    """Sequences in optimizer step `step` (the batch-size warm-up, then batch_size)."""
+    if not cfg.batch_size_start or step >= cfg.batch_warmup_steps:
+        return cfg.batch_size
+    return batch_size_warmup(step, cfg.batch_size_start, cfg.batch_size, cfg.batch_warmup_steps,
+                             multiple=cfg.micro_batch_size)
+
+
 def batches_for_step(rows: dict[str, torch.Tensor], step: int, cfg: StageConfig) -> list[Batch]:
-    """The micro-batches of optimizer step `step`: a pure function of (seed, step). Each epoch visits
-    the rows in its own seeded order."""
+    """The micro-batches of optimizer step `step`: a pure function of (seed, step). The rows form a
+    stream of epochs, each in its own seeded order and cut to a whole number of full batches; step
+    `step` takes the next batch_size_at(step) rows of the stream."""
     n = rows["input_ids"].shape[0]
-    per_epoch = n // cfg.batch_size
-    epoch, i = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-    idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+    usable = n // cfg.batch_size * cfg.batch_size
+    warm = min(step, cfg.batch_warmup_steps)
+    start = sum(batch_size_at(i, cfg) for i in range(warm)) + (step - warm) * cfg.batch_size
+    size = batch_size_at(step, cfg)
+    orders: dict[int, torch.Tensor] = {}
+    idx = []
+    for k in range(start, start + size):
+        epoch, i = divmod(k, usable)
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        idx.append(orders[epoch][i])
+    idx = torch.stack(idx)
     out = []
-    for j in range(0, cfg.batch_size, cfg.micro_batch_size):
+    for j in range(0, size, cfg.micro_batch_size):
         sel = idx[j:j + cfg.micro_batch_size]
         out.append(Batch(rows["input_ids"][sel], rows["loss_mask"][sel], rows["segment_ids"][sel],
                          rows["position_ids"][sel]))

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from rlfoundry.model import Glm4MoeForCausalLM, apply_loss_free_bias_update, expert_load
+from rlfoundry.model.parallelize import all_reduce_, clip_grad_norm_
 from rlfoundry.train.losses import balance_loss, mtp_loss, mtp_weight, token_cross_entropy
 from rlfoundry.train.optim import MuonWithAdamW
 from rlfoundry.train.schedule import warmup_cosine
@@ -120,9 +121,17 @@ class Trainer:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v / len(micro_batches)
             n_tokens += b.input_ids.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = clip_grad_norm_(list(model.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # Data-parallel ranks (parallelize.py): metrics are means over ranks, tokens and the expert
+        # load sums, so that every rank applies the same bias update. No-ops in one process.
+        keys = sorted(sums)
+        means = all_reduce_(torch.tensor([sums[k] for k in keys], dtype=torch.float64), "mean")
+        sums = dict(zip(keys, means.tolist()))
+        n_tokens = round(float(all_reduce_(torch.tensor(float(n_tokens), dtype=torch.float64))))
+        if load is not None:
+            all_reduce_(load)
         if load is not None and cfg.bias_update_rate > 0:
             apply_loss_free_bias_update(model, load, cfg.bias_update_rate)
         self.step += 1
