@@ -1,0 +1,1 @@
+"""The RL system: samples, algorithms, the loop (rlfoundry rl) and the demo."""
