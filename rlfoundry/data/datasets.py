@@ -30,7 +30,7 @@ class DataStats:
 ROLES = {"system", "user", "assistant", "observation", "tool"}
 
 
-def _check(record, schema: str, text_key: str, messages_key: str) -> str | None:
+def _check(record, schema: str, text_key: str, messages_key: str, prompt_key: str = "prompt") -> str | None:
     """Why the record does not fit the schema, or None."""
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
@@ -47,10 +47,10 @@ def _check(record, schema: str, text_key: str, messages_key: str) -> str | None:
         if not any(m["role"] == "assistant" for m in msgs):
             return f"field '{messages_key}' has no assistant message to train on"
     elif schema == "prompt":
-        p = record.get("prompt")
+        p = record.get(prompt_key)
         if not (isinstance(p, str) and p) and not (isinstance(p, list) and p and all(
                 isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in p)):
-            return "field 'prompt' must be a non-empty string or a list of {role, content} messages"
+            return f"field '{prompt_key}' must be a non-empty string or a list of {{role, content}} messages"
         if "metadata" in record and not isinstance(record["metadata"], dict):
             return "field 'metadata' must be an object"
     else:
@@ -98,10 +98,11 @@ def _rows(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def read_records(path: str | Path, schema: str, text_key: str = "text", messages_key: str = "messages",
-                 skip_bad: bool = False, stats: DataStats | None = None) -> Iterator[dict]:
+                 skip_bad: bool = False, stats: DataStats | None = None, prompt_key: str = "prompt") -> Iterator[dict]:
     stats = stats if stats is not None else DataStats()
     for where, record in _rows(Path(path)):
-        why = str(record) if isinstance(record, DataError) else _check(record, schema, text_key, messages_key)
+        why = str(record) if isinstance(record, DataError) else _check(record, schema, text_key, messages_key,
+                                                                         prompt_key)
         if why is None:
             stats.read += 1
             yield record

@@ -1,0 +1,252 @@
+"""The data buffer: prompt datasets, groups of samples, per-prompt statistics — persisted in one
+SQLite file (WAL mode, synchronous commits) in the run directory.
+
+Life of a group (the n samples of one prompt), keyed by the rollout step that asked for it:
+
+    pending  --put-->  generated  --mark_trained-->  trained
+                        |  filtered (kept, never trained: e.g. all rewards equal, or failed)
+
+Every transition is one transaction, so a killed run finds the database as of its last commit.
+Resuming from a trainer checkpoint at step S calls `rollback(S)`: groups trained after S go back to
+`generated` (the model that learned from them was lost) and are trained again from the stored samples;
+groups still `pending` are generated again. No sample is lost and none is trained twice into the
+same model. The prompt order is a pure function of (seed, stage, position): a resumed run draws the
+same prompts.
+
+Prompt records use slime's format `{"prompt": str or messages, "label": ..., "metadata": {...}}`
+(keys configurable), from JSONL, Parquet, a Hugging Face datasets directory, or a built-in task
+(`task:countdown:2,3` — levels 2 and 3).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlfoundry.data.datasets import DataError, DataStats, read_records
+from rlfoundry.rl.sample import Sample
+
+
+@dataclass
+class PromptRecord:
+    prompt: str | list[dict]
+    label: Any = None
+    metadata: dict = field(default_factory=dict)
+
+
+class PromptDataset:
+    """An indexable list of prompt records with a way to turn one into token ids."""
+
+    def __init__(self, records: list[PromptRecord], name: str = "prompts"):
+        if not records:
+            raise DataError(f"{name}: no prompts")
+        self.records, self.name = records, name
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> PromptRecord:
+        return self.records[i]
+
+    @classmethod
+    def load(cls, source: str, *, prompt_key: str = "prompt", label_key: str = "label",
+             metadata_key: str = "metadata", n_per_level: int = 1000, seed: int = 0,
+             skip_bad: bool = False, stats: DataStats | None = None) -> "PromptDataset":
+        """From a file or datasets directory, or `task:NAME[:LEVELS]` (n_per_level problems per level)."""
+        if source.startswith("task:"):
+            from rlfoundry.data.tasks import get_task
+
+            parts = source.split(":")
+            task = get_task(parts[1])
+            levels = [int(x) for x in parts[2].split(",")] if len(parts) > 2 and parts[2] else \
+                list(range(1, task.levels + 1))
+            records = []
+            for level in levels:
+                for p in task.problems(n_per_level, level, seed=seed):
+                    r = task.rl_record(p)
+                    records.append(PromptRecord(r["prompt"], r["label"], r["metadata"] | {"question": p.question}))
+            return cls(records, source)
+        records = []
+        for r in read_records(source, "prompt", skip_bad=skip_bad, stats=stats, prompt_key=prompt_key):
+            meta = r.get(metadata_key) or {}
+            if not isinstance(meta, dict):
+                raise DataError(f"{source}: field '{metadata_key}' must be an object, got {type(meta).__name__}")
+            records.append(PromptRecord(r[prompt_key], r.get(label_key), meta))
+        return cls(records, source)
+
+    def token_ids(self, i: int, tokenizer, apply_chat_template: bool = True) -> list[int]:
+        prompt = self.records[i].prompt
+        if isinstance(prompt, list) or apply_chat_template:
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            text = prompt
+        return tokenizer.encode(text, add_special_tokens=False)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS groups (
+    id INTEGER PRIMARY KEY, rollout_id INTEGER NOT NULL, stage TEXT NOT NULL, prompt_idx INTEGER NOT NULL,
+    state TEXT NOT NULL, train_step INTEGER, reason TEXT);
+CREATE INDEX IF NOT EXISTS groups_rollout ON groups (rollout_id, state);
+CREATE TABLE IF NOT EXISTS samples (
+    group_id INTEGER NOT NULL, idx INTEGER NOT NULL, status TEXT NOT NULL, reward REAL, data TEXT NOT NULL,
+    PRIMARY KEY (group_id, idx));
+CREATE TABLE IF NOT EXISTS prompts (
+    stage TEXT NOT NULL, idx INTEGER NOT NULL, served INTEGER NOT NULL DEFAULT 0,
+    samples INTEGER NOT NULL DEFAULT 0, passed REAL NOT NULL DEFAULT 0, PRIMARY KEY (stage, idx));
+"""
+
+
+class Buffer:
+    """The persistent buffer of one run (thread-safe; one writer process)."""
+
+    def __init__(self, path: str | Path, seed: int = 0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.seed = seed
+        self._lock = threading.Lock()
+        self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _tx(self):
+        return _Transaction(self.db, self._lock)
+
+    # ------------------------------------------------------------------ prompts
+    def _order(self, stage: str, epoch: int, n: int) -> list[int]:
+        g = torch.Generator().manual_seed(hash_seed(self.seed, stage, epoch))
+        return torch.randperm(n, generator=g).tolist()
+
+    def draw(self, rollout_id: int, stage: str, dataset_len: int, n: int) -> list[tuple[int, int]]:
+        """Hand out n new prompts of `stage` for rollout `rollout_id` as pending groups:
+        [(group_id, prompt_idx)]."""
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (f"cursor:{stage}",)).fetchone()
+            pos = int(row[0]) if row else 0
+            out = []
+            orders: dict[int, list[int]] = {}
+            for k in range(pos, pos + n):
+                epoch, i = divmod(k, dataset_len)
+                if epoch not in orders:
+                    orders[epoch] = self._order(stage, epoch, dataset_len)
+                idx = orders[epoch][i]
+                gid = db.execute("INSERT INTO groups (rollout_id, stage, prompt_idx, state) VALUES (?, ?, ?, 'pending')",
+                                 (rollout_id, stage, idx)).lastrowid
+                db.execute("INSERT INTO prompts (stage, idx, served) VALUES (?, ?, 1) "
+                           "ON CONFLICT (stage, idx) DO UPDATE SET served = served + 1", (stage, idx))
+                out.append((gid, idx))
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"cursor:{stage}", str(pos + n)))
+        return out
+
+    def pending(self, rollout_id: int) -> list[tuple[int, int]]:
+        """Groups of `rollout_id` handed out but never stored (a run killed mid-rollout)."""
+        return self.db.execute("SELECT id, prompt_idx FROM groups WHERE rollout_id = ? AND state = 'pending' "
+                               "ORDER BY id", (rollout_id,)).fetchall()
+
+    def has_rollout(self, rollout_id: int) -> bool:
+        return self.db.execute("SELECT 1 FROM groups WHERE rollout_id = ? LIMIT 1", (rollout_id,)).fetchone() is not None
+
+    # ------------------------------------------------------------------ samples
+    def put(self, group_id: int, samples: list[Sample], filtered: str | None = None) -> None:
+        """Store a finished group (state generated, or filtered with the reason)."""
+        with self._tx() as db:
+            row = db.execute("SELECT stage, prompt_idx, state FROM groups WHERE id = ?", (group_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"no group {group_id} in {self.path}")
+            stage, prompt_idx, state = row
+            if state != "pending":
+                raise ValueError(f"group {group_id} is already {state}")
+            db.executemany("INSERT OR REPLACE INTO samples VALUES (?, ?, ?, ?, ?)",
+                           [(group_id, s.index, s.status.value, s.reward, s.to_json()) for s in samples])
+            db.execute("UPDATE groups SET state = ?, reason = ? WHERE id = ?",
+                       ("filtered" if filtered else "generated", filtered, group_id))
+            passed = sum(s.rewards.get("correct", float((s.reward or 0) > 0)) for s in samples)
+            db.execute("UPDATE prompts SET samples = samples + ?, passed = passed + ? WHERE stage = ? AND idx = ?",
+                       (len(samples), passed, stage, prompt_idx))
+
+    def groups(self, rollout_id: int, states: tuple[str, ...] = ("generated",)) -> list[list[Sample]]:
+        """The stored groups of a rollout, in the order they were drawn."""
+        q = ",".join("?" * len(states))
+        ids = [r[0] for r in self.db.execute(
+            f"SELECT id FROM groups WHERE rollout_id = ? AND state IN ({q}) ORDER BY id", (rollout_id, *states))]
+        out = []
+        for gid in ids:
+            rows = self.db.execute("SELECT data FROM samples WHERE group_id = ? ORDER BY idx", (gid,)).fetchall()
+            out.append([Sample.from_json(r[0]) for r in rows])
+        return out
+
+    def mark_trained(self, rollout_id: int, train_step: int) -> int:
+        with self._tx() as db:
+            return db.execute("UPDATE groups SET state = 'trained', train_step = ? WHERE rollout_id = ? AND "
+                              "state = 'generated'", (train_step, rollout_id)).rowcount
+
+    def rollback(self, train_step: int) -> int:
+        """Undo what happened after trainer step `train_step` (the checkpoint a run resumes from):
+        groups trained later become `generated` again. Returns how many."""
+        with self._tx() as db:
+            return db.execute("UPDATE groups SET state = 'generated', train_step = NULL "
+                              "WHERE state = 'trained' AND train_step > ?", (train_step,)).rowcount
+
+    def reset_pending(self, rollout_id: int) -> None:
+        """Drop the partial samples of pending groups of a rollout (they are generated again)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM samples WHERE group_id IN (SELECT id FROM groups WHERE rollout_id = ? "
+                       "AND state = 'pending')", (rollout_id,))
+
+    # ------------------------------------------------------------------ statistics
+    def pass_rate(self, stage: str, prompt_idx: int) -> float | None:
+        row = self.db.execute("SELECT samples, passed FROM prompts WHERE stage = ? AND idx = ?",
+                              (stage, prompt_idx)).fetchone()
+        return None if not row or not row[0] else row[1] / row[0]
+
+    def counts(self) -> dict:
+        """Prompts served and samples per state, for `rlfoundry inspect`."""
+        c = {"prompts_served": self.db.execute("SELECT COALESCE(SUM(served), 0) FROM prompts").fetchone()[0],
+             "distinct_prompts": self.db.execute("SELECT COUNT(*) FROM prompts").fetchone()[0]}
+        by_state = dict(self.db.execute(
+            "SELECT g.state, COUNT(s.idx) FROM groups g LEFT JOIN samples s ON s.group_id = g.id GROUP BY g.state"))
+        pending_groups = self.db.execute("SELECT COUNT(*) FROM groups WHERE state = 'pending'").fetchone()[0]
+        c["samples_generated"] = sum(by_state.get(k, 0) for k in ("generated", "trained", "filtered"))
+        c["samples_trained"] = by_state.get("trained", 0)
+        c["samples_filtered"] = by_state.get("filtered", 0)
+        c["samples_pending"] = by_state.get("generated", 0)   # stored, not trained yet
+        c["groups_pending"] = pending_groups                  # handed out, not generated yet
+        statuses = dict(self.db.execute("SELECT status, COUNT(*) FROM samples GROUP BY status"))
+        c["by_status"] = statuses
+        c["rollouts"] = self.db.execute("SELECT COUNT(DISTINCT rollout_id) FROM groups").fetchone()[0]
+        return c
+
+
+def hash_seed(*parts) -> int:
+    """A stable 63-bit seed from parts (Python's hash() is salted per process)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:8], "little") >> 1
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection, lock: threading.Lock):
+        self.db, self.lock = db, lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.lock.acquire()
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, *_) -> None:
+        try:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.lock.release()

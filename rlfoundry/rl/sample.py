@@ -1,0 +1,66 @@
+"""`Sample`: the one record that travels from rollout to trainer (and into the buffer's database)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Status(str, Enum):
+    PENDING = "pending"        # not generated yet
+    COMPLETED = "completed"    # stopped on an end-of-sequence / stop token
+    TRUNCATED = "truncated"    # hit max_new_tokens
+    ABORTED = "aborted"        # the engine aborted it (e.g. a weight update with abort)
+    FAILED = "failed"          # generation or reward raised; kept for inspection, never trained
+
+
+@dataclass
+class Sample:
+    prompt_ids: list[int]
+    """Prompt token ids exactly as the engine saw them."""
+    response_ids: list[int] = field(default_factory=list)
+    """Generated token ids (for multi-turn: all turns after the prompt, tool outputs included)."""
+    logprobs: list[float] = field(default_factory=list)
+    """The engine's fp32 log-prob of each response token (after temperature); 0 where not generated."""
+    loss_mask: list[int] = field(default_factory=list)
+    """1 for response tokens the policy generated (trained on), 0 for tokens it did not (tool output)."""
+    reward: float | None = None
+    """The scalar reward the advantage uses."""
+    rewards: dict[str, float] = field(default_factory=dict)
+    """Named reward components (e.g. correct, format, overlong)."""
+    status: Status = Status.PENDING
+    policy_version: int = 0
+    """Weight version of the engine that generated it."""
+    group_id: int = -1
+    """Samples of one prompt share a group id (GRPO's group)."""
+    index: int = 0
+    """Position in its group."""
+    prompt_index: int = -1
+    """Index of the prompt in its dataset."""
+    label: Any = None
+    """The reference answer the reward checks against."""
+    routed_experts: list | None = None
+    """[T, L_moe, K] expert ids of every token as the engine routed them (routing replay)."""
+    metadata: dict = field(default_factory=dict)
+    text: str = ""
+    """Decoded response, for rewards and logs."""
+
+    def __post_init__(self) -> None:
+        self.status = Status(self.status)
+        if not self.loss_mask and self.response_ids:
+            self.loss_mask = [1] * len(self.response_ids)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.response_ids
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["status"] = self.status.value
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "Sample":
+        return cls(**json.loads(s))
