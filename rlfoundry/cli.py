@@ -83,6 +83,38 @@ def _stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rl(args: argparse.Namespace) -> int:
+    from rlfoundry.data.datasets import DataError
+    from rlfoundry.rl.config import load_rl_config
+    from rlfoundry.rl.loop import run_rl
+    from rlfoundry.train.stages import ConfigError
+
+    try:
+        cfg = load_rl_config(args.config, list(args.overrides))
+        result = run_rl(cfg, args.out, resume=args.resume)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"before": result["before"], "after": result["after"], "buffer": result["buffer"]}))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from rlfoundry.buffer import Buffer
+
+    db = Path(args.run_dir) / "buffer.sqlite"
+    if not db.exists():
+        print(f"error: {args.run_dir}: no buffer.sqlite (not an RL run directory)", file=sys.stderr)
+        return 2
+    counts = Buffer(db).counts()
+    metrics = Path(args.run_dir) / "metrics.jsonl"
+    if metrics.exists():
+        lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        counts["steps_logged"] = max((m["step"] for m in lines), default=0)
+    print(json.dumps(counts))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from rlfoundry.evaluate import evaluate
 
@@ -133,7 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.set_defaults(func=_eval)
-    p = sub.add_parser("demo", help="the embedded default job (CPU, no downloads)")
+    p = sub.add_parser("rl", help="RL post-training (synchronous colocated mode on Ray)")
+    p.add_argument("--config", default=None, help="YAML file of the RL configuration (see examples/tiny/rl.yaml)")
+    p.add_argument("--out", default="runs/rl", help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=10 rollout.n_samples_per_prompt=4")
+    p.set_defaults(func=_rl)
+    p = sub.add_parser("inspect", help="counts of an RL run's buffer (one JSON line)")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_inspect)
+    p = sub.add_parser("demo", help="the embedded default job: RL on the shipped tiny model (CPU, no downloads)")
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)

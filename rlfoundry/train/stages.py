@@ -120,7 +120,8 @@ class StageConfig:
 
 
 # ------------------------------------------------------------------------------ config loading
-def _build(cls, values: dict, where: str):
+def build_config(cls, values: dict, where: str = ""):
+    """A dataclass from a mapping, checking names and types; errors name the dotted field."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
     hints = get_type_hints(cls)
@@ -133,7 +134,7 @@ def _build(cls, values: dict, where: str):
         t = hints[name]
         key = f"{where}{name}"
         if dataclasses.is_dataclass(t):
-            kwargs[name] = _build(t, value, f"{key}.")
+            kwargs[name] = build_config(t, value, f"{key}.")
             continue
         base = get_origin(t) or t
         if base is float and isinstance(value, str):  # YAML 1.1 reads 3e-3 as a string
@@ -156,6 +157,16 @@ def _build(cls, values: dict, where: str):
 
 def load_stage_config(path: str | None, overrides: list[str], stage: str) -> StageConfig:
     """YAML file (optional) + `key=value` overrides (dotted keys, YAML values) -> validated config."""
+    values = read_config_values(path, overrides)
+    values["stage"] = stage
+    if "train" in values and "mtp_schedule" in values["train"]:
+        values["train"]["mtp_schedule"] = [tuple(x) for x in values["train"]["mtp_schedule"]]
+    return build_config(StageConfig, values, "").validate()
+
+
+def read_config_values(path: str | None, overrides: list[str]) -> dict[str, Any]:
+    """The mapping of a YAML file (optional) with `key=value` overrides applied (dotted keys,
+    YAML values)."""
     values: dict[str, Any] = {}
     if path:
         try:
@@ -173,10 +184,7 @@ def load_stage_config(path: str | None, overrides: list[str], stage: str) -> Sta
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = yaml.safe_load(raw)
-    values["stage"] = stage
-    if "train" in values and "mtp_schedule" in values["train"]:
-        values["train"]["mtp_schedule"] = [tuple(x) for x in values["train"]["mtp_schedule"]]
-    return _build(StageConfig, values, "").validate()
+    return values
 
 
 # ------------------------------------------------------------------------------ data

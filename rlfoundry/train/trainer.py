@@ -101,8 +101,11 @@ class Trainer:
                 metrics["balance_loss"] = bal.item()
         return loss, metrics | {"_routed": out.routed_experts}
 
-    def train_step(self, micro_batches: list[Batch]) -> dict:
-        """One optimizer step over `micro_batches` (gradient accumulation); returns its metrics."""
+    def train_step(self, micro_batches: list, loss_fn=None) -> dict:
+        """One optimizer step over `micro_batches` (gradient accumulation); returns its metrics.
+        `loss_fn(micro_batch) -> (loss, metrics)` replaces the language-model loss (RL uses it);
+        its metrics may carry "_routed" expert ids for the balance bias update and "_weight", the
+        micro-batch's share of the step's loss (default: equal shares)."""
         model, cfg = self.model, self.cfg
         model.train()
         lr = self.lr_at(self.step)
@@ -112,14 +115,15 @@ class Trainer:
         load = None
         n_tokens = 0
         for b in micro_batches:
-            loss, metrics = self._loss(b)
-            (loss / len(micro_batches)).backward()
-            routed = metrics.pop("_routed")
+            loss, metrics = (loss_fn or self._loss)(b)
+            share = metrics.pop("_weight", 1.0 / len(micro_batches))
+            (loss * share).backward()
+            routed = metrics.pop("_routed", None)
             if routed is not None:
                 step_load = expert_load(routed, model.config.n_routed_experts)
                 load = step_load if load is None else load + step_load
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v / len(micro_batches)
+                sums[k] = sums.get(k, 0.0) + v * share
             n_tokens += b.input_ids.numel()
         grad_norm = clip_grad_norm_(list(model.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.optimizer.step()

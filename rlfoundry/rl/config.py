@@ -1,0 +1,221 @@
+"""The typed configuration of `rlfoundry rl` (YAML + key=value overrides), validated before anything
+starts: unknown keys, wrong types, missing model or data and incompatible options name the field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlfoundry.rl.algorithms import ADVANTAGES, AGGREGATIONS, KL_KINDS
+from rlfoundry.train.stages import ConfigError, build_config, read_config_values
+from rlfoundry.train.trainer import TrainConfig
+
+DEFAULT_MODEL = str(Path(__file__).resolve().parents[2] / "examples" / "tiny" / "model")
+
+
+@dataclass
+class CurriculumStage:
+    source: str
+    """Prompt source: a JSONL/Parquet file, a datasets directory, or task:NAME:LEVELS."""
+    steps: int = 0
+    """Rollout steps spent in this stage (0 in the last stage: until the end)."""
+
+
+@dataclass
+class DataConfig:
+    curriculum: list = field(default_factory=lambda: [{"source": "task:countdown:2,3", "steps": 0}])
+    """Stages of prompts, easiest first ({source, steps}); GLM-4.5's RL uses two difficulty stages."""
+    prompt_key: str = "prompt"
+    """Key of the prompt (a string or a list of messages) in each record."""
+    label_key: str = "label"
+    """Key of the reference answer."""
+    metadata_key: str = "metadata"
+    """Key of the per-prompt metadata object."""
+    apply_chat_template: bool = True
+    """Wrap string prompts as a user message and apply the tokenizer's chat template."""
+    n_per_level: int = 2000
+    """Problems per level for task:... sources."""
+    skip_bad_rows: bool = False
+    """Skip (and count) invalid prompt rows instead of stopping at the first."""
+
+
+@dataclass
+class RolloutConfig:
+    num_engines: int = 1
+    """Inference engines behind sglang-router."""
+    prompts_per_step: int = 32
+    """Prompts per rollout step."""
+    n_samples_per_prompt: int = 8
+    """Group size (GRPO's G)."""
+    max_new_tokens: int = 96
+    """Response length limit."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_batch: int = 256
+    """Sequences an engine decodes at once."""
+    concurrency: int = 64
+    """Requests in flight to the router."""
+    routing_replay: bool = False
+    """Train with the experts the engine chose for each token (rollout routing replay)."""
+
+
+@dataclass
+class RewardConfig:
+    fn: str = "task"
+    """Built-in reward (task, exact_match, math, code, remote) or a dotted path to an async function."""
+    format_penalty: float = 0.0
+    """Added (<= 0) when the response has no <answer>...</answer>."""
+    overlong_cache: int = 0
+    """DAPO overlong penalty: ramps to -1 over the last overlong_cache tokens before max_new_tokens (0: off)."""
+    remote_url: str = ""
+    """Reward model URL for fn: remote."""
+    timeout_s: float = 10.0
+    """Limit of one math check, code run or remote call."""
+    extra: dict = field(default_factory=dict)
+    """Passed to custom reward functions as ctx.extra."""
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage: str = "grpo"
+    """grpo, dr_grpo, rloo, reinforce++ or reinforce++_baseline."""
+    policy_loss: str = "ppo"
+    """ppo (token ratios, clip-higher, optional dual clip) or gspo (sequence ratios)."""
+    eps_low: float = 0.2
+    """Lower clip range (GSPO's paper: 3e-4)."""
+    eps_high: float = 0.28
+    """Upper clip range, clip-higher (DAPO 0.28; GSPO's paper: 4e-4)."""
+    dual_clip: float = 0.0
+    """Dual-clip constant c > 1 (0: off)."""
+    aggregation: str = "token-mean"
+    """token-mean, seq-mean-token-mean or seq-mean-token-sum-norm."""
+    kl_coef: float = 0.0
+    """KL penalty against the reference (initial) model; 0 as in GLM-4.5's RL."""
+    kl_kind: str = "k3"
+    """k1, k2 or k3."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling cap C on trainer/engine probability ratios (0: off)."""
+    filter_zero_variance: bool = True
+    """Leave out groups whose rewards are all equal (no signal; DAPO's dynamic sampling, without refill)."""
+    updates_per_rollout: int = 1
+    """Optimizer steps per rollout (mini-batches); > 1 makes later ones off-policy (clipped ratios)."""
+    micro_batch_size: int = 32
+    """Samples per forward/backward."""
+
+
+@dataclass
+class RLConfig:
+    model: str = DEFAULT_MODEL
+    """Hugging Face checkpoint directory of the policy (default: the shipped tiny model)."""
+    steps: int = 30
+    """Rollout steps."""
+    seed: int = 0
+    """Seed of prompt order, sampling and training."""
+    deterministic: bool = False
+    """Bit-reproducible runs: deterministic torch algorithms and per-request sampling seeds."""
+    mode: str = "sync"
+    """sync: colocated, generate -> reward -> train -> update weights, one after another."""
+    ray_address: str = ""
+    """Ray cluster to join; empty starts a local instance."""
+    weight_sync: str = "distributed"
+    """distributed (torch.distributed broadcast to the engines) or disk (Hugging Face directory)."""
+    eval_every: int = 10
+    """Steps between held-out evaluations (also before the first and after the last step); 0: off."""
+    eval_sources: list = field(default_factory=lambda: ["task:countdown:2", "task:countdown:3"])
+    """Held-out prompt sets (task:... sets use held-out seeds)."""
+    eval_n: int = 100
+    """Prompts per evaluation set."""
+    checkpoint_every: int = 10
+    """Steps between checkpoints (and at the end)."""
+    debug: str = ""
+    """'' (normal), rollout_only, or train_only (train from saved rollouts of debug_rollouts_from)."""
+    debug_rollouts_from: str = ""
+    """Run directory whose buffer holds the rollouts train_only replays."""
+    save_rollouts: bool = False
+    """Also write every rollout as JSONL under rollouts/."""
+    wandb_project: str = ""
+    """Log to Weights & Biases too (needs wandb installed and logged in)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        lr=1e-5, final_lr=1e-5, warmup_steps=0, total_steps=1000, weight_decay=0.0, optimizer="adamw",
+        mtp_schedule=[(0, 0.0)], balance_loss_weight=0.0, bias_update_rate=0.0))
+    """Optimizer of the policy (RL defaults: constant lr, no MTP or balance loss, frozen balance bias)."""
+
+    def validate(self) -> "RLConfig":
+        def bad(name, why):
+            raise ConfigError(f"field '{name}' {why}")
+
+        if not (Path(self.model) / "config.json").exists():
+            bad("model", f"must be a checkpoint directory with config.json, got {self.model!r}")
+        for name in ("steps", "eval_n", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                bad(name, f"must be positive, got {getattr(self, name)!r}")
+        if self.mode != "sync":
+            bad("mode", f"must be 'sync' (the async mode is not built yet), got {self.mode!r}")
+        if self.weight_sync not in ("distributed", "disk"):
+            bad("weight_sync", f"must be distributed or disk, got {self.weight_sync!r}")
+        if self.debug not in ("", "rollout_only", "train_only"):
+            bad("debug", f"must be '', rollout_only or train_only, got {self.debug!r}")
+        if self.debug == "train_only" and not (Path(self.debug_rollouts_from) / "buffer.sqlite").exists():
+            bad("debug_rollouts_from", f"must be a run directory with buffer.sqlite for train_only, "
+                f"got {self.debug_rollouts_from!r}")
+        stages = []
+        for i, st in enumerate(self.data.curriculum):
+            stages.append(build_config(CurriculumStage, st, f"data.curriculum[{i}]."))
+        if not stages:
+            bad("data.curriculum", "needs at least one stage")
+        self.data.curriculum = stages
+        for i, st in enumerate(stages):
+            if not st.source.startswith("task:") and not Path(st.source).exists():
+                bad(f"data.curriculum[{i}].source", f"no such file or directory: {st.source!r}")
+        r, a = self.rollout, self.algorithm
+        for name in ("num_engines", "prompts_per_step", "n_samples_per_prompt", "max_new_tokens", "max_batch",
+                     "concurrency"):
+            if getattr(r, name) <= 0:
+                bad(f"rollout.{name}", f"must be positive, got {getattr(r, name)!r}")
+        if r.temperature <= 0:
+            bad("rollout.temperature", f"must be > 0 for RL sampling, got {r.temperature}")
+        if a.advantage not in ADVANTAGES:
+            bad("algorithm.advantage", f"must be one of {ADVANTAGES}, got {a.advantage!r}")
+        if a.advantage in ("grpo", "dr_grpo", "rloo", "reinforce++_baseline") and r.n_samples_per_prompt < 2:
+            bad("rollout.n_samples_per_prompt", f"must be >= 2 for {a.advantage} (group baselines)")
+        if a.policy_loss not in ("ppo", "gspo"):
+            bad("algorithm.policy_loss", f"must be ppo or gspo, got {a.policy_loss!r}")
+        if a.aggregation not in AGGREGATIONS:
+            bad("algorithm.aggregation", f"must be one of {AGGREGATIONS}, got {a.aggregation!r}")
+        if a.kl_kind not in KL_KINDS:
+            bad("algorithm.kl_kind", f"must be one of {KL_KINDS}, got {a.kl_kind!r}")
+        if a.dual_clip and a.dual_clip <= 1:
+            bad("algorithm.dual_clip", f"must be > 1 (or 0: off), got {a.dual_clip}")
+        if a.dual_clip and a.policy_loss == "gspo":
+            bad("algorithm.dual_clip", "applies to policy_loss ppo only")
+        if a.updates_per_rollout <= 0 or a.micro_batch_size <= 0:
+            bad("algorithm.updates_per_rollout", "and micro_batch_size must be positive")
+        if self.reward.overlong_cache < 0 or self.reward.overlong_cache >= r.max_new_tokens:
+            bad("reward.overlong_cache", f"must be in [0, rollout.max_new_tokens), got {self.reward.overlong_cache}")
+        if self.reward.fn == "remote" and not self.reward.remote_url:
+            bad("reward.remote_url", "is required with reward.fn: remote")
+        from rlfoundry.rewards import load_reward
+
+        try:
+            load_reward(self.reward.fn)
+        except ValueError as e:
+            bad("reward.fn", f"is not usable: {e}")
+        return self
+
+
+def load_rl_config(path: str | None, overrides: list[str]) -> RLConfig:
+    values = read_config_values(path, overrides)
+    if "train" in values and "mtp_schedule" in values["train"]:
+        values["train"]["mtp_schedule"] = [tuple(x) for x in values["train"]["mtp_schedule"]]
+    if "train" in values:  # RL's defaults, with the file's changes on top
+        import dataclasses
+
+        base = dataclasses.asdict(RLConfig().train)
+        values["train"] = base | values["train"]
+    return build_config(RLConfig, values).validate()

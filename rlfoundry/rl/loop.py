@@ -1,0 +1,246 @@
+"""`rlfoundry rl`: the synchronous colocated RL loop on Ray.
+
+The trainer, the rollout side (engines behind sglang-router) and the buffer run as three Ray actors
+(a local Ray instance unless `ray_address` names a cluster). Each step:
+
+    buffer.requests -> rollout.generate (+ rewards as groups finish) -> buffer.put
+    -> trainer.train -> buffer.mark_trained -> weight sync (broadcast or disk) -> eval -> checkpoint
+
+Resume (`--resume`): the trainer reloads its last checkpoint (step S), the buffer rolls back what
+was trained after S, and the loop continues at rollout S: rollouts already stored are trained from
+the database, pending ones are generated again (with the same seeds), so the run continues as if
+never killed. Everything a step produces is in `metrics.jsonl` (one object per step), TensorBoard,
+PNG curves and, optionally, Weights & Biases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from rlfoundry.rl.config import RLConfig
+from rlfoundry.train.stages import ConfigError
+
+
+def _ray():
+    import ray
+
+    return ray
+
+
+def _accuracy(groups: list[list[dict]]) -> float:
+    vals = [s["rewards"].get("correct", float((s["reward"] or 0) > 0)) for g in groups for s in g]
+    return sum(vals) / max(len(vals), 1)
+
+
+def _plot(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [m["step"] for m in metrics if "reward/mean" in m]
+    axes[0].plot(steps, [m["reward/mean"] for m in metrics if "reward/mean" in m], label="train reward (mean)")
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("reward")
+    axes[0].grid(alpha=0.3)
+    axes[0].legend()
+    evals = [m for m in metrics if "eval/accuracy" in m]
+    for key in sorted({k for m in evals for k in m if k.startswith("eval/") and k != "eval/accuracy"}):
+        axes[1].plot([m["step"] for m in evals if key in m], [m[key] for m in evals if key in m], "o-",
+                     label=key.removeprefix("eval/"), alpha=0.7)
+    axes[1].plot([m["step"] for m in evals], [m["eval/accuracy"] for m in evals], "ko-", label="mean", lw=2)
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("held-out accuracy (greedy)")
+    axes[1].grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard + optional W&B; on resume, lines after the checkpoint are dropped."""
+
+    def __init__(self, out: Path, cfg: RLConfig, keep_steps: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = out / "metrics.jsonl"
+        self.metrics: list[dict] = []
+        if keep_steps is not None and self.path.exists():
+            self.metrics = [m for m in map(json.loads, filter(str.strip, self.path.read_text().splitlines()))
+                            if m["step"] <= keep_steps]
+        self.path.write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
+        self.tb = SummaryWriter(str(out / "tensorboard"))
+        self.wandb = None
+        if cfg.wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=str(out))
+
+    def log(self, m: dict) -> None:
+        self.metrics.append(m)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        for k, v in m.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, m["step"])
+        self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(m, step=m["step"])
+
+    def close(self) -> None:
+        self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -> dict:
+    """Run RL into `out`; returns {"before": eval, "after": eval, "metrics": [...]}."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console()
+    out = Path(out).resolve()
+    ckpt = out / "checkpoints" / "latest"
+    if (out / "metrics.jsonl").exists() and not resume:
+        raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+    ray = _ray()
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=cfg.ray_address or None, include_dashboard=False, log_to_driver=True,
+                 logging_level="ERROR", configure_logging=True)
+    from rlfoundry.rl.workers import BufferWorker, RolloutWorker, TrainerWorker
+
+    db = None
+    if cfg.debug == "train_only":  # replay another run's rollouts: copy its database
+        db = out / "buffer.sqlite"
+        if not db.exists():
+            shutil.copy(Path(cfg.debug_rollouts_from) / "buffer.sqlite", db)
+    opts = dict(num_cpus=0, max_concurrency=1)
+    buffer = ray.remote(BufferWorker).options(**opts).remote(cfg, str(out), str(db) if db else None)
+    trainer = ray.remote(TrainerWorker).options(**opts).remote(cfg, str(out)) if cfg.debug != "rollout_only" else None
+    rollout = ray.remote(RolloutWorker).options(**opts).remote(cfg, str(out)) if cfg.debug != "train_only" else None
+    try:
+        start = 0
+        if resume and ckpt.exists():
+            extra = ray.get(trainer.load_checkpoint.remote(str(ckpt)))
+            start = extra["rollout_step"]
+            ray.get(buffer.rollback.remote(ray.get(trainer.step.remote())))
+            console.print(f"resumed from {ckpt} at rollout step {start}")
+        logger = _Logger(out, cfg, keep_steps=start if resume else None)
+        version = start
+        if rollout is not None and trainer is not None:
+            if cfg.weight_sync == "distributed":
+                urls = ray.get(rollout.urls.remote())
+                ray.get(trainer.connect_engines.remote(urls))  # joins while the engines join
+            if start > 0:  # the engines start from the base model: bring them to the checkpoint
+                _sync(ray, cfg, trainer, rollout, out, version)
+        eval_sets = ray.get(buffer.eval_requests.remote()) if rollout is not None and cfg.eval_every else {}
+
+        def evaluate(step: int) -> dict:
+            t0 = time.perf_counter()
+            res = {}
+            for name, reqs in eval_sets.items():
+                res[f"eval/{name}"] = _accuracy(ray.get(rollout.generate.remote(reqs, True, 1)))
+            if res:
+                res["eval/accuracy"] = sum(res.values()) / len(res)
+                res["time/eval_s"] = time.perf_counter() - t0
+            return res
+
+        before = {}
+        if eval_sets and start == 0:
+            before = evaluate(0)
+            logger.log({"step": 0, **before})
+            console.print(f"step 0  held-out accuracy {before['eval/accuracy']:.3f}")
+        elif eval_sets:
+            before = next((m for m in logger.metrics if m["step"] == 0 and "eval/accuracy" in m), {})
+        last_eval = before
+        with Progress(TextColumn("[bold]rl"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task("rl", total=cfg.steps, completed=start, info="")
+            for step in range(start, cfg.steps):
+                m = {"step": step + 1}
+                t_step = time.perf_counter()
+                if rollout is not None:
+                    t0 = time.perf_counter()
+                    reqs = ray.get(buffer.requests.remote(step, version))
+                    if reqs:
+                        groups = ray.get(rollout.generate.remote(reqs))
+                        m.update(ray.get(buffer.put.remote(groups)))
+                    m["time/rollout_s"] = time.perf_counter() - t0
+                stored = ray.get(buffer.all_groups.remote(step))
+                rewards = [s["reward"] for g in stored for s in g if s["reward"] is not None]
+                if rewards:
+                    m["reward/mean"] = sum(rewards) / len(rewards)
+                    m["reward/accuracy"] = _accuracy(stored)
+                    lens = [len(s["response_ids"]) for g in stored for s in g]
+                    m["response/length_mean"] = sum(lens) / len(lens)
+                    m["response/truncated_frac"] = sum(s["status"] == "truncated" for g in stored for s in g) / len(lens)
+                if cfg.save_rollouts:
+                    (out / "rollouts").mkdir(exist_ok=True)
+                    with open(out / "rollouts" / f"step_{step:06d}.jsonl", "w") as f:
+                        f.writelines(json.dumps(s) + "\n" for g in stored for s in g)
+                if trainer is not None:
+                    m.update(ray.get(trainer.train.remote(ray.get(buffer.training_groups.remote(step)))))
+                    train_step = ray.get(trainer.step.remote())
+                    ray.get(buffer.mark_trained.remote(step, train_step))
+                    version = step + 1
+                    if rollout is not None:
+                        m["time/weight_sync_s"] = _sync(ray, cfg, trainer, rollout, out, version)
+                last = step + 1 == cfg.steps
+                if eval_sets and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+                    last_eval = evaluate(step + 1)
+                    m.update(last_eval)
+                if trainer is not None and (last or (step + 1) % cfg.checkpoint_every == 0):
+                    t0 = time.perf_counter()
+                    ray.get(trainer.save_checkpoint.remote(str(ckpt), {"rollout_step": step + 1}))
+                    m["time/checkpoint_s"] = time.perf_counter() - t0
+                m["time/step_s"] = time.perf_counter() - t_step
+                logger.log(m)
+                info = f"reward {m.get('reward/mean', float('nan')):.3f}"
+                if "eval/accuracy" in m:
+                    info += f"  eval {m['eval/accuracy']:.3f}"
+                if "train/mismatch_max" in m:
+                    info += f"  mismatch {m['train/mismatch_max']:.1e}"
+                progress.update(task, completed=step + 1, info=info)
+        logger.close()
+        _plot(logger.metrics, out / "curves.png")
+        result = {"before": before, "after": last_eval, "metrics": logger.metrics,
+                  "buffer": ray.get(buffer.counts.remote())}
+        if trainer is not None:
+            ray.get(trainer.save_hf.remote(str(out / "hf")))
+            result["weights_digest"] = ray.get(trainer.weights_digest.remote())
+        return result
+    finally:
+        if rollout is not None:
+            ray.get(rollout.shutdown.remote())
+        for actor in (buffer, trainer, rollout):
+            if actor is not None:
+                ray.kill(actor)
+        if started_ray:
+            ray.shutdown()
+
+
+def _sync(ray, cfg: RLConfig, trainer, rollout, out: Path, version: int) -> float:
+    """Push the trainer's weights to every engine; returns the seconds it took."""
+    t0 = time.perf_counter()
+    if cfg.weight_sync == "distributed":
+        ray.get(trainer.broadcast_weights.remote(version))
+    else:
+        path = out / "weights" / "latest"
+        ray.get(trainer.save_hf.remote(str(path)))
+        ray.get(rollout.update_from_disk.remote(str(path), version))
+    return time.perf_counter() - t0

@@ -1,0 +1,339 @@
+"""The three workshops as classes, each run as a Ray actor by the loop (`rlfoundry.rl.loop`):
+
+- `TrainerWorker` (training workshop): the policy, its optimizer, the RL loss, checkpoints, and the
+  sending side of the weight sync.
+- `RolloutWorker` (data workshop): N engine servers behind sglang-router, generation of groups with
+  rewards computed as each group finishes (concurrently with the rest of the generation), and
+  held-out evaluation.
+- `BufferWorker` (central warehouse): the prompt datasets and the SQLite buffer.
+
+They exchange plain Python data (Sample records as dicts), never tensors of the model.
+`RolloutWorker` is an asyncio actor: generation requests and reward functions interleave on its loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import copy
+import functools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rlfoundry.rl.sample import Sample, Status
+
+
+def _threads() -> None:
+    # Ray gives actors without CPUs one thread; colocated sync mode uses the whole machine per phase
+    torch.set_num_threads(os.cpu_count() or 1)
+
+
+# ============================================================================ training workshop
+class TrainerWorker:
+    def __init__(self, cfg, out: str):
+        from rlfoundry.model import load_pretrained
+        from rlfoundry.train.trainer import Trainer
+
+        _threads()
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.out = cfg, Path(out)
+        self.model = load_pretrained(cfg.model, mtp="auto")
+        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.algorithm.kl_coef else None
+        self.trainer = Trainer(self.model, cfg.train)
+        self.sender = None
+
+    def step(self) -> int:
+        return self.trainer.step
+
+    def train(self, groups: list[list[dict]]) -> dict:
+        """One RL step (updates_per_rollout optimizer steps) on the groups; returns metrics."""
+        from rlfoundry.rl.algorithms import group_advantages
+        from rlfoundry.rl.policy import make_batches, policy_loss, sequence_logprobs
+
+        cfg, algo = self.cfg, self.cfg.algorithm
+        t0 = time.perf_counter()
+        samples, advs = [], []
+        by_size: dict[int, list[list[Sample]]] = {}
+        for g in groups:
+            by_size.setdefault(len(g), []).append([Sample(**s) for s in g])
+        for gs in by_size.values():  # groups of equal size share one advantage computation
+            rewards = torch.tensor([[s.reward for s in g] for g in gs])
+            a = group_advantages(rewards, algo.advantage)
+            for g, row in zip(gs, a.tolist()):
+                samples += g
+                advs += row
+        if not samples:
+            return {"train/skipped": 1.0}
+        temperature = cfg.rollout.temperature
+        n_updates = min(algo.updates_per_rollout, len(samples))
+        per_update = -(-len(samples) // n_updates)
+        metrics: dict = {}
+        worst = 0.0
+        for u in range(n_updates):
+            part, part_adv = samples[u * per_update:(u + 1) * per_update], advs[u * per_update:(u + 1) * per_update]
+            batches = make_batches(part, part_adv, algo.micro_batch_size, algo.aggregation,
+                                   routing_replay=cfg.rollout.routing_replay)
+            with torch.no_grad():
+                for b in batches:
+                    if n_updates > 1:
+                        b.old_logprobs = sequence_logprobs(self.model, b, temperature)[0]
+                    if self.ref is not None:
+                        b.ref_logprobs = sequence_logprobs(self.ref, b, temperature)[0]
+
+            def loss_fn(b):
+                nonlocal worst
+                loss, m = policy_loss(self.model, b, algo, temperature)
+                worst = max(worst, m["mismatch_max"])
+                return loss, m
+
+            m = self.trainer.train_step(batches, loss_fn=loss_fn)
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + v / n_updates if k not in ("step", "tokens") else v
+        metrics["mismatch_max"] = worst
+        out = {f"train/{k}": v for k, v in metrics.items() if k != "step"}
+        out["train/samples"] = len(samples)
+        out["time/train_s"] = time.perf_counter() - t0
+        return out
+
+    # ------------------------------------------------------------------ weights
+    def connect_engines(self, engine_urls: list[str]) -> None:
+        """Join the engines in a torch.distributed group for broadcast weight updates."""
+        from rlfoundry.rollout.client import DistributedWeightSender, SGLangClient
+        from rlfoundry.rollout.launch import free_port
+
+        self.sender = DistributedWeightSender([SGLangClient(u) for u in engine_urls], "127.0.0.1", free_port(),
+                                              backend="nccl" if torch.cuda.is_available() else "gloo")
+
+    def broadcast_weights(self, version: int) -> float:
+        from rlfoundry.model.hf_io import to_hf_state_dict
+
+        t0 = time.perf_counter()
+        self.sender.send(list(to_hf_state_dict(self.model, fused_experts=True)), version=str(version))
+        return time.perf_counter() - t0
+
+    def save_hf(self, path: str) -> str:
+        from rlfoundry.data.tokenizer import load_tokenizer
+        from rlfoundry.model import save_pretrained
+
+        save_pretrained(self.model, path)
+        tok = load_tokenizer(self.cfg.model)
+        if tok is not None:
+            tok.save_pretrained(str(path))
+        return str(path)
+
+    def save_checkpoint(self, path: str, extra: dict) -> None:
+        from rlfoundry.train.checkpoint import save_checkpoint
+
+        save_checkpoint(self.trainer, path, extra=extra)
+
+    def load_checkpoint(self, path: str) -> dict:
+        from rlfoundry.train.checkpoint import load_checkpoint
+
+        return load_checkpoint(self.trainer, path)
+
+    def weights_digest(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for k, v in sorted(self.model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+
+# ============================================================================ data workshop
+class RolloutWorker:
+    def __init__(self, cfg, out: str):
+        from rlfoundry.data.tokenizer import eos_token_ids, load_tokenizer
+        from rlfoundry.rewards import RewardContext, load_reward
+        from rlfoundry.rollout.client import SGLangClient
+        from rlfoundry.rollout.launch import RlfoundryBackend, free_port, wait_healthy
+
+        self.cfg, self.out = cfg, Path(out)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.eos = eos_token_ids(self.tokenizer)
+        self.reward_fn = load_reward(cfg.reward.fn)
+        self.reward_ctx = RewardContext(remote_url=cfg.reward.remote_url, timeout_s=cfg.reward.timeout_s,
+                                        extra=cfg.reward.extra)
+        backend = RlfoundryBackend()
+        threads = str(os.cpu_count() or 1)
+        self.procs: list[subprocess.Popen] = []
+        self.engine_urls = []
+        log = open(self.out / "engines.log", "ab")
+        for _ in range(cfg.rollout.num_engines):
+            port = free_port()
+            cmd, env = backend.engine_command(cfg.model, port, cfg.rollout.max_batch, None, "float32", None, 0)
+            self.procs.append(subprocess.Popen(cmd, env={**os.environ, **env, "OMP_NUM_THREADS": threads},
+                                               stdout=log, stderr=log))
+            self.engine_urls.append(f"http://127.0.0.1:{port}")
+        for url in self.engine_urls:
+            wait_healthy(url + "/health", 300, self.procs)
+        port = free_port()
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+             "--worker-urls", *self.engine_urls, "--policy", "round_robin", "--log-level", "warn"],
+            stdout=log, stderr=log))
+        self.router_url = f"http://127.0.0.1:{port}"
+        wait_healthy(self.router_url + "/health", 120, self.procs)
+        self.client = SGLangClient(self.router_url)
+        # HTTP calls block: one thread per request in flight (asyncio's default pool is too small)
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=cfg.rollout.concurrency)
+        self.engines = [SGLangClient(u) for u in self.engine_urls]
+
+    def urls(self) -> list[str]:
+        return self.engine_urls
+
+    def shutdown(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def update_from_disk(self, path: str, version: int) -> float:
+        t0 = time.perf_counter()
+        for e in self.engines:
+            e.update_weights_from_disk(path, version=str(version))
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ generation
+    async def _group(self, req: dict, sem: asyncio.Semaphore, params: dict, score: bool) -> list[dict]:
+        from rlfoundry.rewards import score_samples
+
+        G = params["n"]
+        base = dict(prompt_ids=req["prompt_ids"], group_id=req["group_id"], prompt_index=req["prompt_idx"],
+                    label=req["label"], metadata=req["metadata"], policy_version=req["version"])
+        async with sem:
+            try:
+                gens = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, functools.partial(self.client.generate, req["prompt_ids"], seed=req["seed"], **params))
+            except Exception as e:  # noqa: BLE001 - the group is kept as failed, the run goes on
+                return [Sample(**base, index=i, status=Status.FAILED, metadata=req["metadata"] | {"error": str(e)}).__dict__
+                        for i in range(G)]
+        samples = []
+        for i, g in enumerate(gens):
+            status = {"stop": Status.COMPLETED, "length": Status.TRUNCATED}.get(g.finish_reason, Status.ABORTED)
+            samples.append(Sample(**base, index=i, response_ids=g.output_ids, logprobs=g.logprobs, status=status,
+                                  routed_experts=g.routed_experts,
+                                  text=self.tokenizer.decode(g.output_ids, skip_special_tokens=True)))
+        if score:
+            overlong = (self.cfg.rollout.max_new_tokens, self.cfg.reward.overlong_cache) \
+                if self.cfg.reward.overlong_cache else None
+            await score_samples(self.reward_fn, self.reward_ctx, samples, self.cfg.reward.format_penalty, overlong)
+        out = []
+        for s in samples:
+            d = dict(s.__dict__)
+            d["status"] = s.status.value
+            out.append(d)
+        return out
+
+    async def generate(self, requests: list[dict], greedy: bool = False, n: int | None = None) -> list[list[dict]]:
+        """Groups of samples (as dicts) with rewards, one per request {group_id, prompt_idx, prompt_ids,
+        label, metadata, seed, version}; groups are scored as soon as they finish."""
+        r = self.cfg.rollout
+        params = dict(max_new_tokens=r.max_new_tokens, temperature=0.0 if greedy else r.temperature,
+                      top_p=1.0 if greedy else r.top_p, n=n or r.n_samples_per_prompt, stop_token_ids=self.eos)
+        if r.routing_replay and not greedy:
+            params["return_routed_experts"] = True
+        concurrency = 1 if self.cfg.deterministic else r.concurrency
+
+        sem = asyncio.Semaphore(concurrency)
+        return list(await asyncio.gather(*(self._group(q, sem, params, True) for q in requests)))
+
+
+# ============================================================================ central warehouse
+class BufferWorker:
+    def __init__(self, cfg, out: str, db_path: str | None = None):
+        from rlfoundry.buffer import Buffer, PromptDataset
+        from rlfoundry.data.datasets import DataStats
+        from rlfoundry.data.tokenizer import load_tokenizer
+
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.stats = DataStats()
+        d = cfg.data
+        self.stages = [PromptDataset.load(st.source, prompt_key=d.prompt_key, label_key=d.label_key,
+                                          metadata_key=d.metadata_key, n_per_level=d.n_per_level, seed=cfg.seed,
+                                          skip_bad=d.skip_bad_rows, stats=self.stats) for st in d.curriculum]
+        self.buffer = Buffer(db_path or Path(out) / "buffer.sqlite", seed=cfg.seed)
+
+    def stage_at(self, step: int) -> int:
+        left = step
+        for i, st in enumerate(self.cfg.data.curriculum):
+            if st.steps == 0 or left < st.steps:
+                return i
+            left -= st.steps
+        return len(self.cfg.data.curriculum) - 1
+
+    def requests(self, step: int, version: int) -> list[dict]:
+        """The generation requests of rollout `step`: the groups still pending (after a kill), or new
+        prompts from the curriculum stage of this step."""
+        from rlfoundry.buffer.buffer import hash_seed
+
+        if self.buffer.has_rollout(step):
+            self.buffer.reset_pending(step)
+            drawn = self.buffer.pending(step)
+        else:
+            drawn = self.buffer.draw(step, f"stage{self.stage_at(step)}", len(self.stages[self.stage_at(step)]),
+                                     self.cfg.rollout.prompts_per_step)
+        ds = self.stages[self.stage_at(step)]
+        return [{"group_id": gid, "prompt_idx": idx, "prompt_ids": ds.token_ids(idx, self.tokenizer,
+                                                                              self.cfg.data.apply_chat_template),
+                 "label": ds[idx].label, "metadata": ds[idx].metadata,
+                 "seed": hash_seed(self.cfg.seed, step, idx) % (2 ** 31), "version": version} for gid, idx in drawn]
+
+    def put(self, groups: list[list[dict]]) -> dict:
+        """Store generated groups; filter failed ones and (when configured) zero-variance ones."""
+        kept = filtered = 0
+        for g in groups:
+            samples = [Sample(**s) for s in g]
+            reason = None
+            if any(s.status == Status.FAILED for s in samples):
+                reason = "failed"
+            elif self.cfg.algorithm.filter_zero_variance and len({s.reward for s in samples}) == 1:
+                reason = "zero_variance"
+            self.buffer.put(samples[0].group_id, samples, filtered=reason)
+            kept, filtered = kept + (reason is None), filtered + (reason is not None)
+        return {"groups_kept": kept, "groups_filtered": filtered}
+
+    def eval_requests(self) -> dict[str, list[dict]]:
+        """Held-out prompt sets: task:... sets drawn with seed 10000 + seed (training uses seed), as
+        `rlfoundry eval` does; files are used as they are (first eval_n rows)."""
+        from rlfoundry.buffer import PromptDataset
+
+        d, out = self.cfg.data, {}
+        for source in self.cfg.eval_sources:
+            ds = PromptDataset.load(source, prompt_key=d.prompt_key, label_key=d.label_key,
+                                    metadata_key=d.metadata_key, n_per_level=self.cfg.eval_n,
+                                    seed=10_000 + self.cfg.seed)
+            out[source] = [{"group_id": -1, "prompt_idx": i, "prompt_ids": ds.token_ids(i, self.tokenizer,
+                                                                                       d.apply_chat_template),
+                            "label": ds[i].label, "metadata": ds[i].metadata, "seed": i, "version": -1}
+                           for i in range(min(len(ds), self.cfg.eval_n))]
+        return out
+
+    def training_groups(self, step: int) -> list[list[dict]]:
+        return [[s.__dict__ | {"status": s.status.value} for s in g] for g in self.buffer.groups(step)]
+
+    def all_groups(self, step: int) -> list[list[dict]]:
+        return [[s.__dict__ | {"status": s.status.value} for s in g]
+                for g in self.buffer.groups(step, ("generated", "filtered", "trained"))]
+
+    def mark_trained(self, step: int, train_step: int) -> int:
+        return self.buffer.mark_trained(step, train_step)
+
+    def rollback(self, train_step: int) -> int:
+        return self.buffer.rollback(train_step)
+
+    def counts(self) -> dict:
+        return self.buffer.counts()
