@@ -28,6 +28,11 @@ import torch
 from rlfoundry.rl.sample import Sample, Status
 
 
+def _watched(cmd: list[str]) -> list[str]:
+    """`cmd` run under the watchdog: it ends when this process (the actor) ends, however it ends."""
+    return [sys.executable, "-m", "rlfoundry.rollout.watchdog", str(os.getpid()), "--", *cmd]
+
+
 def _threads() -> None:
     # Ray gives actors without CPUs one thread; colocated sync mode uses the whole machine per phase
     torch.set_num_threads(os.cpu_count() or 1)
@@ -170,15 +175,15 @@ class RolloutWorker:
         for _ in range(cfg.rollout.num_engines):
             port = free_port()
             cmd, env = backend.engine_command(cfg.model, port, cfg.rollout.max_batch, None, "float32", None, 0)
-            self.procs.append(subprocess.Popen(cmd, env={**os.environ, **env, "OMP_NUM_THREADS": threads},
+            self.procs.append(subprocess.Popen(_watched(cmd), env={**os.environ, **env, "OMP_NUM_THREADS": threads},
                                                stdout=log, stderr=log))
             self.engine_urls.append(f"http://127.0.0.1:{port}")
         for url in self.engine_urls:
             wait_healthy(url + "/health", 300, self.procs)
         port = free_port()
-        self.procs.append(subprocess.Popen(
+        self.procs.append(subprocess.Popen(_watched(
             [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-             "--worker-urls", *self.engine_urls, "--policy", "round_robin", "--log-level", "warn"],
+             "--worker-urls", *self.engine_urls, "--policy", "round_robin", "--log-level", "warn"]),
             stdout=log, stderr=log))
         self.router_url = f"http://127.0.0.1:{port}"
         wait_healthy(self.router_url + "/health", 120, self.procs)

@@ -1,0 +1,151 @@
+"""rlfoundry's RL loop against TRL's GRPOTrainer (transformers' Glm4MoeForCausalLM), side by side in
+one run: the same checkpoint (the shipped tiny model), prompts (Countdown level 2, in the same order),
+group size, response length, learning rate, clip range and number of steps. Prints samples/s of
+each and the ratio, and plots training reward against wall-clock time for both
+(benchmarks/rl_vs_trl.png).
+
+    .venv/bin/pip install trl            # not a dependency of rlfoundry
+    .venv/bin/python benchmarks/bench_rl_vs_trl.py [--steps 8] [--prompts 8] [--group 8]
+
+Timing: for TRL, the wall time of trainer.train(); for rlfoundry, the sum of its steps (rollout,
+reward, train, weight sync). The start-up of each (TRL building its trainer, Ray and the engine
+server starting) is reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+MODEL = ROOT / "examples" / "tiny" / "model"
+
+
+def countdown_reward(completions, label, metadata, **_):
+    """TRL reward function: the built-in Countdown checker on the completion text."""
+    from rlfoundry.data.tasks import Problem, get_task
+
+    task = get_task("countdown")
+    out = []
+    for c, lab, meta in zip(completions, label, metadata):
+        text = c[0]["content"] if isinstance(c, list) else c
+        meta = dict(meta)
+        out.append(task.score(text, Problem("countdown", meta.pop("level"), "", str(lab), "", meta)))
+    return out
+
+
+def run_trl(args, records) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(0)
+    t_setup = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(str(MODEL))
+    model = AutoModelForCausalLM.from_pretrained(str(MODEL), dtype=torch.float32)
+    ds = Dataset.from_list([{"prompt": r.prompt, "label": r.label,
+                             "metadata": {k: v for k, v in r.metadata.items() if k != "question"}} for r in records])
+    n = args.prompts * args.group
+    log: list[tuple[float, float]] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_log(self, _args, state, control, logs=None, **k):
+            if logs and "reward" in logs:
+                log.append((time.perf_counter() - self.t0, logs["reward"]))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = GRPOConfig(output_dir=tmp, use_cpu=True, per_device_train_batch_size=n, num_generations=args.group,
+                         max_completion_length=args.max_new_tokens, temperature=1.0, learning_rate=args.lr,
+                         lr_scheduler_type="constant", warmup_steps=0, beta=0.0, loss_type="dapo", epsilon=0.2,
+                         epsilon_high=0.28, max_steps=args.steps, logging_steps=1, report_to="none",
+                         save_strategy="no", seed=0, disable_tqdm=True, shuffle_dataset=False, weight_decay=0.0,
+                         adam_beta2=0.95, max_grad_norm=1.0)
+        trainer = GRPOTrainer(model=model, reward_funcs=countdown_reward, args=cfg, train_dataset=ds,
+                              processing_class=tok, callbacks=[Clock()])
+        setup = time.perf_counter() - t_setup
+        t0 = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - t0
+    return {"wall_s": wall, "setup_s": setup, "samples": args.steps * n, "curve": log}
+
+
+def run_rlfoundry(args) -> dict:
+    from rlfoundry.rl.config import load_rl_config
+    from rlfoundry.rl.loop import run_rl
+
+    cfg = load_rl_config(None, [
+        f"steps={args.steps}", f"rollout.prompts_per_step={args.prompts}", f"rollout.n_samples_per_prompt={args.group}",
+        f"rollout.max_new_tokens={args.max_new_tokens}", "data.curriculum=[{source: 'task:countdown:2'}]",
+        "eval_every=0", f"checkpoint_every={args.steps}", f"train.lr={args.lr}", f"train.final_lr={args.lr}",
+        "algorithm.filter_zero_variance=false", f"algorithm.micro_batch_size={args.prompts * args.group}"])
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = run_rl(cfg, Path(tmp) / "run")
+        total = time.perf_counter() - t0
+    steps = [m for m in result["metrics"] if "reward/mean" in m]
+    wall = sum(m["time/step_s"] for m in steps)
+    curve, t = [], 0.0
+    for m in steps:
+        t += m["time/step_s"]
+        curve.append((t, m["reward/mean"]))
+    return {"wall_s": wall, "setup_s": total - wall, "samples": args.steps * args.prompts * args.group,
+            "curve": curve}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    ap.add_argument("--group", type=int, default=8, help="samples per prompt")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    args = ap.parse_args()
+    from rlfoundry.buffer import PromptDataset
+    from rlfoundry.buffer.buffer import Buffer
+
+    # the prompts rlfoundry's buffer draws (seed 0), in its order, fed to TRL unshuffled
+    ds = PromptDataset.load("task:countdown:2", n_per_level=2000, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        order = [i for _, i in Buffer(Path(tmp) / "b.sqlite", seed=0).draw(0, "stage0", len(ds),
+                                                                           args.steps * args.prompts)]
+    records = [ds[i] for i in order]
+    ours = run_rlfoundry(args)
+    trl = run_trl(args, records)
+    rows = []
+    for name, r in (("rlfoundry", ours), ("TRL GRPOTrainer", trl)):
+        rows.append({"name": name, "samples_per_s": r["samples"] / r["wall_s"], "wall_s": r["wall_s"],
+                     "setup_s": r["setup_s"], "final_reward": r["curve"][-1][1] if r["curve"] else None})
+    print(f"{args.steps} steps x {args.prompts} prompts x {args.group} samples, max {args.max_new_tokens} new tokens")
+    for row in rows:
+        print(f"{row['name']:16s}: {row['samples_per_s']:7.1f} samples/s  ({row['wall_s']:.1f} s training, "
+              f"{row['setup_s']:.1f} s start-up)  last-step reward {row['final_reward']:.3f}")
+    print(f"ratio rlfoundry / TRL: {rows[0]['samples_per_s'] / rows[1]['samples_per_s']:.2f}x samples/s")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in (("rlfoundry", ours), ("TRL GRPOTrainer", trl)):
+        ax.plot([t for t, _ in r["curve"]], [v for _, v in r["curve"]], "o-", label=name)
+    ax.set_xlabel("wall-clock seconds (training)")
+    ax.set_ylabel("mean training reward")
+    ax.set_title("Countdown level 2, tiny GLM-4.5 model, same prompts and settings")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(ROOT / "benchmarks" / "rl_vs_trl.png", dpi=100)
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
