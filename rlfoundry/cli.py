@@ -52,7 +52,7 @@ def _model_info(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from rlfoundry.demo import run_demo
 
-    return run_demo(Path(args.out), seed=args.seed)
+    return run_demo(Path(args.out), seed=args.seed, overrides=list(args.overrides))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the embedded default job: RL on the shipped tiny model (CPU, no downloads)")
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", help="key=value changes to examples/tiny/rl.yaml")
     p.set_defaults(func=_demo)
     return parser
 
