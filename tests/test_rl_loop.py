@@ -55,7 +55,8 @@ def test_rl_end_to_end(tmp_path, capsys):
     # train-only replays the stored rollouts; rollout-only generates without training
     replay = tmp_path / "replay"
     assert main(["rl", "--out", str(replay), *SMALL, "debug=train_only", f"debug_rollouts_from={out}"]) == 0
-    assert [m["train/samples"] for m in lines(replay)] == [m["train/samples"] for m in ms[1:]]
+    assert [m.get("train/samples") for m in lines(replay)] == [m.get("train/samples") for m in ms[1:]]
+    assert any(m.get("train/samples") for m in lines(replay))
     ro = tmp_path / "rollout_only"
     assert main(["rl", "--out", str(ro), *SMALL, "steps=1", "debug=rollout_only"]) == 0
     assert "train/loss" not in lines(ro)[-1] and "reward/mean" in lines(ro)[-1]

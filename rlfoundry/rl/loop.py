@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -124,17 +123,24 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                  logging_level="ERROR", configure_logging=True)
     from rlfoundry.rl.workers import BufferWorker, RolloutWorker, TrainerWorker
 
-    db = None
+    db, fresh_copy = None, False
     if cfg.debug == "train_only":  # replay another run's rollouts: copy its database
         db = out / "buffer.sqlite"
         if not db.exists():
-            shutil.copy(Path(cfg.debug_rollouts_from) / "buffer.sqlite", db)
+            src = Path(cfg.debug_rollouts_from) / "buffer.sqlite"
+            import sqlite3
+
+            with sqlite3.connect(src) as a, sqlite3.connect(db) as b:
+                a.backup(b)  # a consistent copy, WAL included
+            fresh_copy = True
     opts = dict(num_cpus=0, max_concurrency=1)
     buffer = ray.remote(BufferWorker).options(**opts).remote(cfg, str(out), str(db) if db else None)
     trainer = ray.remote(TrainerWorker).options(**opts).remote(cfg, str(out)) if cfg.debug != "rollout_only" else None
     rollout = ray.remote(RolloutWorker).options(**opts).remote(cfg, str(out)) if cfg.debug != "train_only" else None
     try:
         start = 0
+        if fresh_copy:  # everything the other run trained is to be trained here
+            ray.get(buffer.rollback.remote(-1))
         if resume and ckpt.exists():
             extra = ray.get(trainer.load_checkpoint.remote(str(ckpt)))
             start = extra["rollout_step"]

@@ -50,6 +50,11 @@ class TrainerWorker:
         torch.manual_seed(cfg.seed)
         self.cfg, self.out = cfg, Path(out)
         self.model = load_pretrained(cfg.model, mtp="auto")
+        if not any(w for _, w in cfg.train.mtp_schedule):
+            # no MTP loss in this run: the MTP layer gets no gradient, so it is not trained (nor
+            # given optimizer state); the engines keep drafting with it as it is
+            for layer in self.model.model.mtp_layers:
+                layer.requires_grad_(False)
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.algorithm.kl_coef else None
         self.trainer = Trainer(self.model, cfg.train)
         self.sender = None
@@ -183,7 +188,8 @@ class RolloutWorker:
         port = free_port()
         self.procs.append(subprocess.Popen(_watched(
             [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-             "--worker-urls", *self.engine_urls, "--policy", "round_robin", "--log-level", "warn"]),
+             "--worker-urls", *self.engine_urls, "--policy", "round_robin", "--log-level", "warn",
+             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]),
             stdout=log, stderr=log))
         self.router_url = f"http://127.0.0.1:{port}"
         wait_healthy(self.router_url + "/health", 120, self.procs)

@@ -180,7 +180,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
             wait_healthy(url + "/health", 300, children)
         router = subprocess.Popen([sys.executable, "-m", "sglang_router.launch_router", "--host", host,
                                    "--port", str(port), "--worker-urls", *urls, "--policy", "round_robin",
-                                   "--log-level", "warn"])
+                                   "--log-level", "warn", "--prometheus-host", "127.0.0.1",
+                                   "--prometheus-port", str(free_port())])
         children.append(router)
         wait_healthy(f"http://127.0.0.1:{port}/health", 120, children)
         for url, p in zip(urls, children):

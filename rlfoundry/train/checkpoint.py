@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 from rlfoundry.train.trainer import Trainer
 
@@ -34,16 +35,24 @@ def save_checkpoint(trainer: Trainer, directory: str | os.PathLike, extra: dict 
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+    # An optimizer that has not stepped yet has no state to save (and asking for its state dict
+    # would make one up): then the model alone is saved, and a resume leaves the optimizer fresh.
+    has_optim = bool(trainer.optimizer.state)
+    if has_optim:
+        model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+    else:
+        state = {"model": get_model_state_dict(trainer.model)}
     with warnings.catch_warnings():  # a single process without a process group is fine
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+        dcp.save(state, checkpoint_id=str(tmp))
     if _rank() != 0:  # every rank's RNG state, rank 0 moves the directory into place
         torch.save({"rng": trainer.rng_state()}, tmp / f"rng_rank{_rank()}.pt")
         _barrier()
         _barrier()
         return directory
-    torch.save({"step": trainer.step, "rng": trainer.rng_state(), "extra": extra or {}}, tmp / "trainer_state.pt")
+    torch.save({"step": trainer.step, "rng": trainer.rng_state(), "extra": extra or {}, "has_optimizer": has_optim},
+               tmp / "trainer_state.pt")
     _barrier()
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old")
@@ -62,13 +71,21 @@ def load_checkpoint(trainer: Trainer, directory: str | os.PathLike) -> dict:
     directory = Path(directory)
     if not (directory / "trainer_state.pt").exists():
         raise FileNotFoundError(f"{directory}: not a checkpoint (no trainer_state.pt)")
-    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd}
+    meta = torch.load(directory / "trainer_state.pt", weights_only=False)
+    has_optim = meta.get("has_optimizer", True)
+    if has_optim:
+        model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+    else:
+        state = {"model": get_model_state_dict(trainer.model)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load(state, checkpoint_id=str(directory))
-    set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    meta = torch.load(directory / "trainer_state.pt", weights_only=False)
+    if has_optim:
+        set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+    else:
+        set_model_state_dict(trainer.model, state["model"])
     trainer.step = meta["step"]
     rng = meta["rng"] if _rank() == 0 else torch.load(directory / f"rng_rank{_rank()}.pt", weights_only=False)["rng"]
     trainer.set_rng_state(rng)
