@@ -55,6 +55,9 @@ class RolloutConfig:
     """Sequences an engine decodes at once."""
     concurrency: int = 64
     """Requests in flight to the router."""
+    generate_fn: str = ""
+    """A custom async generate function by dotted path (see rlfoundry.rl.generate); empty: one
+    request per group."""
     routing_replay: bool = False
     """Train with the experts the engine chose for each token (rollout routing replay)."""
 
@@ -200,7 +203,17 @@ class RLConfig:
             bad("reward.overlong_cache", f"must be in [0, rollout.max_new_tokens), got {self.reward.overlong_cache}")
         if self.reward.fn == "remote" and not self.reward.remote_url:
             bad("reward.remote_url", "is required with reward.fn: remote")
-        from rlfoundry.rewards import load_reward
+        from rlfoundry.rewards import load_function, load_reward
+
+        if r.generate_fn:
+            import asyncio
+
+            try:
+                fn = load_function(r.generate_fn, "generate_fn")
+            except ValueError as e:
+                bad("rollout.generate_fn", f"is not usable: {e}")
+            if not asyncio.iscoroutinefunction(fn):
+                bad("rollout.generate_fn", "must be an async function (async def generate(ctx, sample, sampling))")
 
         try:
             load_reward(self.reward.fn)

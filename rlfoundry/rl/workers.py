@@ -196,6 +196,11 @@ class RolloutWorker:
         self.client = SGLangClient(self.router_url)
         # HTTP calls block: one thread per request in flight (asyncio's default pool is too small)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=cfg.rollout.concurrency)
+        from rlfoundry.rewards import load_function
+        from rlfoundry.rl.generate import GenerateContext
+
+        self.ctx = GenerateContext(self.client, self.tokenizer, self.eos, self.pool)
+        self.generate_fn = load_function(cfg.rollout.generate_fn, "generate_fn") if cfg.rollout.generate_fn else None
         self.engines = [SGLangClient(u) for u in self.engine_urls]
 
     def urls(self) -> list[str]:
@@ -226,17 +231,11 @@ class RolloutWorker:
                     label=req["label"], metadata=req["metadata"], policy_version=req["version"])
         async with sem:
             try:
-                gens = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, functools.partial(self.client.generate, req["prompt_ids"], seed=req["seed"], **params))
+                samples = await self._generate_group(req, base, params)
             except Exception as e:  # noqa: BLE001 - the group is kept as failed, the run goes on
-                return [Sample(**base, index=i, status=Status.FAILED, metadata=req["metadata"] | {"error": str(e)}).__dict__
-                        for i in range(G)]
-        samples = []
-        for i, g in enumerate(gens):
-            status = {"stop": Status.COMPLETED, "length": Status.TRUNCATED}.get(g.finish_reason, Status.ABORTED)
-            samples.append(Sample(**base, index=i, response_ids=g.output_ids, logprobs=g.logprobs, status=status,
-                                  routed_experts=g.routed_experts,
-                                  text=self.tokenizer.decode(g.output_ids, skip_special_tokens=True)))
+                samples = [Sample(**base, index=i, status=Status.FAILED, metadata=req["metadata"] | {"error": str(e)})
+                           for i in range(G)]
+                score = False
         if score:
             overlong = (self.cfg.rollout.max_new_tokens, self.cfg.reward.overlong_cache) \
                 if self.cfg.reward.overlong_cache else None
@@ -247,6 +246,24 @@ class RolloutWorker:
             d["status"] = s.status.value
             out.append(d)
         return out
+
+    async def _generate_group(self, req: dict, base: dict, params: dict) -> list[Sample]:
+        from rlfoundry.rl.generate import finish_status
+
+        if self.generate_fn is None:  # the whole group in one request: one prefill for n samples
+            gens = await self.ctx.generate(req["prompt_ids"], seed=req["seed"], **params)
+            return [Sample(**base, index=i, response_ids=g.output_ids, logprobs=g.logprobs,
+                           status=finish_status(g.finish_reason), routed_experts=g.routed_experts,
+                           text=self.tokenizer.decode(g.output_ids, skip_special_tokens=True))
+                    for i, g in enumerate(gens)]
+        sampling = {k: v for k, v in params.items() if k != "n"}
+        outs = await asyncio.gather(*(self.generate_fn(self.ctx, Sample(**base, index=i),
+                                                       sampling | {"seed": req["seed"] + i})
+                                      for i in range(params["n"])))
+        samples = [s for o in outs for s in (o if isinstance(o, list) else [o])]
+        for i, s in enumerate(samples):
+            s.index = i
+        return samples
 
     async def generate(self, requests: list[dict], greedy: bool = False, n: int | None = None) -> list[list[dict]]:
         """Groups of samples (as dicts) with rewards, one per request {group_id, prompt_idx, prompt_ids,
