@@ -161,20 +161,25 @@ class Buffer:
     # ------------------------------------------------------------------ samples
     def put(self, group_id: int, samples: list[Sample], filtered: str | None = None) -> None:
         """Store a finished group (state generated, or filtered with the reason)."""
+        self.put_many([(group_id, samples, filtered)])
+
+    def put_many(self, groups: list[tuple[int, list[Sample], str | None]]) -> None:
+        """Store several finished groups in one transaction (one disk sync)."""
         with self._tx() as db:
-            row = db.execute("SELECT stage, prompt_idx, state FROM groups WHERE id = ?", (group_id,)).fetchone()
-            if row is None:
-                raise KeyError(f"no group {group_id} in {self.path}")
-            stage, prompt_idx, state = row
-            if state != "pending":
-                raise ValueError(f"group {group_id} is already {state}")
-            db.executemany("INSERT OR REPLACE INTO samples VALUES (?, ?, ?, ?, ?)",
-                           [(group_id, s.index, s.status.value, s.reward, s.to_json()) for s in samples])
-            db.execute("UPDATE groups SET state = ?, reason = ? WHERE id = ?",
-                       ("filtered" if filtered else "generated", filtered, group_id))
-            passed = sum(s.rewards.get("correct", float((s.reward or 0) > 0)) for s in samples)
-            db.execute("UPDATE prompts SET samples = samples + ?, passed = passed + ? WHERE stage = ? AND idx = ?",
-                       (len(samples), passed, stage, prompt_idx))
+            for group_id, samples, filtered in groups:
+                row = db.execute("SELECT stage, prompt_idx, state FROM groups WHERE id = ?", (group_id,)).fetchone()
+                if row is None:
+                    raise KeyError(f"no group {group_id} in {self.path}")
+                stage, prompt_idx, state = row
+                if state != "pending":
+                    raise ValueError(f"group {group_id} is already {state}")
+                db.executemany("INSERT OR REPLACE INTO samples VALUES (?, ?, ?, ?, ?)",
+                               [(group_id, s.index, s.status.value, s.reward, s.to_json()) for s in samples])
+                db.execute("UPDATE groups SET state = ?, reason = ? WHERE id = ?",
+                           ("filtered" if filtered else "generated", filtered, group_id))
+                passed = sum(s.rewards.get("correct", float((s.reward or 0) > 0)) for s in samples)
+                db.execute("UPDATE prompts SET samples = samples + ?, passed = passed + ? WHERE stage = ? AND idx = ?",
+                           (len(samples), passed, stage, prompt_idx))
 
     def groups(self, rollout_id: int, states: tuple[str, ...] = ("generated",)) -> list[list[Sample]]:
         """The stored groups of a rollout, in the order they were drawn."""

@@ -187,18 +187,8 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                         groups = ray.get(rollout.generate.remote(reqs))
                         m.update(ray.get(buffer.put.remote(groups)))
                     m["time/rollout_s"] = time.perf_counter() - t0
-                stored = ray.get(buffer.all_groups.remote(step))
-                rewards = [s["reward"] for g in stored for s in g if s["reward"] is not None]
-                if rewards:
-                    m["reward/mean"] = sum(rewards) / len(rewards)
-                    m["reward/accuracy"] = _accuracy(stored)
-                    lens = [len(s["response_ids"]) for g in stored for s in g]
-                    m["response/length_mean"] = sum(lens) / len(lens)
-                    m["response/truncated_frac"] = sum(s["status"] == "truncated" for g in stored for s in g) / len(lens)
-                if cfg.save_rollouts:
-                    (out / "rollouts").mkdir(exist_ok=True)
-                    with open(out / "rollouts" / f"step_{step:06d}.jsonl", "w") as f:
-                        f.writelines(json.dumps(s) + "\n" for g in stored for s in g)
+                m.update(ray.get(buffer.step_stats.remote(
+                    step, str(out / "rollouts" / f"step_{step:06d}.jsonl") if cfg.save_rollouts else None)))
                 if trainer is not None:
                     m.update(ray.get(trainer.train.remote(ray.get(buffer.training_groups.remote(step)))))
                     train_step = ray.get(trainer.step.remote())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
-import functools
 import os
 import subprocess
 import sys
@@ -322,7 +321,7 @@ class BufferWorker:
 
     def put(self, groups: list[list[dict]]) -> dict:
         """Store generated groups; filter failed ones and (when configured) zero-variance ones."""
-        kept = filtered = 0
+        items = []
         for g in groups:
             samples = [Sample(**s) for s in g]
             reason = None
@@ -330,9 +329,10 @@ class BufferWorker:
                 reason = "failed"
             elif self.cfg.algorithm.filter_zero_variance and len({s.reward for s in samples}) == 1:
                 reason = "zero_variance"
-            self.buffer.put(samples[0].group_id, samples, filtered=reason)
-            kept, filtered = kept + (reason is None), filtered + (reason is not None)
-        return {"groups_kept": kept, "groups_filtered": filtered}
+            items.append((samples[0].group_id, samples, reason))
+        self.buffer.put_many(items)  # one transaction for the step
+        filtered = sum(reason is not None for *_, reason in items)
+        return {"groups_kept": len(items) - filtered, "groups_filtered": filtered}
 
     def eval_requests(self) -> dict[str, list[dict]]:
         """Held-out prompt sets: task:... sets drawn with seed 10000 + seed (training uses seed), as
@@ -353,9 +353,23 @@ class BufferWorker:
     def training_groups(self, step: int) -> list[list[dict]]:
         return [[s.__dict__ | {"status": s.status.value} for s in g] for g in self.buffer.groups(step)]
 
-    def all_groups(self, step: int) -> list[list[dict]]:
-        return [[s.__dict__ | {"status": s.status.value} for s in g]
-                for g in self.buffer.groups(step, ("generated", "filtered", "trained"))]
+    def step_stats(self, step: int, save_to: str | None = None) -> dict:
+        """Reward and length statistics of every stored sample of rollout `step` (filtered ones
+        included); with `save_to`, also write them as JSONL there."""
+        groups = self.buffer.groups(step, ("generated", "filtered", "trained"))
+        samples = [s for g in groups for s in g]
+        if save_to:
+            Path(save_to).parent.mkdir(parents=True, exist_ok=True)
+            with open(save_to, "w") as f:
+                f.writelines(s.to_json() + "\n" for s in samples)
+        rewards = [s.reward for s in samples if s.reward is not None]
+        if not rewards:
+            return {}
+        lens = [len(s.response_ids) for s in samples]
+        return {"reward/mean": sum(rewards) / len(rewards),
+                "reward/accuracy": sum(s.rewards.get("correct", float((s.reward or 0) > 0)) for s in samples) / len(samples),
+                "response/length_mean": sum(lens) / len(lens),
+                "response/truncated_frac": sum(s.status == Status.TRUNCATED for s in samples) / len(samples)}
 
     def mark_trained(self, step: int, train_step: int) -> int:
         return self.buffer.mark_trained(step, train_step)
