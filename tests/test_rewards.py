@@ -115,3 +115,9 @@ def test_custom_group_and_failing_rewards_and_overlong():
     assert [s.reward for s in g] == [1.0, 0.0]
     with pytest.raises(ValueError, match="cannot load"):
         load_reward("no_such_module.fn")
+
+
+def test_math_verify_timeout_scores_zero_and_recovers():
+    # a limit far below a worker's start-up: the check times out, scores 0, and the pool is rebuilt
+    assert math_verify_score("$1/2$", "0.5", timeout_s=0.001) == 0.0
+    assert math_verify_score("$1/2$", "0.5", timeout_s=30) == 1.0
