@@ -97,3 +97,19 @@ def test_deterministic_runs_repeat_and_resume_after_sigkill(tmp_path):
     assert main(["rl", "--out", str(b), "--resume", *SMALL, "steps=4", "eval_every=0", "deterministic=true"]) == 0
     assert no_times(lines(b)) == no_times(lines(a))
     assert (a / "hf" / "model.safetensors").read_bytes() == (b / "hf" / "model.safetensors").read_bytes()
+
+
+def test_routing_replay_trains_on_the_engines_expert_choices(tmp_path):
+    from rlfoundry.buffer import Buffer
+    from rlfoundry.model import ModelConfig
+
+    out = tmp_path / "replay"
+    assert main(["rl", "--out", str(out), *SMALL, "steps=1", "eval_every=0", "rollout.routing_replay=true",
+                 "algorithm.filter_zero_variance=false"]) == 0
+    cfg = ModelConfig.from_json_file(Path(load_rl_config(None, []).model) / "config.json")
+    samples = [s for g in Buffer(out / "buffer.sqlite").groups(0, ("trained",)) for s in g]
+    assert samples
+    for s in samples:  # every token the engine ran through the model: prompt + response - 1
+        assert len(s.routed_experts) == len(s.prompt_ids) + len(s.response_ids) - 1
+        assert len(s.routed_experts[0]) == cfg.num_moe_layers and len(s.routed_experts[0][0]) == cfg.num_experts_per_tok
+    assert lines(out)[-1]["train/mismatch_max"] <= 1e-5

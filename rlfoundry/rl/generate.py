@@ -28,11 +28,12 @@ class GenerateContext:
     eos_token_ids: list
     executor: object        # thread pool for the blocking HTTP calls
 
-    async def generate(self, input_ids: list[int], **sampling):
-        """One engine call (n=1 unless given): a list of rlfoundry.rollout.client.Generation."""
+    async def generate(self, input_ids: list[int], client=None, **sampling):
+        """One engine call (n=1 unless given): a list of rlfoundry.rollout.client.Generation.
+        `client` overrides the router client (e.g. one engine)."""
         sampling.setdefault("n", 1)
         return await asyncio.get_running_loop().run_in_executor(
-            self.executor, functools.partial(self.client.generate, list(input_ids), **sampling))
+            self.executor, functools.partial((client or self.client).generate, list(input_ids), **sampling))
 
 
 def finish_status(reason: str) -> Status:

@@ -250,7 +250,10 @@ class RolloutWorker:
         from rlfoundry.rl.generate import finish_status
 
         if self.generate_fn is None:  # the whole group in one request: one prefill for n samples
-            gens = await self.ctx.generate(req["prompt_ids"], seed=req["seed"], **params)
+            # sglang-router (0.3) drops `return_routed_experts` from /generate requests: routing-replay
+            # requests go to an engine directly, each group to engine group_id mod N
+            client = self.engines[req["group_id"] % len(self.engines)] if params.get("return_routed_experts") else None
+            gens = await self.ctx.generate(req["prompt_ids"], client=client, seed=req["seed"], **params)
             return [Sample(**base, index=i, response_ids=g.output_ids, logprobs=g.logprobs,
                            status=finish_status(g.finish_reason), routed_experts=g.routed_experts,
                            text=self.tokenizer.decode(g.output_ids, skip_special_tokens=True))
