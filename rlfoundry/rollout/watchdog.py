@@ -4,17 +4,21 @@
 
 The command runs as a child; when PARENT_PID is gone (killed in any way, SIGKILL included) the
 child is terminated (then killed after 5 s) and the watchdog exits. SIGTERM/SIGINT to the watchdog
-stop the child the same way. The RL loop starts its engine servers and sglang-router through it, so
+stop the child the same way, and the child is SIGKILLed by the kernel if the watchdog itself is
+killed (PR_SET_PDEATHSIG). The RL loop starts its engine servers and sglang-router through it, so
 that nothing outlives a killed run.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
+
+PR_SET_PDEATHSIG = 1
 
 
 def _alive(pid: int) -> bool:
@@ -27,12 +31,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _die_with_watchdog() -> None:
+    """In the child: the kernel sends it SIGKILL if the watchdog itself is killed (Ray, for one,
+    SIGKILLs the direct children of a worker that exits). Safe here: the watchdog is one thread."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
         print("usage: python -m rlfoundry.rollout.watchdog PARENT_PID -- command args...", file=sys.stderr)
         return 2
     parent = int(argv[0])
-    child = subprocess.Popen(argv[2:])
+    child = subprocess.Popen(argv[2:], preexec_fn=_die_with_watchdog)
 
     def stop(*_):
         if child.poll() is None:
