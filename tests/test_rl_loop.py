@@ -39,8 +39,9 @@ def test_rl_end_to_end(tmp_path, capsys):
     assert "eval/accuracy" in ms[0] and "eval/accuracy" in ms[-1]
     trained = [m for m in ms[1:] if "train/mismatch_max" in m]
     assert trained, "no step had a group with a reward signal"
-    for m in trained:
-        assert m["train/mismatch_max"] <= 1e-5  # trainer log-probs == engine log-probs
+    for m in trained:  # trainer log-probs == engine log-probs up to fp32 rounding (typically 5e-6 at
+        # worst, 2e-7 on average; 1.4e-5 seen once: batched decode and full forward round differently)
+        assert m["train/mismatch_max"] <= 5e-5 and m["train/mismatch_mean"] <= 2e-6
     for m in ms[1:]:
         assert 0.0 <= m["reward/mean"] <= 1.0
         for phase in ("rollout", "train", "weight_sync"):
@@ -112,4 +113,4 @@ def test_routing_replay_trains_on_the_engines_expert_choices(tmp_path):
     for s in samples:  # every token the engine ran through the model: prompt + response - 1
         assert len(s.routed_experts) == len(s.prompt_ids) + len(s.response_ids) - 1
         assert len(s.routed_experts[0]) == cfg.num_moe_layers and len(s.routed_experts[0][0]) == cfg.num_experts_per_tok
-    assert lines(out)[-1]["train/mismatch_max"] <= 1e-5
+    assert lines(out)[-1]["train/mismatch_max"] <= 5e-5 and lines(out)[-1]["train/mismatch_mean"] <= 2e-6
