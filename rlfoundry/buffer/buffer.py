@@ -177,7 +177,7 @@ class Buffer:
                                [(group_id, s.index, s.status.value, s.reward, s.to_json()) for s in samples])
                 db.execute("UPDATE groups SET state = ?, reason = ? WHERE id = ?",
                            ("filtered" if filtered else "generated", filtered, group_id))
-                passed = sum(s.rewards.get("correct", float((s.reward or 0) > 0)) for s in samples)
+                passed = sum(s.correct for s in samples)
                 db.execute("UPDATE prompts SET samples = samples + ?, passed = passed + ? WHERE stage = ? AND idx = ?",
                            (len(samples), passed, stage, prompt_idx))
 

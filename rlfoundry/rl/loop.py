@@ -34,7 +34,9 @@ def _ray():
 
 
 def _accuracy(groups: list[list[dict]]) -> float:
-    vals = [s["rewards"].get("correct", float((s["reward"] or 0) > 0)) for g in groups for s in g]
+    from rlfoundry.rl.sample import Sample
+
+    vals = [Sample(**s).correct for g in groups for s in g]
     return sum(vals) / max(len(vals), 1)
 
 

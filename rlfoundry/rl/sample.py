@@ -56,10 +56,19 @@ class Sample:
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.response_ids
 
-    def to_json(self) -> str:
+    @property
+    def correct(self) -> float:
+        """The "correct" reward component, or else 1.0 for a positive reward (pass rates, accuracy)."""
+        return self.rewards.get("correct", float((self.reward or 0) > 0))
+
+    def to_dict(self) -> dict:
+        """Plain data (status as its string), as actors exchange it."""
         d = asdict(self)
         d["status"] = self.status.value
-        return json.dumps(d)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, s: str) -> "Sample":

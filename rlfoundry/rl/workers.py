@@ -239,12 +239,7 @@ class RolloutWorker:
             overlong = (self.cfg.rollout.max_new_tokens, self.cfg.reward.overlong_cache) \
                 if self.cfg.reward.overlong_cache else None
             await score_samples(self.reward_fn, self.reward_ctx, samples, self.cfg.reward.format_penalty, overlong)
-        out = []
-        for s in samples:
-            d = dict(s.__dict__)
-            d["status"] = s.status.value
-            out.append(d)
-        return out
+        return [s.to_dict() for s in samples]
 
     async def _generate_group(self, req: dict, base: dict, params: dict) -> list[Sample]:
         from rlfoundry.rl.generate import finish_status
@@ -354,7 +349,7 @@ class BufferWorker:
         return out
 
     def training_groups(self, step: int) -> list[list[dict]]:
-        return [[s.__dict__ | {"status": s.status.value} for s in g] for g in self.buffer.groups(step)]
+        return [[s.to_dict() for s in g] for g in self.buffer.groups(step)]
 
     def step_stats(self, step: int, save_to: str | None = None) -> dict:
         """Reward and length statistics of every stored sample of rollout `step` (filtered ones
@@ -370,7 +365,7 @@ class BufferWorker:
             return {}
         lens = [len(s.response_ids) for s in samples]
         return {"reward/mean": sum(rewards) / len(rewards),
-                "reward/accuracy": sum(s.rewards.get("correct", float((s.reward or 0) > 0)) for s in samples) / len(samples),
+                "reward/accuracy": sum(s.correct for s in samples) / len(samples),
                 "response/length_mean": sum(lens) / len(lens),
                 "response/truncated_frac": sum(s.status == Status.TRUNCATED for s in samples) / len(samples)}
 
