@@ -12,7 +12,7 @@ import pytest
 from rlfoundry.data.tasks import get_task
 from rlfoundry.rewards import RewardContext, group_reward, load_reward, score_samples
 from rlfoundry.rewards.code import run_code_tests, run_sandboxed
-from rlfoundry.rewards.math import math_verify_score
+from rlfoundry.rewards.math import close_pool, math_verify_score
 from rlfoundry.rl.sample import Sample, Status
 
 CTX = RewardContext(timeout_s=10)
@@ -118,6 +118,9 @@ def test_custom_group_and_failing_rewards_and_overlong():
 
 
 def test_math_verify_timeout_scores_zero_and_recovers():
-    # a limit far below a worker's start-up: the check times out, scores 0, and the pool is rebuilt
+    # a limit far below a fresh worker's start-up (a spawned interpreter importing math-verify): the
+    # check times out, scores 0, and the pool is rebuilt. The pool is closed first: a warm worker that
+    # earlier tests started could answer within the limit.
+    close_pool()
     assert math_verify_score("$1/2$", "0.5", timeout_s=0.001) == 0.0
     assert math_verify_score("$1/2$", "0.5", timeout_s=30) == 1.0

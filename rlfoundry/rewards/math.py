@@ -43,9 +43,13 @@ def _reset_pool(broken: cf.ProcessPoolExecutor) -> None:
 
 
 @atexit.register
-def _shutdown() -> None:
-    if _pool is not None:
-        _pool.shutdown(wait=True, cancel_futures=True)
+def close_pool() -> None:
+    """Stop the worker processes (the next check starts new ones)."""
+    global _pool
+    with _lock:
+        if _pool is not None:
+            _pool.shutdown(wait=True, cancel_futures=True)
+            _pool = None
 
 
 def math_verify_score(response: str, label: str, timeout_s: float = 10.0) -> float:
