@@ -118,23 +118,30 @@ class CacheStep:
     cache: KVCache
     slots_B: Tensor
     position_ids_BT: Tensor
-    valid_BT: Tensor
+    valid_BT: Tensor | None  # None: all T tokens of every row are real
     num_keys: int  # key positions attended over: up to the longest sequence after this step
     slot_range: tuple[int, int] | None = None  # slots are first..last-1 in order: read them as a view
 
     @classmethod
     def make(cls, cache: KVCache, B: int, T: int, slots: Tensor | None, input_lens: Tensor | None,
-             device: torch.device) -> "CacheStep":
+             device: torch.device, num_keys: int | None = None) -> "CacheStep":
+        """`num_keys` given: attend over that many positions of every slot, without reading any
+        tensor on the host — the static shapes of a compiled decode step (the caller has checked
+        that no sequence outgrows it)."""
         slots_B = torch.arange(B, device=device) if slots is None else slots.to(device)
         lens_B = torch.full((B,), T, device=device) if input_lens is None else input_lens.to(device)
         start_B = cache.lens[slots_B]
+        arange_T = torch.arange(T, device=device)
+        valid_BT = None if input_lens is None else arange_T[None] < lens_B[:, None]
+        if num_keys is not None:
+            return cls(cache, slots_B, start_B[:, None] + arange_T, valid_BT, num_keys,
+                       (0, B) if slots is None else None)
         end = int((start_B + lens_B).max())
         if end > cache.max_len:
             raise ValueError(f"KV cache overflow: a sequence needs {end} positions, the cache holds {cache.max_len}")
-        arange_T = torch.arange(T, device=device)
         first = int(slots_B[0])
         dense = torch.equal(slots_B, torch.arange(first, first + B, device=device))
-        return cls(cache, slots_B, start_B[:, None] + arange_T, arange_T[None] < lens_B[:, None], max(end, 1),
+        return cls(cache, slots_B, start_B[:, None] + arange_T, valid_BT, max(end, 1),
                    (first, first + B) if dense else None)
 
     def mask(self) -> Tensor:
@@ -143,15 +150,22 @@ class CacheStep:
         return torch.arange(S, device=self.slots_B.device)[None, None] <= self.position_ids_BT[:, :, None]
 
     def advance(self) -> None:
-        self.cache.lens[self.slots_B] = self.cache.lens[self.slots_B] + self.valid_BT.sum(1)
+        T = self.position_ids_BT.shape[1]
+        added_B = T if self.valid_BT is None else self.valid_BT.sum(1)
+        self.cache.lens[self.slots_B] = self.cache.lens[self.slots_B] + added_B
 
     def update(self, layer: int, k_BGTD: Tensor, v_BGTD: Tensor) -> tuple[Tensor, Tensor]:
         """Write this step's keys/values for layer `layer`; return all keys/values [B, G, S, Dh]."""
-        slot_n = self.slots_B[:, None].expand_as(self.position_ids_BT)[self.valid_BT]
-        pos_n = self.position_ids_BT[self.valid_BT]
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        k_cache[slot_n, :, pos_n] = k_BGTD.transpose(1, 2)[self.valid_BT].to(k_cache.dtype)
-        v_cache[slot_n, :, pos_n] = v_BGTD.transpose(1, 2)[self.valid_BT].to(v_cache.dtype)
+        k_BTGD, v_BTGD = k_BGTD.transpose(1, 2).to(k_cache.dtype), v_BGTD.transpose(1, 2).to(v_cache.dtype)
+        slot_BT = self.slots_B[:, None].expand_as(self.position_ids_BT)
+        if self.valid_BT is None:  # every row is T real tokens
+            k_cache[slot_BT, :, self.position_ids_BT] = k_BTGD
+            v_cache[slot_BT, :, self.position_ids_BT] = v_BTGD
+        else:
+            slot_n, pos_n = slot_BT[self.valid_BT], self.position_ids_BT[self.valid_BT]
+            k_cache[slot_n, :, pos_n] = k_BTGD[self.valid_BT]
+            v_cache[slot_n, :, pos_n] = v_BTGD[self.valid_BT]
         S = self.num_keys
         if self.slot_range is not None:
             a, b = self.slot_range
@@ -374,7 +388,8 @@ class Experts(nn.Module):
         order = flat_ids.argsort(stable=True)                 # token-expert pairs sorted by expert
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        offsets_E = torch.bincount(flat_ids, minlength=E).cumsum(0).to(torch.int32)
+        counts_E = flat_ids.new_zeros(E).scatter_add_(0, flat_ids, torch.ones_like(flat_ids))  # static shape
+        offsets_E = counts_E.cumsum(0).to(torch.int32)
         x_MD = _Dispatch.apply(x_ND, order, inverse, K)       # M = N*K rows, grouped by expert
         gate_MI, up_MI = grouped_mm(x_MD, self.gate_up_proj.transpose(1, 2), offsets_E).chunk(2, dim=-1)
         y_MD = grouped_mm(F.silu(gate_MI) * up_MI, self.down_proj.transpose(1, 2), offsets_E)
@@ -492,6 +507,7 @@ class Glm4MoeForCausalLM(nn.Module):
         input_lens: Tensor | None = None,
         routed_experts: Tensor | None = None,
         return_router: bool = False,
+        num_keys: int | None = None,
     ) -> CausalLMOutput:
         """Logits [B, T, V] for token ids [B, T].
 
@@ -500,14 +516,16 @@ class Glm4MoeForCausalLM(nn.Module):
         `position_ids` [B, T] defaults to 0..T-1.
         With `cache`, row b holds the next `input_lens[b]` (default T; the rest is padding) tokens of
         the sequence in cache slot `slots[b]` (default b); their positions continue from
-        `cache.lens`, which advances. `routed_experts` [B, T, L_moe, K] replays given expert choices.
+        `cache.lens`, which advances; `num_keys` fixes how many cached positions the attention reads
+        (default: up to the longest sequence), for the static shapes of a compiled decode step.
+        `routed_experts` [B, T, L_moe, K] replays given expert choices.
         """
         B, T = input_ids.shape
         device = input_ids.device
         cfg = self.config
         cache_step, mask_BTS = None, None
         if cache is not None:
-            cache_step = CacheStep.make(cache, B, T, slots, input_lens, device)
+            cache_step = CacheStep.make(cache, B, T, slots, input_lens, device, num_keys)
             position_ids, mask_BTS = cache_step.position_ids_BT, cache_step.mask()
         else:
             if position_ids is None:
