@@ -85,23 +85,26 @@ class TrainerWorker:
         per_update = -(-len(samples) // n_updates)
         metrics: dict = {}
         worst = 0.0
+        updates = []
         for u in range(n_updates):
             part, part_adv = samples[u * per_update:(u + 1) * per_update], advs[u * per_update:(u + 1) * per_update]
-            batches = make_batches(part, part_adv, algo.micro_batch_size, algo.aggregation,
-                                   routing_replay=cfg.rollout.routing_replay)
-            with torch.no_grad():
+            updates.append(make_batches(part, part_adv, algo.micro_batch_size, algo.aggregation,
+                                        routing_replay=cfg.rollout.routing_replay))
+        with torch.no_grad():  # before any update: the policy that generated the samples
+            for batches in updates:
                 for b in batches:
                     if n_updates > 1:
                         b.old_logprobs = sequence_logprobs(self.model, b, temperature)[0]
                     if self.ref is not None:
                         b.ref_logprobs = sequence_logprobs(self.ref, b, temperature)[0]
 
-            def loss_fn(b):
-                nonlocal worst
-                loss, m = policy_loss(self.model, b, algo, temperature)
-                worst = max(worst, m["mismatch_max"])
-                return loss, m
+        def loss_fn(b):
+            nonlocal worst
+            loss, m = policy_loss(self.model, b, algo, temperature)
+            worst = max(worst, m["mismatch_max"])
+            return loss, m
 
+        for batches in updates:
             m = self.trainer.train_step(batches, loss_fn=loss_fn)
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + v / n_updates if k not in ("step", "tokens") else v
