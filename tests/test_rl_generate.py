@@ -38,4 +38,3 @@ def test_custom_multi_turn_generate(tmp_path):
         assert s["response_ids"][n1:n1 + 3] == TOOL and s["loss_mask"][n1:n1 + 3] == [0, 0, 0]
         assert len(s["logprobs"]) == len(s["response_ids"]) == len(s["loss_mask"])
         assert s["reward"] is not None and s["group_id"] == 5
-

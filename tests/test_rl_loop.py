@@ -31,9 +31,11 @@ def no_times(ms: list[dict]) -> list[dict]:
     return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in ms]
 
 
-def test_rl_end_to_end(tmp_path, capsys):
+def test_rl_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    assert main(["rl", "--out", str(out), *SMALL, "weight_sync=disk", "save_rollouts=true"]) == 0
+    monkeypatch.setenv("WANDB_MODE", "offline")  # W&B writes its run file locally, no account needed
+    assert main(["rl", "--out", str(out), *SMALL, "weight_sync=disk", "save_rollouts=true",
+                 "wandb_project=rlfoundry-test"]) == 0
     ms = lines(out)
     assert [m["step"] for m in ms] == [0, 1, 2, 3]
     assert "eval/accuracy" in ms[0] and "eval/accuracy" in ms[-1]
@@ -48,6 +50,8 @@ def test_rl_end_to_end(tmp_path, capsys):
             assert m[f"time/{phase}_s"] > 0
     assert (out / "curves.png").stat().st_size > 0 and (out / "hf" / "config.json").exists()
     assert len(list((out / "rollouts").glob("*.jsonl"))) == 3
+    [wandb_run] = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"reward/mean" in wandb_run.read_bytes() and b"eval/accuracy" in wandb_run.read_bytes()
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     counts = json.loads(capsys.readouterr().out)

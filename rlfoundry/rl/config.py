@@ -139,7 +139,8 @@ class RLConfig:
     save_rollouts: bool = False
     """Also write every rollout as JSONL under rollouts/."""
     wandb_project: str = ""
-    """Log to Weights & Biases too (needs wandb installed and logged in)."""
+    """Log to Weights & Biases too under this project (pip install 'rlfoundry[wandb]'; `wandb login`, or
+    WANDB_MODE=offline to write the run under the run directory for a later `wandb sync`)."""
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
