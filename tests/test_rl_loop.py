@@ -101,6 +101,27 @@ def test_deterministic_runs_repeat_and_resume_after_sigkill(tmp_path):
     assert 2 <= len(lines(b)) < 4
     assert main(["rl", "--out", str(b), "--resume", *SMALL, "steps=4", "eval_every=0", "deterministic=true"]) == 0
     assert no_times(lines(b)) == no_times(lines(a))
+    # SIGTERM to the driver alone: it stops its engines and its Ray instance, exits with 128 + 15,
+    # and leaves no process behind in its session; the run resumes as after SIGKILL
+    c = tmp_path / "c"
+    proc = _run(c)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((c / "metrics.jsonl").exists() and len(lines(c)) >= 2):
+        time.sleep(0.2)
+    proc.terminate()
+    assert proc.wait(120) == 143
+    time.sleep(2)
+    left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _session(p) == proc.pid]
+    assert not left, [(p / "cmdline").read_bytes() for p in left]
+    assert main(["rl", "--out", str(c), "--resume", *SMALL, "steps=4", "eval_every=0", "deterministic=true"]) == 0
+    assert no_times(lines(c)) == no_times(lines(a))
+
+
+def _session(proc_dir: Path) -> int | None:
+    try:  # field 6 of /proc/PID/stat, after the parenthesised command name
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[3])
+    except (OSError, IndexError, ValueError):
+        return None
     assert (a / "hf" / "model.safetensors").read_bytes() == (b / "hf" / "model.safetensors").read_bytes()
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -105,6 +107,21 @@ class _Logger:
             self.wandb.finish()
 
 
+def _exit_on_sigterm(stopped_by: list[int]):
+    """SIGTERM (a scheduler's stop, `kill`) raises SystemExit, so that the run stops its engines
+    and the Ray instance it started instead of dying with them orphaned; the signal number is
+    appended to `stopped_by`. Returns the handler it replaced (None off the main thread, where
+    signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        stopped_by.append(signum)
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
 def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -> dict:
     """Run RL into `out`; returns {"before": eval, "after": eval, "metrics": [...]}."""
     from rich.console import Console
@@ -120,26 +137,29 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
 
     ray = _ray()
     started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=cfg.ray_address or None, include_dashboard=False, log_to_driver=True,
-                 logging_level="ERROR", configure_logging=True)
-    from rlfoundry.rl.workers import BufferWorker, RolloutWorker, TrainerWorker
-
-    db, fresh_copy = None, False
-    if cfg.debug == "train_only":  # replay another run's rollouts: copy its database
-        db = out / "buffer.sqlite"
-        if not db.exists():
-            src = Path(cfg.debug_rollouts_from) / "buffer.sqlite"
-            import sqlite3
-
-            with sqlite3.connect(src) as a, sqlite3.connect(db) as b:
-                a.backup(b)  # a consistent copy, WAL included
-            fresh_copy = True
-    opts = dict(num_cpus=0, max_concurrency=1)
-    buffer = ray.remote(BufferWorker).options(**opts).remote(cfg, str(out), str(db) if db else None)
-    trainer = ray.remote(TrainerWorker).options(**opts).remote(cfg, str(out)) if cfg.debug != "rollout_only" else None
-    rollout = ray.remote(RolloutWorker).options(**opts).remote(cfg, str(out)) if cfg.debug != "train_only" else None
+    buffer = trainer = rollout = None
+    previous_sigterm, stopped_by = None, []
     try:
+        if started_ray:
+            ray.init(address=cfg.ray_address or None, include_dashboard=False, log_to_driver=True,
+                     logging_level="ERROR", configure_logging=True)
+        previous_sigterm = _exit_on_sigterm(stopped_by)  # after ray.init, which installs a handler of its own
+        from rlfoundry.rl.workers import BufferWorker, RolloutWorker, TrainerWorker
+
+        db, fresh_copy = None, False
+        if cfg.debug == "train_only":  # replay another run's rollouts: copy its database
+            db = out / "buffer.sqlite"
+            if not db.exists():
+                src = Path(cfg.debug_rollouts_from) / "buffer.sqlite"
+                import sqlite3
+
+                with sqlite3.connect(src) as a, sqlite3.connect(db) as b:
+                    a.backup(b)  # a consistent copy, WAL included
+                fresh_copy = True
+        opts = dict(num_cpus=0, max_concurrency=1)
+        buffer = ray.remote(BufferWorker).options(**opts).remote(cfg, str(out), str(db) if db else None)
+        trainer = ray.remote(TrainerWorker).options(**opts).remote(cfg, str(out)) if cfg.debug != "rollout_only" else None
+        rollout = ray.remote(RolloutWorker).options(**opts).remote(cfg, str(out)) if cfg.debug != "train_only" else None
         start = 0
         if fresh_copy:  # everything the other run trained is to be trained here
             ray.get(buffer.rollback.remote(-1))
@@ -228,8 +248,12 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
         for actor in (buffer, trainer, rollout):
             if actor is not None:
                 ray.kill(actor)
-        if started_ray:
+        if started_ray and ray.is_initialized():
             ray.shutdown()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        if stopped_by:  # Ray's get() turns the SystemExit into exit code 1: keep the signal's
+            raise SystemExit(128 + stopped_by[0])
 
 
 def _sync(ray, cfg: RLConfig, trainer, rollout, out: Path, version: int) -> float:
