@@ -101,6 +101,7 @@ def test_deterministic_runs_repeat_and_resume_after_sigkill(tmp_path):
     assert 2 <= len(lines(b)) < 4
     assert main(["rl", "--out", str(b), "--resume", *SMALL, "steps=4", "eval_every=0", "deterministic=true"]) == 0
     assert no_times(lines(b)) == no_times(lines(a))
+    assert (a / "hf" / "model.safetensors").read_bytes() == (b / "hf" / "model.safetensors").read_bytes()
     # SIGTERM to the driver alone: it stops its engines and its Ray instance, exits with 128 + 15,
     # and leaves no process behind in its session; the run resumes as after SIGKILL
     c = tmp_path / "c"
@@ -115,6 +116,7 @@ def test_deterministic_runs_repeat_and_resume_after_sigkill(tmp_path):
     assert not left, [(p / "cmdline").read_bytes() for p in left]
     assert main(["rl", "--out", str(c), "--resume", *SMALL, "steps=4", "eval_every=0", "deterministic=true"]) == 0
     assert no_times(lines(c)) == no_times(lines(a))
+    assert (a / "hf" / "model.safetensors").read_bytes() == (c / "hf" / "model.safetensors").read_bytes()
 
 
 def _session(proc_dir: Path) -> int | None:
@@ -122,7 +124,6 @@ def _session(proc_dir: Path) -> int | None:
         return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[3])
     except (OSError, IndexError, ValueError):
         return None
-    assert (a / "hf" / "model.safetensors").read_bytes() == (b / "hf" / "model.safetensors").read_bytes()
 
 
 def test_routing_replay_trains_on_the_engines_expert_choices(tmp_path):
