@@ -124,18 +124,12 @@ class CacheStep:
 
     @classmethod
     def make(cls, cache: KVCache, B: int, T: int, slots: Tensor | None, input_lens: Tensor | None,
-             device: torch.device, num_keys: int | None = None) -> "CacheStep":
-        """`num_keys` given: attend over that many positions of every slot, without reading any
-        tensor on the host — the static shapes of a compiled decode step (the caller has checked
-        that no sequence outgrows it)."""
+             device: torch.device) -> "CacheStep":
         slots_B = torch.arange(B, device=device) if slots is None else slots.to(device)
         lens_B = torch.full((B,), T, device=device) if input_lens is None else input_lens.to(device)
         start_B = cache.lens[slots_B]
         arange_T = torch.arange(T, device=device)
         valid_BT = None if input_lens is None else arange_T[None] < lens_B[:, None]
-        if num_keys is not None:
-            return cls(cache, slots_B, start_B[:, None] + arange_T, valid_BT, num_keys,
-                       (0, B) if slots is None else None)
         end = int((start_B + lens_B).max())
         if end > cache.max_len:
             raise ValueError(f"KV cache overflow: a sequence needs {end} positions, the cache holds {cache.max_len}")
@@ -507,7 +501,6 @@ class Glm4MoeForCausalLM(nn.Module):
         input_lens: Tensor | None = None,
         routed_experts: Tensor | None = None,
         return_router: bool = False,
-        num_keys: int | None = None,
     ) -> CausalLMOutput:
         """Logits [B, T, V] for token ids [B, T].
 
@@ -516,16 +509,14 @@ class Glm4MoeForCausalLM(nn.Module):
         `position_ids` [B, T] defaults to 0..T-1.
         With `cache`, row b holds the next `input_lens[b]` (default T; the rest is padding) tokens of
         the sequence in cache slot `slots[b]` (default b); their positions continue from
-        `cache.lens`, which advances; `num_keys` fixes how many cached positions the attention reads
-        (default: up to the longest sequence), for the static shapes of a compiled decode step.
-        `routed_experts` [B, T, L_moe, K] replays given expert choices.
+        `cache.lens`, which advances. `routed_experts` [B, T, L_moe, K] replays given expert choices.
         """
         B, T = input_ids.shape
         device = input_ids.device
         cfg = self.config
         cache_step, mask_BTS = None, None
         if cache is not None:
-            cache_step = CacheStep.make(cache, B, T, slots, input_lens, device, num_keys)
+            cache_step = CacheStep.make(cache, B, T, slots, input_lens, device)
             position_ids, mask_BTS = cache_step.position_ids_BT, cache_step.mask()
         else:
             if position_ids is None:
