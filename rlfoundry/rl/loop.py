@@ -110,16 +110,18 @@ class _Logger:
 def _exit_on_sigterm(stopped_by: list[int]):
     """SIGTERM (a scheduler's stop, `kill`) raises SystemExit, so that the run stops its engines
     and the Ray instance it started instead of dying with them orphaned; the signal number is
-    appended to `stopped_by`. Returns the handler it replaced (None off the main thread, where
-    signals cannot be handled)."""
+    appended to `stopped_by`. Returns a function that puts the previous handler back (the default
+    one when that was not a Python handler, as Ray's is); a no-op off the main thread, where
+    signals cannot be handled."""
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return lambda: None
 
     def stop(signum, frame):
         stopped_by.append(signum)
         raise SystemExit(128 + signum)
 
-    return signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, stop)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -> dict:
@@ -138,12 +140,12 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
     ray = _ray()
     started_ray = not ray.is_initialized()
     buffer = trainer = rollout = None
-    previous_sigterm, stopped_by = None, []
+    restore_sigterm, stopped_by = (lambda: None), []
     try:
         if started_ray:
             ray.init(address=cfg.ray_address or None, include_dashboard=False, log_to_driver=True,
                      logging_level="ERROR", configure_logging=True)
-        previous_sigterm = _exit_on_sigterm(stopped_by)  # after ray.init, which installs a handler of its own
+        restore_sigterm = _exit_on_sigterm(stopped_by)  # after ray.init, which installs a handler of its own
         from rlfoundry.rl.workers import BufferWorker, RolloutWorker, TrainerWorker
 
         db, fresh_copy = None, False
@@ -250,8 +252,7 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                 ray.kill(actor)
         if started_ray and ray.is_initialized():
             ray.shutdown()
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+        restore_sigterm()
         if stopped_by:  # Ray's get() turns the SystemExit into exit code 1: keep the signal's
             raise SystemExit(128 + stopped_by[0])
 
