@@ -16,9 +16,10 @@ from __future__ import annotations
 
 
 def register() -> None:
-    from vllm.model_executor.layers.fused_moe import unquantized_fused_moe_method as m
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 
-    method = m.UnquantizedFusedMoEMethod
+    method = UnquantizedFusedMoEMethod
     if getattr(method, "_rlfoundry_reload_fix", False):
         return
     setup_kernel = method._setup_kernel
@@ -26,7 +27,7 @@ def register() -> None:
     def _setup_kernel(self, layer, w13, w2):
         is_weight_update = self.moe_kernel is not None
         setup_kernel(self, layer, w13, w2)
-        if is_weight_update and type(self.moe_kernel.fused_experts).__module__.endswith("cpu_moe"):
+        if is_weight_update and isinstance(self.moe_kernel.fused_experts, CPUUnquantizedExperts):
             self.moe_kernel.fused_experts.process_weights_after_loading(layer)
 
     method._setup_kernel = _setup_kernel
