@@ -91,7 +91,7 @@ def policy_loss(model, batch: RLBatch, algo, temperature: float) -> tuple[Tensor
     pg = aggregate(loss_t, mask, agg)
     loss = pg
     n = mask.sum().clamp(min=1)
-    diff = (old - engine).abs() * mask  # the trainer's log-probs under the weights that generated
+    diff = (old - engine).abs() * mask  # the trainer's log-probs under the weights that generated the samples
     metrics = {"pg_loss": pg.item(), "clip_frac": float((clipped.float() * mask).sum() / n),
                "mismatch_mean": float(diff.sum() / n), "mismatch_max": float(diff.max()) if mask.any() else 0.0,
                "logprob_mean": float((logp.detach() * mask).sum() / n)}
