@@ -20,6 +20,7 @@ CONFIGS = {
     "no-qknorm-bias-grouped-mha": dict(use_qk_norm=False, attention_bias=True, num_key_value_heads=4,
                                        n_group=2, topk_group=1, num_experts_per_tok=2, partial_rotary_factor=1.0,
                                        first_k_dense_replace=1, n_routed_experts=6),
+    "rotary-dim-not-dividing-head-dim": dict(partial_rotary_factor=0.75),  # R = 12 of Dh = 16
 }
 
 

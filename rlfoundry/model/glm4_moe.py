@@ -55,23 +55,35 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(position_ids_BT: Tensor, cfg: ModelConfig, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin [B, T, R] for the rotary channels, computed in fp32 and cast to `dtype`."""
-    R = cfg.rotary_dim
+    """cos and signed sin [B, T, Dh] over a whole head, computed in fp32 and cast to `dtype`.
+
+    Rotary channels i < R/2 get (cos, -sin), R/2 <= i < R get (cos, sin) — the half-split layout —
+    and the pass-through channels i >= R get (1, 0), so `apply_rope` is one element-wise expression
+    over the head (no slicing or concatenation, which compiled backward passes handle badly)."""
+    R, Dh = cfg.rotary_dim, cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, R, 2, dtype=torch.float32,
                                                       device=position_ids_BT.device) / R))
-    freqs_BTR = position_ids_BT.float()[..., None] * inv_freq  # [B, T, R/2]
-    freqs_BTR = torch.cat([freqs_BTR, freqs_BTR], dim=-1)      # half-split layout
-    return freqs_BTR.cos().to(dtype), freqs_BTR.sin().to(dtype)
+    freqs = position_ids_BT.float()[..., None] * inv_freq  # [B, T, R/2]
+    cos, sin = freqs.cos(), freqs.sin()
+    pad = freqs.new_zeros(*freqs.shape[:-1], Dh - R)
+    cos_BTD = torch.cat([cos, cos, pad + 1], dim=-1)
+    sin_BTD = torch.cat([-sin, sin, pad], dim=-1)
+    return cos_BTD.to(dtype), sin_BTD.to(dtype)
 
 
-def apply_rope(x_BTHD: Tensor, cos_BTR: Tensor, sin_BTR: Tensor) -> Tensor:
-    """Rotate the first R channels of every head; channel i pairs with channel i + R/2."""
-    R = cos_BTR.shape[-1]
-    x_rot, x_pass = x_BTHD[..., :R], x_BTHD[..., R:]
-    x1, x2 = x_rot[..., : R // 2], x_rot[..., R // 2:]
-    cos, sin = cos_BTR[:, :, None, :], sin_BTR[:, :, None, :]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+def apply_rope(x_BTHD: Tensor, cos_BTD: Tensor, sin_BTD: Tensor, rotary_dim: int) -> Tensor:
+    """Rotate the first R = rotary_dim channels of every head; channel i pairs with i + R/2:
+    out = x * cos + partner(x) * signed_sin, where partner swaps the two halves of each R-wide chunk
+    (a flip of a size-2 dim; the pass-through chunks are swapped too, but their sin is 0). The
+    rotary channels get exactly x1*cos - x2*sin and x2*cos + x1*sin, as in the reference."""
+    R, Dh = rotary_dim, x_BTHD.shape[-1]
+    cos, sin = cos_BTD[:, :, None, :], sin_BTD[:, :, None, :]
+    if Dh % R == 0:
+        partner = x_BTHD.unflatten(-1, (Dh // R, 2, R // 2)).flip(-2).flatten(-3)
+    else:
+        x1, x2 = x_BTHD[..., : R // 2], x_BTHD[..., R // 2: R]
+        partner = torch.cat([x2, x1, x_BTHD[..., R:]], dim=-1)
+    return x_BTHD * cos + partner * sin
 
 
 class KVCache:
@@ -190,7 +202,8 @@ class Attention(nn.Module):
         v_BTGD = self.v_proj(x_BTD).view(B, T, -1, Dh)
         if self.cfg.use_qk_norm:
             q_BTHD, k_BTGD = self.q_norm(q_BTHD), self.k_norm(k_BTGD)
-        q_BTHD, k_BTGD = apply_rope(q_BTHD, *cos_sin), apply_rope(k_BTGD, *cos_sin)
+        R = self.cfg.rotary_dim
+        q_BTHD, k_BTGD = apply_rope(q_BTHD, *cos_sin, R), apply_rope(k_BTGD, *cos_sin, R)
         q, k, v = q_BTHD.transpose(1, 2), k_BTGD.transpose(1, 2), v_BTGD.transpose(1, 2)
         if cache_step is not None:
             k, v = cache_step.update(layer, k, v)
