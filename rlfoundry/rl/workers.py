@@ -94,13 +94,13 @@ class TrainerWorker:
             for batches in updates:
                 for b in batches:
                     if n_updates > 1:
-                        b.old_logprobs = sequence_logprobs(self.model, b, temperature)[0]
+                        b.old_logprobs = sequence_logprobs(self.trainer.forward_model, b, temperature)[0]
                     if self.ref is not None:
                         b.ref_logprobs = sequence_logprobs(self.ref, b, temperature)[0]
 
         def loss_fn(b):
             nonlocal worst
-            loss, m = policy_loss(self.model, b, algo, temperature)
+            loss, m = policy_loss(self.trainer.forward_model, b, algo, temperature)
             worst = max(worst, m["mismatch_max"])
             return loss, m
 

@@ -49,6 +49,10 @@ class TrainConfig:
     """bf16 autocast for the forward and backward."""
     activation_checkpointing: bool = False
     """Recompute each decoder block in the backward to save memory."""
+    compile: bool = False
+    """Run the model's forward and backward through torch.compile (fused element-wise kernels; the
+    expert GEMMs stay opaque custom ops). Costs a compile per new input shape; same results as eager
+    to fp32 rounding (tests/test_model_parity.py)."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("muon", "adamw"):
@@ -70,6 +74,8 @@ class Trainer:
     def __init__(self, model: Glm4MoeForCausalLM, cfg: TrainConfig):
         self.model, self.cfg = model, cfg
         model.gradient_checkpointing = cfg.activation_checkpointing
+        # What the losses call: the model itself, or its compiled twin (same parameters).
+        self.forward_model = torch.compile(model) if cfg.compile else model
         if cfg.optimizer == "muon":
             self.optimizer = MuonWithAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
@@ -86,7 +92,7 @@ class Trainer:
         autocast = torch.autocast("cpu" if b.input_ids.device.type == "cpu" else "cuda", dtype=torch.bfloat16) \
             if cfg.bf16 else contextlib.nullcontext()
         with autocast:
-            out = model(b.input_ids, segment_ids=b.segment_ids, position_ids=b.position_ids,
+            out = self.forward_model(b.input_ids, segment_ids=b.segment_ids, position_ids=b.position_ids,
                         return_router=cfg.balance_loss_weight > 0)
             ce = token_cross_entropy(out.logits, b.input_ids, b.loss_mask)
             loss, metrics = ce, {"loss": ce.item()}
