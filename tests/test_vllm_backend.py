@@ -38,8 +38,8 @@ def test_vllm_backend_through_the_client_interface(tiny_checkpoint, tmp_path):
         assert g.output_ids == ref.output_ids and g.finish_reason == "length"
         assert max(abs(a - b) for a, b in zip(g.logprobs, ref.logprobs)) <= 1e-4
         # sampled tokens: vLLM's log-probs are those of our trainer-side forward at that temperature
-        s = client.generate(prompt, 6, temperature=0.8, seed=1, n=2)
-        assert len(s) == 2
+        s = client.generate(prompt, 6, temperature=0.8, seed=1, n=2, ignore_eos=True)
+        assert len(s) == 2 and all(len(x.output_ids) == len(x.logprobs) == 6 for x in s)
         with torch.no_grad():
             logits = ours(torch.tensor([prompt + s[0].output_ids])).logits[0, len(prompt) - 1:-1]
         lp = (logits / 0.8).log_softmax(-1).gather(1, torch.tensor(s[0].output_ids)[:, None]).flatten()

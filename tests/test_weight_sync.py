@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlfoundry.model import Glm4MoeForCausalLM, load_pretrained, save_pretrained, to_hf_state_dict
-from rlfoundry.rollout.client import DistributedWeightSender, SGLangClient, _post
+from rlfoundry.rollout.client import DistributedWeightSender, SGLangClient
 from rlfoundry.rollout.launch import free_port, wait_healthy
 
 
@@ -53,13 +53,12 @@ def test_broadcast_and_disk_updates(servers, tiny_checkpoint, tmp_path):
     # a long generation is in flight on one server while the weights change (EOS ignored: the new
     # weights may well produce it, and this checks that the request survives the update)
     long = {}
-    payload = {"input_ids": prompt, "return_logprob": True,
-               "sampling_params": {"max_new_tokens": 100, "temperature": 0, "ignore_eos": True}}
-    t = threading.Thread(target=lambda: long.update(g=_post(servers[0].url + "/generate", payload, 120)))
+    t = threading.Thread(target=lambda: long.update(g=servers[0].generate(prompt, 100, temperature=0,
+                                                                          ignore_eos=True)[0]))
     t.start()
     sender.send(to_hf_state_dict(trainer), version="step-1")
     t.join()
-    assert len(long["g"]["output_ids"]) == 100
+    assert len(long["g"].output_ids) == len(long["g"].logprobs) == 100
     for c in servers:
         g = c.generate(prompt, 8, temperature=0)[0]
         assert g.weight_version == "step-1" and g.output_ids == _greedy(trainer, prompt, 8)

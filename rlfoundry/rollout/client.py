@@ -71,8 +71,9 @@ class RolloutClient(ABC):
     @abstractmethod
     def generate(self, input_ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = -1, n: int = 1, stop_token_ids: list[int] | None = None,
-                 seed: int | None = None) -> list[Generation]:
-        """n samples continuing `input_ids`, with the log-prob of every generated token."""
+                 seed: int | None = None, ignore_eos: bool = False) -> list[Generation]:
+        """n samples continuing `input_ids`, with the log-prob of every generated token.
+        `ignore_eos`: generate max_new_tokens tokens whatever is sampled (stop ids still stop)."""
 
     @abstractmethod
     def update_weights_from_disk(self, path: str, version: str | None = None) -> None:
@@ -90,8 +91,10 @@ class SGLangClient(RolloutClient):
     """SGLang's native API (`/generate` with input_ids): our server, SGLang, or sglang-router."""
 
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_p=1.0, top_k=-1, n=1,
-                 stop_token_ids=None, seed=None, return_routed_experts: bool = False) -> list[Generation]:
-        sp = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "n": n}
+                 stop_token_ids=None, seed=None, ignore_eos=False, return_routed_experts: bool = False
+                 ) -> list[Generation]:
+        sp = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "n": n,
+              "ignore_eos": ignore_eos}
         if stop_token_ids:
             sp["stop_token_ids"] = list(stop_token_ids)
         if seed is not None:
@@ -211,10 +214,10 @@ class VLLMClient(RolloutClient):
         self.weight_version: str | None = None
 
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_p=1.0, top_k=-1, n=1,
-                 stop_token_ids=None, seed=None) -> list[Generation]:
+                 stop_token_ids=None, seed=None, ignore_eos=False) -> list[Generation]:
         payload = {"model": self.model, "prompt": list(input_ids), "max_tokens": max_new_tokens,
                    "temperature": temperature, "top_p": top_p, "top_k": top_k, "n": n, "logprobs": 0,
-                   "return_tokens_as_token_ids": True}
+                   "return_tokens_as_token_ids": True, "ignore_eos": ignore_eos}
         if stop_token_ids:
             payload["stop_token_ids"] = list(stop_token_ids)
         if seed is not None:
