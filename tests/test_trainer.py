@@ -121,3 +121,22 @@ def test_compiled_training_gives_the_eager_loss_and_gradients():
     assert eager.keys() == comp.keys() and any("experts.gate_up_proj" in n for n in comp)
     for n in eager:
         assert (eager[n] - comp[n]).abs().max().item() <= 1e-5, n
+
+
+def test_frozen_parameters_stay_fixed():
+    cfg = small_config(initializer_range=0.02)
+    torch.manual_seed(0)
+    model = Glm4MoeForCausalLM(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = Trainer(model, TrainConfig(lr=3e-3, warmup_steps=1, freeze=["*.mlp.gate.weight", "model.embed_tokens.*"]))
+    trainer.train_step(_batches(cfg, 1)[0])
+    frozen = [n for n in before if n.endswith("mlp.gate.weight") or n.startswith("model.embed_tokens.")]
+    assert len(frozen) == 1 + cfg.num_moe_layers + cfg.num_nextn_predict_layers
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) == (n in frozen), n
+    try:
+        Trainer(Glm4MoeForCausalLM(cfg), TrainConfig(freeze=["*.no_such_weight"]))
+    except ValueError as e:
+        assert "freeze" in str(e) and "no_such_weight" in str(e)
+    else:
+        raise AssertionError("a pattern that matches nothing must be rejected")

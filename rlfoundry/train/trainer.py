@@ -9,6 +9,7 @@ optimizer, the step and the RNG states, so that a resumed run repeats the uninte
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import random
 from dataclasses import dataclass, field
 
@@ -49,6 +50,9 @@ class TrainConfig:
     """bf16 autocast for the forward and backward."""
     activation_checkpointing: bool = False
     """Recompute each decoder block in the backward to save memory."""
+    freeze: list = field(default_factory=list)
+    """fnmatch patterns of parameter names to keep fixed (no gradient, no optimizer state), e.g.
+    "*.mlp.gate.weight" for the MoE routers or "model.embed_tokens.*"; each must match a parameter."""
     compile: bool = False
     """Run the model's forward and backward through torch.compile (fused element-wise kernels; the
     expert GEMMs stay opaque custom ops). Costs a compile per new input shape; same results as eager
@@ -74,6 +78,13 @@ class Trainer:
     def __init__(self, model: Glm4MoeForCausalLM, cfg: TrainConfig):
         self.model, self.cfg = model, cfg
         model.gradient_checkpointing = cfg.activation_checkpointing
+        names = [n for n, _ in model.named_parameters()]
+        for pattern in cfg.freeze:
+            if not fnmatch.filter(names, pattern):
+                raise ValueError(f"TrainConfig.freeze: {pattern!r} matches no parameter of the model")
+        for name, p in model.named_parameters():
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in cfg.freeze):
+                p.requires_grad_(False)
         # What the losses call: the model itself, or its compiled twin (same parameters).
         self.forward_model = torch.compile(model) if cfg.compile else model
         if cfg.optimizer == "muon":
