@@ -3,7 +3,7 @@
 Same configuration, same weights, same batch, interleaved in one run; prints tokens/s of each, the
 ratio, and the achieved FLOP/s as a fraction of this CPU's dense fp32 matmul FLOP/s (measured here
 with torch.mm on square matrices). transformers runs with its defaults (SDPA attention, grouped_mm
-experts). A third row runs our model under torch.compile, as the trainer does with `train.compile: true`
+experts). A third row runs our model under torch.compile, as the trainer does with `train.compile: inductor`
 (the grouped expert GEMMs stay opaque custom ops);
 transformers' model does not compile in fp32 with its grouped_mm experts, so it has no such row.
 

@@ -53,10 +53,10 @@ class TrainConfig:
     freeze: list = field(default_factory=list)
     """fnmatch patterns of parameter names to keep fixed (no gradient, no optimizer state), e.g.
     "*.mlp.gate.weight" for the MoE routers or "model.embed_tokens.*"; each must match a parameter."""
-    compile: bool = False
-    """Run the model's forward and backward through torch.compile (fused element-wise kernels; the
-    expert GEMMs stay opaque custom ops). Costs a compile per new input shape; same results as eager
-    to fp32 rounding (tests/test_model_parity.py)."""
+    compile: str = ""
+    """"" (eager) or a torch.compile backend for the model's forward and backward: "inductor"
+    (fused element-wise kernels; the expert GEMMs stay opaque custom ops; one compile per new input
+    shape) or "aot_eager" (traced, not fused: for debugging). Same results as eager to fp32 rounding."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("muon", "adamw"):
@@ -64,6 +64,9 @@ class TrainConfig:
         for name in ("lr", "total_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)!r}")
+        if self.compile and self.compile not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ValueError(f"TrainConfig.compile must be '' or a torch.compile backend "
+                             f"({', '.join(torch._dynamo.list_backends())}, ...), got {self.compile!r}")
 
 
 @dataclass
@@ -86,7 +89,7 @@ class Trainer:
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in cfg.freeze):
                 p.requires_grad_(False)
         # What the losses call: the model itself, or its compiled twin (same parameters).
-        self.forward_model = torch.compile(model) if cfg.compile else model
+        self.forward_model = torch.compile(model, backend=cfg.compile) if cfg.compile else model
         if cfg.optimizer == "muon":
             self.optimizer = MuonWithAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
