@@ -129,3 +129,24 @@ def test_mtp_layer_matches_transformers_blocks():
         ref = model.lm_head(norms["final"](x))
     assert ours.shape == (2, 9, cfg.vocab_size)
     assert (ours - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("head_dim,factor", [(16, 0.5), (32, 0.25), (16, 1.0), (16, 0.75)])
+def test_rope_is_the_half_split_rotation_exactly(head_dim, factor):
+    """apply_rope's single element-wise expression equals the textbook half-split rotation of the
+    first R channels bit for bit, and leaves the other channels untouched."""
+    from rlfoundry.model.glm4_moe import apply_rope, rope_cos_sin
+
+    cfg = small_config(head_dim=head_dim, partial_rotary_factor=factor)
+    R = cfg.rotary_dim
+    x = torch.randn(2, 5, 3, head_dim)
+    pos = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
+    cos, sin = rope_cos_sin(pos, cfg, torch.float32)
+    out = apply_rope(x, cos, sin, R)
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, R, 2, dtype=torch.float32) / R))
+    freqs = (pos.float()[..., None] * inv_freq)[:, :, None]
+    c, s = freqs.cos(), freqs.sin()
+    x1, x2 = x[..., : R // 2], x[..., R // 2: R]
+    assert torch.equal(out[..., : R // 2], x1 * c - x2 * s)
+    assert torch.equal(out[..., R // 2: R], x2 * c + x1 * s)
+    assert torch.equal(out[..., R:], x[..., R:])
