@@ -325,10 +325,10 @@ def _(x_MA, w_EAB, offsets_E):
 
 def _grouped_mm_backward(ctx, g_MB):
     x_MA, w_EAB, offsets_E = ctx.saved_tensors
-    dx = _grouped_mm_op(g_MB.contiguous(), w_EAB.transpose(1, 2), offsets_E) if ctx.needs_input_grad[0] else None
+    g_MB = g_MB.contiguous()
+    dx = _grouped_mm_op(g_MB, w_EAB.transpose(1, 2), offsets_E) if ctx.needs_input_grad[0] else None
     dw = None
     if ctx.needs_input_grad[1]:
-        g_MB = g_MB.contiguous()
         if w_EAB.stride(1) == 1:  # w is a transposed view of an [E, B, A] parameter: give its layout
             dw = _grouped_wgrad(g_MB, x_MA, offsets_E).transpose(1, 2)
         else:
