@@ -81,13 +81,13 @@ class Trainer:
     def __init__(self, model: Glm4MoeForCausalLM, cfg: TrainConfig):
         self.model, self.cfg = model, cfg
         model.gradient_checkpointing = cfg.activation_checkpointing
-        names = [n for n, _ in model.named_parameters()]
+        params = dict(model.named_parameters())
         for pattern in cfg.freeze:
-            if not fnmatch.filter(names, pattern):
+            matched = [name for name in params if fnmatch.fnmatchcase(name, pattern)]
+            if not matched:
                 raise ValueError(f"TrainConfig.freeze: {pattern!r} matches no parameter of the model")
-        for name, p in model.named_parameters():
-            if any(fnmatch.fnmatchcase(name, pattern) for pattern in cfg.freeze):
-                p.requires_grad_(False)
+            for name in matched:
+                params[name].requires_grad_(False)
         # What the losses call: the model itself, or its compiled twin (same parameters).
         self.forward_model = torch.compile(model, backend=cfg.compile) if cfg.compile else model
         if cfg.optimizer == "muon":
