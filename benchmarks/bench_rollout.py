@@ -97,22 +97,22 @@ def forward_costs(model, plen: int, k: int, iters: int = 50) -> dict[str, float]
 
 
 def task_prompts_for(path: Path) -> list[list[int]]:
-    """32 held-out task questions in the checkpoint's chat template (empty without a tokenizer)."""
-    from rlfoundry.data.tasks import get_task
+    """32 held-out task questions in the checkpoint's chat template, built as RL's held-out eval
+    builds them (empty without a tokenizer and chat template)."""
+    from rlfoundry.buffer import PromptDataset
     from rlfoundry.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(path)
     if tok is None or getattr(tok, "chat_template", None) is None:
         return []
-    problems = get_task("countdown").problems(16, 2, seed=10_000) + get_task("arithmetic").problems(16, 3, seed=10_000)
-    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": p.question}], add_generation_prompt=True,
-                                               tokenize=False), add_special_tokens=False) for p in problems]
+    sets = [PromptDataset.load(src, n_per_level=16, seed=10_000) for src in ("task:countdown:2", "task:arithmetic:3")]
+    return [ds.token_ids(i, tok) for ds in sets for i in range(len(ds))]
 
 
 def bench_spec_on_prompts(model, prompts: list[list[int]], new: int) -> tuple[float, float, Engine]:
     """Tokens/s of plain and of speculative decoding over `prompts` one at a time (EOS ends a
     response), checking that both give the same greedy tokens."""
-    rates, outputs, engine = [], [], None
+    rates, outputs = [], []
     for spec in (0, 3):
         engine = Engine(model, max_batch=1, max_len=max(map(len, prompts)) + new + 8, speculative_steps=spec)
         engine.generate(prompts[:1], SamplingParams(temperature=0, max_new_tokens=4))  # warm-up
