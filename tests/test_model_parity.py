@@ -34,6 +34,9 @@ def test_logits_and_gradients_match_transformers(name):
     ref = hf(ids).logits
     assert out.logits.shape == (3, 19, cfg.vocab_size)
     assert (out.logits - ref).abs().max().item() <= 1e-5
+    with torch.no_grad():  # inference: 57 tokens x E experts fit Experts.DENSE_MAX_ROWS, the dense path
+        assert 3 * 19 * cfg.n_routed_experts <= ours.model.layers[-1].mlp.experts.DENSE_MAX_ROWS
+        assert (ours(ids).logits - ref).abs().max().item() <= 1e-5
 
     # the same loss through both; gradients of every parameter agree
     def loss_of(logits):
@@ -54,6 +57,27 @@ def test_logits_and_gradients_match_transformers(name):
     # the routing really was exercised: more than top-k distinct experts were used per layer
     assert all(len(out.routed_experts[:, :, l].unique()) > cfg.num_experts_per_tok
                for l in range(cfg.num_moe_layers))
+
+
+@pytest.mark.parametrize("n_tokens", [1, 3, 64])
+def test_dense_inference_experts_equal_the_sparse_path(n_tokens):
+    """Decoding a few tokens runs every expert and zero-weights the ones not chosen; the result is
+    the sparse (sorted, grouped-GEMM) path's up to float rounding."""
+    cfg = small_config()
+    moe = random_model(cfg).model.layers[-1].mlp
+    x = torch.randn(n_tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(n_tokens))
+    with torch.no_grad():
+        routing = moe.gate(x)
+        dense = moe.experts(x, routing)
+    sparse = moe.experts(x, routing).detach()  # autograd on: the sparse path
+    assert n_tokens * cfg.n_routed_experts <= moe.experts.DENSE_MAX_ROWS
+    assert (dense - sparse).abs().max().item() <= 1e-6 * max(1.0, sparse.abs().max().item())
+    # the experts not chosen contribute nothing: changing their weights changes nothing
+    chosen = torch.zeros(cfg.n_routed_experts, dtype=torch.bool)
+    chosen[routing.ids_NK.unique()] = True
+    with torch.no_grad():
+        moe.experts.gate_up_proj[~chosen] = 123.0
+        assert torch.equal(moe.experts(x, routing), dense)
 
 
 def test_correction_bias_changes_choice_not_weights():
