@@ -31,15 +31,17 @@ def run_demo(out: Path, seed: int = 0, overrides: list[str] | None = None) -> in
     result = run_rl(cfg, out, console=console)
     minutes = (time.perf_counter() - t0) / 60
     before, after = result["before"], result["after"]
-    table = Table(title=f"held-out accuracy, greedy ({cfg.eval_n} problems per set)")
+    sampled = f"; sampled: mean of {cfg.eval_samples} samples at T={cfg.rollout.temperature:g}" if cfg.eval_samples else ""
+    table = Table(title=f"held-out accuracy ({cfg.eval_n} problems per set; greedy{sampled})")
     table.add_column("set")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     table.add_column("change", justify="right")
-    for key in sorted(k for k in before if k.startswith("eval/")):
-        if key in after:
-            table.add_row(key.removeprefix("eval/"), f"{before[key]:.2f}", f"{after[key]:.2f}",
-                          f"{100 * (after[key] - before[key]):+.0f} pts")
+    for prefix, what in (("eval/", "greedy"), ("eval_sampled/", "sampled")):
+        for key in sorted(k for k in before if k.startswith(prefix)):
+            if key in after:
+                table.add_row(f"{key.removeprefix(prefix)} ({what})", f"{before[key]:.2f}", f"{after[key]:.2f}",
+                              f"{100 * (after[key] - before[key]):+.0f} pts")
     console.print(table)
     console.print(f"{minutes:.1f} min; curves: {out / 'curves.png'}; metrics: {out / 'metrics.jsonl'}; "
                   f"policy: {out / 'hf'}")

@@ -35,10 +35,13 @@ def test_rl_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.setenv("WANDB_MODE", "offline")  # W&B writes its run file locally, no account needed
     assert main(["rl", "--out", str(out), *SMALL, "weight_sync=disk", "save_rollouts=true",
-                 "wandb_project=rlfoundry-test"]) == 0
+                 "wandb_project=rlfoundry-test", "eval_samples=3"]) == 0
     ms = lines(out)
     assert [m["step"] for m in ms] == [0, 1, 2, 3]
     assert "eval/accuracy" in ms[0] and "eval/accuracy" in ms[-1]
+    for m in (ms[0], ms[-1]):  # sampled evaluation: 8 prompts x 3 samples, accuracy a multiple of 1/24
+        acc = m["eval_sampled/task:countdown:2"]
+        assert m["eval_sampled/accuracy"] == acc and abs(acc * 24 - round(acc * 24)) < 1e-9
     trained = [m for m in ms[1:] if "train/mismatch_max" in m]
     assert trained, "no step had a group with a reward signal"
     for m in trained:  # trainer log-probs == engine log-probs up to fp32 rounding (typically 5e-6 at
@@ -73,7 +76,7 @@ def test_bad_configs_name_the_field(tmp_path):
              "rollout.n_samples_per_prompt=x": "rollout.n_samples_per_prompt",
              "reward.fn=no.such.fn": "reward.fn", "algorithm.policy_loss=gspo": None,
              "data.curriculum=[{source: /missing.jsonl}]": "data.curriculum[0].source",
-             "debug=train_only": "debug_rollouts_from"}
+             "debug=train_only": "debug_rollouts_from", "eval_samples=-1": "eval_samples"}
     for override, field in cases.items():
         if field is None:
             load_rl_config(None, [override])

@@ -130,6 +130,10 @@ class RLConfig:
     """Held-out prompt sets (task:... sets use held-out seeds)."""
     eval_n: int = 100
     """Prompts per evaluation set."""
+    eval_samples: int = 0
+    """Also evaluate by sampling: this many samples per held-out prompt at the rollout temperature
+    (fixed seeds, the same at every evaluation); their mean accuracy (avg@k, the pass@1 of the
+    policy as it is trained) is logged as eval_sampled/<set> and eval_sampled/accuracy. 0: greedy only."""
     checkpoint_every: int = 10
     """Steps between checkpoints (and at the end)."""
     debug: str = ""
@@ -159,6 +163,8 @@ class RLConfig:
         for name in ("steps", "eval_n", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 bad(name, f"must be positive, got {getattr(self, name)!r}")
+        if self.eval_samples < 0:
+            bad("eval_samples", f"must be >= 0, got {self.eval_samples!r}")
         if self.mode != "sync":
             bad("mode", f"must be 'sync' (the async mode is not built yet), got {self.mode!r}")
         if self.weight_sync not in ("distributed", "disk"):

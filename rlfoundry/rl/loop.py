@@ -60,8 +60,12 @@ def _plot(metrics: list[dict], path: Path) -> None:
         axes[1].plot([m["step"] for m in evals if key in m], [m[key] for m in evals if key in m], "o-",
                      label=key.removeprefix("eval/"), alpha=0.7)
     axes[1].plot([m["step"] for m in evals], [m["eval/accuracy"] for m in evals], "ko-", label="mean", lw=2)
+    sampled = [m for m in evals if "eval_sampled/accuracy" in m]
+    if sampled:
+        axes[1].plot([m["step"] for m in sampled], [m["eval_sampled/accuracy"] for m in sampled], "ks--",
+                     label="mean, sampled (avg@k)", lw=2)
     axes[1].set_xlabel("step")
-    axes[1].set_ylabel("held-out accuracy (greedy)")
+    axes[1].set_ylabel("held-out accuracy (greedy; dashed: sampled)" if sampled else "held-out accuracy (greedy)")
     axes[1].grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
@@ -187,6 +191,13 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                 res[f"eval/{name}"] = _accuracy(ray.get(rollout.generate.remote(reqs, True, 1)))
             if res:
                 res["eval/accuracy"] = sum(res.values()) / len(res)
+            if cfg.eval_samples:
+                sampled = {f"eval_sampled/{name}": _accuracy(ray.get(rollout.generate.remote(reqs, False,
+                                                                                             cfg.eval_samples)))
+                           for name, reqs in eval_sets.items()}
+                res.update(sampled)
+                res["eval_sampled/accuracy"] = sum(sampled.values()) / len(sampled)
+            if res:
                 res["time/eval_s"] = time.perf_counter() - t0
             return res
 
@@ -194,7 +205,8 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
         if eval_sets and start == 0:
             before = evaluate(0)
             logger.log({"step": 0, **before})
-            console.print(f"step 0  held-out accuracy {before['eval/accuracy']:.3f}")
+            console.print(f"step 0  held-out accuracy {before['eval/accuracy']:.3f}"
+                          + (f" (sampled {before['eval_sampled/accuracy']:.3f})" if cfg.eval_samples else ""))
         elif eval_sets:
             before = next((m for m in logger.metrics if m["step"] == 0 and "eval/accuracy" in m), {})
         last_eval = before
