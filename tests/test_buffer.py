@@ -44,6 +44,22 @@ def test_life_cycle_counts_and_persistence(tmp_path):
     assert b.counts()["samples_trained"] == 0 and len(b.groups(0)) == 2
 
 
+def test_refill_draws_are_counted_per_rollout(tmp_path):
+    """Dynamic-sampling refills draw more prompts for the same rollout: the buffer counts the draws
+    and the groups per state, which decide (persistently) whether another refill is due."""
+    b = Buffer(tmp_path / "buffer.sqlite", seed=0)
+    first = b.draw(3, "main", dataset_len=50, n=4)
+    b.put_many([(gid, group(gid, [1.0, 0.0] if k < 2 else [1.0, 1.0]), None if k < 2 else "zero_variance")
+                for k, (gid, _) in enumerate(first)])
+    assert b.draws(3) == 1 and b.draws(4) == 0
+    assert b.count_groups(3, ("generated", "trained")) == 2 and b.count_groups(3, ("filtered",)) == 2
+    refill = b.draw(3, "main", 50, 2)  # the two filtered ones replaced by new prompts
+    assert b.draws(3) == 2 and not {i for _, i in refill} & {i for _, i in first}
+    assert b.pending(3) == refill and b.count_groups(3, ("generated", "trained")) == 2
+    b.close()
+    assert Buffer(tmp_path / "buffer.sqlite").draws(3) == 2
+
+
 def test_same_seed_same_prompt_order(tmp_path):
     a = [i for _, i in Buffer(tmp_path / "a.sqlite", seed=7).draw(0, "s", 100, 10)]
     b = [i for _, i in Buffer(tmp_path / "b.sqlite", seed=7).draw(0, "s", 100, 10)]

@@ -85,15 +85,27 @@ def test_bad_configs_name_the_field(tmp_path):
             load_rl_config(None, [override])
 
 
+# with DAPO's dynamic-sampling refill: a kill may land between refill rounds
+REPRO = [*SMALL, "steps=4", "eval_every=0", "deterministic=true", "algorithm.refill_rounds=2"]
+
+
 def _run(out: Path, extra=()) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "rlfoundry.cli", "rl", "--out", str(out), *SMALL,
-                             "steps=4", "eval_every=0", "deterministic=true", *extra],
+    return subprocess.Popen([sys.executable, "-m", "rlfoundry.cli", "rl", "--out", str(out), *REPRO, *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
 
-def test_deterministic_runs_repeat_and_resume_after_sigkill(tmp_path):
+def test_deterministic_runs_repeat_and_resume_after_sigkill(tmp_path, capsys):
     a = tmp_path / "a"
-    assert main(["rl", "--out", str(a), *SMALL, "steps=4", "eval_every=0", "deterministic=true"]) == 0
+    assert main(["rl", "--out", str(a), *REPRO]) == 0
+    ms = lines(a)
+    for m in ms:  # refills keep drawing until all 6 groups have a signal or 2 extra rounds are done
+        assert m["groups_kept"] == 6 or m["rollout/refill_rounds"] == 2
+        assert 0 <= m["rollout/refill_rounds"] <= 2 and m.get("train/samples", 0) == 4 * m["groups_kept"]
+    assert any(m["rollout/refill_rounds"] > 0 for m in ms)
+    capsys.readouterr()
+    assert main(["inspect", str(a)]) == 0
+    c = json.loads(capsys.readouterr().out)
+    assert c["prompts_served"] == sum(m["groups_kept"] + m["groups_filtered"] for m in ms)
     b = tmp_path / "b"
     proc = _run(b)
     deadline = time.time() + 300
@@ -102,7 +114,7 @@ def test_deterministic_runs_repeat_and_resume_after_sigkill(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: driver, Ray, engines
     proc.wait()
     assert 2 <= len(lines(b)) < 4
-    assert main(["rl", "--out", str(b), "--resume", *SMALL, "steps=4", "eval_every=0", "deterministic=true"]) == 0
+    assert main(["rl", "--out", str(b), "--resume", *REPRO]) == 0
     assert no_times(lines(b)) == no_times(lines(a))
     assert (a / "hf" / "model.safetensors").read_bytes() == (b / "hf" / "model.safetensors").read_bytes()
     # SIGTERM to the driver alone: it stops its engines and its Ray instance, exits with 128 + 15,

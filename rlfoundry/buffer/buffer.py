@@ -148,7 +148,19 @@ class Buffer:
                            "ON CONFLICT (stage, idx) DO UPDATE SET served = served + 1", (stage, idx))
                 out.append((gid, idx))
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"cursor:{stage}", str(pos + n)))
+            db.execute("INSERT INTO meta VALUES (?, '1') ON CONFLICT (key) DO UPDATE SET value = "
+                       "CAST(value AS INTEGER) + 1", (f"draws:{rollout_id}",))
         return out
+
+    def draws(self, rollout_id: int) -> int:
+        """How many times prompts were drawn for rollout `rollout_id` (1 + its refill rounds)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (f"draws:{rollout_id}",)).fetchone()
+        return int(row[0]) if row else 0
+
+    def count_groups(self, rollout_id: int, states: tuple[str, ...]) -> int:
+        q = ",".join("?" * len(states))
+        return self.db.execute(f"SELECT COUNT(*) FROM groups WHERE rollout_id = ? AND state IN ({q})",
+                               (rollout_id, *states)).fetchone()[0]
 
     def pending(self, rollout_id: int) -> list[tuple[int, int]]:
         """Groups of `rollout_id` handed out but never stored (a run killed mid-rollout)."""

@@ -101,7 +101,11 @@ class AlgorithmConfig:
     tis_cap: float = 0.0
     """Truncated importance sampling cap C on trainer/engine probability ratios (0: off)."""
     filter_zero_variance: bool = True
-    """Leave out groups whose rewards are all equal (no signal; DAPO's dynamic sampling, without refill)."""
+    """Leave out groups whose rewards are all equal (no signal; DAPO's dynamic sampling filter)."""
+    refill_rounds: int = 0
+    """DAPO's dynamic sampling refill: while fewer than rollout.prompts_per_step groups of a step are
+    kept, draw new prompts for the missing ones and generate them, at most this many extra rounds
+    (0: train on the groups kept)."""
     updates_per_rollout: int = 1
     """Optimizer steps per rollout (mini-batches); > 1 makes later ones off-policy (clipped ratios)."""
     micro_batch_size: int = 32
@@ -163,6 +167,8 @@ class RLConfig:
         for name in ("steps", "eval_n", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 bad(name, f"must be positive, got {getattr(self, name)!r}")
+        if self.algorithm.refill_rounds < 0:
+            bad("algorithm.refill_rounds", f"must be >= 0, got {self.algorithm.refill_rounds!r}")
         if self.eval_samples < 0:
             bad("eval_samples", f"must be >= 0, got {self.eval_samples!r}")
         if self.mode != "sync":

@@ -306,14 +306,35 @@ class BufferWorker:
     def requests(self, step: int, version: int) -> list[dict]:
         """The generation requests of rollout `step`: the groups still pending (after a kill), or new
         prompts from the curriculum stage of this step."""
-        from rlfoundry.buffer.buffer import hash_seed
-
         if self.buffer.has_rollout(step):
             self.buffer.reset_pending(step)
-            drawn = self.buffer.pending(step)
-        else:
-            drawn = self.buffer.draw(step, f"stage{self.stage_at(step)}", len(self.stages[self.stage_at(step)]),
-                                     self.cfg.rollout.prompts_per_step)
+            return self._requests(step, self.buffer.pending(step), version)
+        return self._draw(step, self.cfg.rollout.prompts_per_step, version)
+
+    def refill_requests(self, step: int, version: int) -> list[dict]:
+        """DAPO's dynamic sampling (Yu et al. 2025, section 3.2): requests for new prompts in place of
+        the filtered groups of rollout `step`, while fewer than prompts_per_step are kept and fewer
+        than algorithm.refill_rounds extra draws were made; empty when none is due. A pure function
+        of the database, so a resumed run refills exactly as the uninterrupted one. Deviation: DAPO
+        over-generates in fixed-size batches and drops the surplus; this draws exactly the number
+        missing, so every kept group is trained."""
+        pending = self.buffer.pending(step)
+        if pending:  # a refill round cut short by a kill
+            self.buffer.reset_pending(step)
+            return self._requests(step, pending, version)
+        missing = self.cfg.rollout.prompts_per_step - self.buffer.count_groups(step, ("generated", "trained"))
+        if missing <= 0 or self.buffer.draws(step) > self.cfg.algorithm.refill_rounds:
+            return []
+        return self._draw(step, missing, version)
+
+    def _draw(self, step: int, n: int, version: int) -> list[dict]:
+        stage = self.stage_at(step)
+        drawn = self.buffer.draw(step, f"stage{stage}", len(self.stages[stage]), n)
+        return self._requests(step, drawn, version)
+
+    def _requests(self, step: int, drawn: list[tuple[int, int]], version: int) -> list[dict]:
+        from rlfoundry.buffer.buffer import hash_seed
+
         ds = self.stages[self.stage_at(step)]
         return [{"group_id": gid, "prompt_idx": idx, "prompt_ids": ds.token_ids(idx, self.tokenizer,
                                                                               self.cfg.data.apply_chat_template),
@@ -333,7 +354,7 @@ class BufferWorker:
             items.append((samples[0].group_id, samples, reason))
         self.buffer.put_many(items)  # one transaction for the step
         filtered = sum(reason is not None for *_, reason in items)
-        return {"groups_kept": len(items) - filtered, "groups_filtered": filtered}
+        return {"groups_kept": len(items) - filtered, "groups_filtered": filtered}  # of these groups
 
     def eval_requests(self) -> dict[str, list[dict]]:
         """Held-out prompt sets: task:... sets drawn with seed 10000 + seed (training uses seed), as
@@ -367,7 +388,10 @@ class BufferWorker:
         if not rewards:
             return {}
         lens = [len(s.response_ids) for s in samples]
-        return {"reward/mean": sum(rewards) / len(rewards),
+        return {"groups_kept": self.buffer.count_groups(step, ("generated", "trained")),
+                "groups_filtered": self.buffer.count_groups(step, ("filtered",)),
+                "rollout/refill_rounds": max(self.buffer.draws(step) - 1, 0),
+                "reward/mean": sum(rewards) / len(rewards),
                 "reward/accuracy": sum(s.correct for s in samples) / len(samples),
                 "response/length_mean": sum(lens) / len(lens),
                 "response/truncated_frac": sum(s.status == Status.TRUNCATED for s in samples) / len(samples)}
