@@ -219,12 +219,9 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                 if rollout is not None:
                     t0 = time.perf_counter()
                     reqs = ray.get(buffer.requests.remote(step, version))
-                    while True:  # then refill rounds (DAPO's dynamic sampling) while any are due
-                        if reqs:
-                            ray.get(buffer.put.remote(ray.get(rollout.generate.remote(reqs))))
-                        reqs = ray.get(buffer.refill_requests.remote(step, version)) if cfg.algorithm.refill_rounds else []
-                        if not reqs:
-                            break
+                    while reqs:  # the step's prompts, then refill rounds while any are due
+                        ray.get(buffer.put.remote(ray.get(rollout.generate.remote(reqs))))
+                        reqs = ray.get(buffer.requests.remote(step, version))
                     m["time/rollout_s"] = time.perf_counter() - t0
                 m.update(ray.get(buffer.step_stats.remote(
                     step, str(out / "rollouts" / f"step_{step:06d}.jsonl") if cfg.save_rollouts else None)))

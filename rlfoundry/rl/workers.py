@@ -304,26 +304,25 @@ class BufferWorker:
         return len(self.cfg.data.curriculum) - 1
 
     def requests(self, step: int, version: int) -> list[dict]:
-        """The generation requests of rollout `step`: the groups still pending (after a kill), or new
-        prompts from the curriculum stage of this step."""
-        if self.buffer.has_rollout(step):
-            self.buffer.reset_pending(step)
-            return self._requests(step, self.buffer.pending(step), version)
-        return self._draw(step, self.cfg.rollout.prompts_per_step, version)
+        """The generation requests now due for rollout `step`, empty when the rollout is complete:
+        its groups still pending (after a kill), new prompts from the curriculum stage of the step
+        when none were drawn yet, or else a refill round.
 
-    def refill_requests(self, step: int, version: int) -> list[dict]:
-        """DAPO's dynamic sampling (Yu et al. 2025, section 3.2): requests for new prompts in place of
-        the filtered groups of rollout `step`, while fewer than prompts_per_step are kept and fewer
-        than algorithm.refill_rounds extra draws were made; empty when none is due. A pure function
-        of the database, so a resumed run refills exactly as the uninterrupted one. Deviation: DAPO
+        The refill is DAPO's dynamic sampling (Yu et al. 2025, section 3.2): new prompts in place of
+        the filtered groups, while fewer than prompts_per_step are kept and fewer than
+        algorithm.refill_rounds extra draws were made. Everything here is a function of the
+        database, so a resumed run continues exactly as the uninterrupted one. Deviation: DAPO
         over-generates in fixed-size batches and drops the surplus; this draws exactly the number
         missing, so every kept group is trained."""
+        if not self.buffer.has_rollout(step):
+            return self._draw(step, self.cfg.rollout.prompts_per_step, version)
+        self.buffer.reset_pending(step)
         pending = self.buffer.pending(step)
-        if pending:  # a refill round cut short by a kill
-            self.buffer.reset_pending(step)
+        if pending:
             return self._requests(step, pending, version)
         missing = self.cfg.rollout.prompts_per_step - self.buffer.count_groups(step, ("generated", "trained"))
-        if missing <= 0 or self.buffer.draws(step) > self.cfg.algorithm.refill_rounds:
+        drawn = max(self.buffer.draws(step), 1)  # runs from before draws were counted: one draw
+        if missing <= 0 or drawn > self.cfg.algorithm.refill_rounds:
             return []
         return self._draw(step, missing, version)
 
@@ -341,7 +340,7 @@ class BufferWorker:
                  "label": ds[idx].label, "metadata": ds[idx].metadata,
                  "seed": hash_seed(self.cfg.seed, step, idx) % (2 ** 31), "version": version} for gid, idx in drawn]
 
-    def put(self, groups: list[list[dict]]) -> dict:
+    def put(self, groups: list[list[dict]]) -> None:
         """Store generated groups; filter failed ones and (when configured) zero-variance ones."""
         items = []
         for g in groups:
@@ -352,9 +351,7 @@ class BufferWorker:
             elif self.cfg.algorithm.filter_zero_variance and len({s.reward for s in samples}) == 1:
                 reason = "zero_variance"
             items.append((samples[0].group_id, samples, reason))
-        self.buffer.put_many(items)  # one transaction for the step
-        filtered = sum(reason is not None for *_, reason in items)
-        return {"groups_kept": len(items) - filtered, "groups_filtered": filtered}  # of these groups
+        self.buffer.put_many(items)  # one transaction for the round
 
     def eval_requests(self) -> dict[str, list[dict]]:
         """Held-out prompt sets: task:... sets drawn with seed 10000 + seed (training uses seed), as
@@ -376,21 +373,22 @@ class BufferWorker:
         return [[s.to_dict() for s in g] for g in self.buffer.groups(step)]
 
     def step_stats(self, step: int, save_to: str | None = None) -> dict:
-        """Reward and length statistics of every stored sample of rollout `step` (filtered ones
-        included); with `save_to`, also write them as JSONL there."""
+        """Group counts of rollout `step`, and reward and length statistics of every stored sample
+        (filtered ones included); with `save_to`, also write them as JSONL there."""
         groups = self.buffer.groups(step, ("generated", "filtered", "trained"))
         samples = [s for g in groups for s in g]
         if save_to:
             Path(save_to).parent.mkdir(parents=True, exist_ok=True)
             with open(save_to, "w") as f:
                 f.writelines(s.to_json() + "\n" for s in samples)
+        counts = {"groups_kept": self.buffer.count_groups(step, ("generated", "trained")),
+                  "groups_filtered": self.buffer.count_groups(step, ("filtered",)),
+                  "rollout/refill_rounds": max(self.buffer.draws(step) - 1, 0)}
         rewards = [s.reward for s in samples if s.reward is not None]
         if not rewards:
-            return {}
+            return counts
         lens = [len(s.response_ids) for s in samples]
-        return {"groups_kept": self.buffer.count_groups(step, ("generated", "trained")),
-                "groups_filtered": self.buffer.count_groups(step, ("filtered",)),
-                "rollout/refill_rounds": max(self.buffer.draws(step) - 1, 0),
+        return {**counts,
                 "reward/mean": sum(rewards) / len(rewards),
                 "reward/accuracy": sum(s.correct for s in samples) / len(samples),
                 "response/length_mean": sum(lens) / len(lens),
