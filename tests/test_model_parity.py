@@ -80,6 +80,26 @@ def test_dense_inference_experts_equal_the_sparse_path(n_tokens):
         assert torch.equal(moe.experts(x, routing), dense)
 
 
+def test_float64_model_trains_and_agrees_with_float32():
+    """A model cast to fp64 (a precision reference, e.g. for measuring the train-inference
+    mismatch) runs forward and backward; torch's grouped GEMM takes no fp64, so its experts run one
+    matmul per expert. Its logits are the fp32 model's up to fp32 rounding."""
+    from rlfoundry.model.glm4_moe import cast_model
+
+    cfg = small_config()
+    model = random_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    ref = model(ids).logits.detach()
+    m64 = cast_model(model, torch.float64)
+    logits = m64(ids).logits
+    assert logits.dtype == torch.float64
+    assert (logits.float() - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+    logits.square().mean().backward()
+    experts = m64.model.layers[-1].mlp.experts
+    assert experts.gate_up_proj.grad.dtype == torch.float64 and experts.gate_up_proj.grad.abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in m64.parameters() if p.grad is not None)
+
+
 def test_correction_bias_changes_choice_not_weights():
     cfg = small_config()
     model = random_model(cfg)

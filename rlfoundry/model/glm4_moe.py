@@ -272,8 +272,10 @@ class Router(nn.Module):
 
 
 def _torch_grouped_mm_applies(a: Tensor, b: Tensor) -> bool:
-    """torch's grouped GEMM takes non-empty operands of one dtype with 16-byte aligned strides."""
-    return hasattr(F, "grouped_mm") and a.numel() > 0 and a.dtype == b.dtype and all(
+    """torch's grouped GEMM takes non-empty fp32/bf16/fp16 operands of one dtype with 16-byte
+    aligned strides."""
+    return hasattr(F, "grouped_mm") and a.numel() > 0 and a.dtype == b.dtype and a.dtype in (
+        torch.float32, torch.bfloat16, torch.float16) and all(
         (s * a.element_size()) % 16 == 0 for t in (a, b) for s in t.stride() if s != 1)
 
 
