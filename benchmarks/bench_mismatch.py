@@ -9,6 +9,7 @@ summing in different orders) and only higher precision or batch-invariant kernel
 remove it.
 
     .venv/bin/python benchmarks/bench_mismatch.py [--model examples/tiny/model] [--prompts 32 --n 8]
+                                                  [--compile-decode]
 
 (`--model RUN_DIR/hf` measures a trained policy: its sharper logits show larger differences.)
 """
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--micro-batch", type=int, default=64)
+    ap.add_argument("--compile-decode", action="store_true", help="the engine decodes through torch.compile")
     args = ap.parse_args()
     torch.manual_seed(0)
     tok = load_tokenizer(args.model)
@@ -52,7 +54,8 @@ def main() -> None:
             for level, k in ((2, half), (3, args.prompts - half))]
     prompts = [ds.token_ids(i, tok) for ds in sets for i in range(len(ds))]
 
-    engine = Engine(load_pretrained(args.model), max_batch=64, eos_token_ids=eos_token_ids(tok), seed=0)
+    engine = Engine(load_pretrained(args.model), max_batch=64, eos_token_ids=eos_token_ids(tok), seed=0,
+                    compile_decode=args.compile_decode)
     outs = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, n=args.n))
     samples = [Sample(prompt_ids=list(p), response_ids=list(o.output_ids), logprobs=list(o.logprobs),
                       loss_mask=[1] * len(o.output_ids)) for p, group in zip(prompts, outs) for o in group]
@@ -71,7 +74,8 @@ def main() -> None:
         diffs["engine - fp64"].append((engine_lp.double() - ref_lp)[mask].abs())
         diffs["trainer - fp64"].append((train_lp.double() - ref_lp)[mask].abs())
     n_tokens = sum(int(b.response_mask.sum()) for b in batches)
-    print(f"{args.model}: {len(samples)} samples, {n_tokens} generated tokens, fp32, temperature 1")
+    print(f"{args.model}: {len(samples)} samples, {n_tokens} generated tokens, fp32, temperature 1, "
+          f"{'compiled' if args.compile_decode else 'eager'} decode")
     for name, parts in diffs.items():
         describe(f"|log-prob difference| {name}", torch.cat(parts))
 

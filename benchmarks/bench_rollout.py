@@ -58,10 +58,12 @@ def prompts_for(B: int, plen: int) -> list[list[int]]:
     return [[(7 * b + 3 * i) % 500 + 1 for i in range(plen)] for b in range(B)]
 
 
-def bench_ours(model, B, plen, new, spec=0) -> tuple[float, Engine]:
-    engine = Engine(model, max_batch=max(B, 1), max_len=plen + new + 8, speculative_steps=spec)
+def bench_ours(model, B, plen, new, spec=0, compile_decode=False) -> tuple[float, Engine]:
+    engine = Engine(model, max_batch=max(B, 1), max_len=plen + new + 8, speculative_steps=spec,
+                    compile_decode=compile_decode)
     params = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
-    engine.generate(prompts_for(1, plen), SamplingParams(temperature=0, max_new_tokens=4))  # warm-up
+    # warm-up (for compile_decode: compiles the batch-size regime, 1 or more, on first use)
+    engine.generate(prompts_for(B if compile_decode else 1, plen), SamplingParams(temperature=0, max_new_tokens=4))
     t = time.perf_counter()
     outs = engine.generate(prompts_for(B, plen), params)
     dt = time.perf_counter() - t
@@ -161,6 +163,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compile_decode column")
     ap.add_argument("--rounds", type=int, default=2, help="alternating runs of ours and transformers per batch")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -185,16 +188,25 @@ def main() -> None:
 
     print(f"checkpoint: {path if args.model else 'tiny preset, random weights'}; prompts {plen} tokens, "
           f"{new} new tokens, greedy, fp32, {torch.get_num_threads()} threads")
-    print(f"{'batch':>5} {'rlfoundry tok/s':>16} {'transformers':>13} {'vLLM':>9} {'vs transformers':>16} {'vs vLLM':>8}")
+    print("tokens/s; 'compiled': our engine with compile_decode=True (torch.compile'd decode steps)")
+    print(f"{'batch':>5} {'rlfoundry':>10} {'compiled':>9} {'transformers':>13} {'vLLM':>8} "
+          f"{'eager/HF':>9} {'compiled/HF':>12} {'eager/vLLM':>11} {'compiled/vLLM':>14}")
     for B in args.batches:
-        ours = ref = 0.0
+        ours = comp = ref = 0.0
         for _ in range(args.rounds):
             ours = max(ours, bench_ours(model, B, plen, new)[0])
+            if not args.no_compile:
+                comp = max(comp, bench_ours(model, B, plen, new, compile_decode=True)[0])
             ref = max(ref, bench_hf(hf, B, plen, new))
         v = vllm.get(B) if isinstance(vllm, dict) else None
-        v_col = "-" if v is None else f"{v:.0f}"
-        v_ratio = "-" if v is None else f"{ours / v:.2f}x"
-        print(f"{B:>5} {ours:>16.0f} {ref:>13.0f} {v_col:>9} {ours / ref:>15.2f}x {v_ratio:>8}")
+
+        def num(x):
+            return f"{x:.0f}" if x else "-"
+
+        def ratio(a, b):
+            return f"{a / b:.2f}x" if a and b else "-"
+        print(f"{B:>5} {ours:>10.0f} {num(comp):>9} {ref:>13.0f} {num(v):>8} {ratio(ours, ref):>9} "
+              f"{ratio(comp, ref):>12} {ratio(ours, v):>11} {ratio(comp, v):>14}")
     if not isinstance(vllm, dict):
         print(f"vLLM: {vllm}")
 

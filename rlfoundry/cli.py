@@ -63,7 +63,8 @@ def _serve(args: argparse.Namespace) -> int:
     backend = VLLMBackend(shlex.split(args.vllm_args)) if args.backend == "vllm" else RlfoundryBackend()
     return serve(args.model, host=args.host, port=args.port, engines=args.engines, max_batch=args.max_batch,
                  max_len=args.max_len, dtype=args.dtype, served_model_name=args.served_model_name,
-                 log_level=args.log_level, speculative_steps=args.speculative_steps, backend=backend)
+                 log_level=args.log_level, speculative_steps=args.speculative_steps, backend=backend,
+                 compile_decode=args.compile_decode)
 
 
 def _stage(args: argparse.Namespace) -> int:
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vllm-args", default="", help="extra arguments for vLLM's server (e.g. '--enforce-eager')")
     p.add_argument("--speculative-steps", type=int, default=0,
                    help="MTP speculative decoding: draft tokens per step (3 is GLM-4.5's setting; 0 is off)")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="decode steps through torch.compile (faster; the first steps compile for about a minute)")
     p.set_defaults(func=_serve)
     for stage, what in (("pretrain", "pre-training on packed token streams"),
                         ("midtrain", "mid-training: best-fit packing, optional RoPE base change"),

@@ -165,7 +165,12 @@ class CacheStep:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         k_BTGD, v_BTGD = k_BGTD.transpose(1, 2).to(k_cache.dtype), v_BGTD.transpose(1, 2).to(v_cache.dtype)
         slot_BT = self.slots_B[:, None].expand_as(self.position_ids_BT)
-        if self.valid_BT is None:  # every row is T real tokens
+        if torch.compiler.is_compiling():  # an in-place write (traced as is, it copies the whole cache)
+            if self.valid_BT is not None:
+                raise NotImplementedError("compiled cache writes take rows of T real tokens (no input_lens)")
+            torch.ops.rlfoundry.kv_write(self.cache.k, self.cache.v, layer, slot_BT.reshape(-1),
+                                         self.position_ids_BT.reshape(-1), k_BTGD.flatten(0, 1), v_BTGD.flatten(0, 1))
+        elif self.valid_BT is None:  # every row is T real tokens
             k_cache[slot_BT, :, self.position_ids_BT] = k_BTGD
             v_cache[slot_BT, :, self.position_ids_BT] = v_BTGD
         else:
@@ -177,6 +182,27 @@ class CacheStep:
             a, b = self.slot_range
             return k_cache[a:b, :, :S], v_cache[a:b, :, :S]
         return k_cache[self.slots_B, :, :S], v_cache[self.slots_B, :, :S]
+
+
+# The cache write of a compiled step: one opaque in-place op (traced as an index_put, the compiled
+# graph would copy the whole cache each step). Declared with the low-level library API: the
+# custom_op wrapper costs ~0.3 ms a call in Python, paid twice per layer per decode step.
+_lib = torch.library.Library("rlfoundry", "FRAGMENT")
+_lib.define("kv_write(Tensor(a!) k_all, Tensor(b!) v_all, int layer, Tensor slot_N, Tensor pos_N, "
+            "Tensor k_NGD, Tensor v_NGD) -> ()")
+
+
+@torch.library.impl(_lib, "kv_write", "CompositeExplicitAutograd")
+def _kv_write(k_all: Tensor, v_all: Tensor, layer: int, slot_N: Tensor, pos_N: Tensor,
+              k_NGD: Tensor, v_NGD: Tensor) -> None:
+    """k_all[layer, slot_N[n], :, pos_N[n]] = k_NGD[n], and the same for v."""
+    k_all[layer, slot_N, :, pos_N] = k_NGD
+    v_all[layer, slot_N, :, pos_N] = v_NGD
+
+
+@torch.library.register_fake("rlfoundry::kv_write")
+def _(k_all, v_all, layer, slot_N, pos_N, k_NGD, v_NGD):
+    return None
 
 
 # ----------------------------------------------------------------------------- attention
@@ -538,6 +564,7 @@ class Glm4MoeForCausalLM(nn.Module):
         input_lens: Tensor | None = None,
         routed_experts: Tensor | None = None,
         return_router: bool = False,
+        layers_fn=None,
     ) -> CausalLMOutput:
         """Logits [B, T, V] for token ids [B, T].
 
@@ -547,6 +574,7 @@ class Glm4MoeForCausalLM(nn.Module):
         With `cache`, row b holds the next `input_lens[b]` (default T; the rest is padding) tokens of
         the sequence in cache slot `slots[b]` (default b); their positions continue from
         `cache.lens`, which advances. `routed_experts` [B, T, L_moe, K] replays given expert choices.
+        `layers_fn` replaces `forward_layers` (the engine passes a torch.compile'd one for decoding).
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -568,28 +596,36 @@ class Glm4MoeForCausalLM(nn.Module):
                 mask_BTS = mask_BTS | torch.eye(T, dtype=torch.bool, device=device)
 
         x_BTD = self.model.embed_tokens(input_ids)
-        cos_sin = rope_cos_sin(position_ids, cfg, x_BTD.dtype)
+        cos_BTD, sin_BTD = rope_cos_sin(position_ids, cfg, x_BTD.dtype)
+        logits, h_BTD, routed, scores = (layers_fn or self.forward_layers)(
+            x_BTD, cos_BTD, sin_BTD, mask_BTS, cache_step, routed_experts, return_router)
+        if cache_step is not None:
+            cache_step.advance()
+        return CausalLMOutput(logits=logits, hidden=h_BTD, routed_experts=routed, router_scores=scores)
+
+    def forward_layers(self, x_BTD: Tensor, cos_BTD: Tensor, sin_BTD: Tensor, mask_BTS: Tensor | None,
+                       cache_step: CacheStep | None, routed_experts: Tensor | None = None,
+                       return_router: bool = False):
+        """The decoder blocks, final norm and output head on embedded tokens: (logits, normed hidden,
+        routed expert ids [B, T, L_moe, K] or None, router scores or None). No data-dependent
+        Python control flow, so torch.compile traces it whole."""
+        B, T, _ = x_BTD.shape
         routings: list[Routing] = []
         for i, layer in enumerate(self.model.layers):
             replay = None
-            if routed_experts is not None and cfg.is_moe_layer(i):
+            if routed_experts is not None and self.config.is_moe_layer(i):
                 replay = routed_experts[:, :, len(routings)].reshape(B * T, -1)
             if self.gradient_checkpointing and self.training:
                 x_BTD, routing = torch.utils.checkpoint.checkpoint(
-                    layer, x_BTD, cos_sin, mask_BTS, cache_step, i, replay, use_reentrant=False)
+                    layer, x_BTD, (cos_BTD, sin_BTD), mask_BTS, cache_step, i, replay, use_reentrant=False)
             else:
-                x_BTD, routing = layer(x_BTD, cos_sin, mask_BTS, cache_step, i, replay)
+                x_BTD, routing = layer(x_BTD, (cos_BTD, sin_BTD), mask_BTS, cache_step, i, replay)
             if routing is not None:
                 routings.append(routing)
-        if cache_step is not None:
-            cache_step.advance()
         h_BTD = self.model.norm(x_BTD)
-        return CausalLMOutput(
-            logits=self.lm_head(h_BTD),
-            hidden=h_BTD,
-            routed_experts=torch.stack([r.ids_NK.view(B, T, -1) for r in routings], dim=2) if routings else None,
-            router_scores=[r.scores_NE.view(B, T, -1) for r in routings] if return_router else None,
-        )
+        return (self.lm_head(h_BTD), h_BTD,
+                torch.stack([r.ids_NK.view(B, T, -1) for r in routings], dim=2) if routings else None,
+                [r.scores_NE.view(B, T, -1) for r in routings] if return_router else None)
 
     # --------------------------------------------------------------------- multi-token prediction
     def mtp_forward(

@@ -181,7 +181,8 @@ class RolloutWorker:
         log = open(self.out / "engines.log", "ab")
         for _ in range(cfg.rollout.num_engines):
             port = free_port()
-            cmd, env = backend.engine_command(cfg.model, port, cfg.rollout.max_batch, None, "float32", None, 0)
+            cmd, env = backend.engine_command(cfg.model, port, cfg.rollout.max_batch, None, "float32", None, 0,
+                                              cfg.rollout.compile_decode)
             self.procs.append(subprocess.Popen(_watched(cmd), env={**os.environ, **env, "OMP_NUM_THREADS": threads},
                                                stdout=log, stderr=log))
             self.engine_urls.append(f"http://127.0.0.1:{port}")

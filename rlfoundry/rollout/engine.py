@@ -168,9 +168,17 @@ def sample(logits_BV: Tensor, params: list[SamplingParams], generators: list[tor
 class Engine:
     def __init__(self, model: Glm4MoeForCausalLM, max_batch: int = 64, max_len: int | None = None,
                  eos_token_ids: Iterable[int] | None = None, seed: int = 0,
-                 max_prefill_tokens: int = 8192, weight_version: str = "0", speculative_steps: int = 0):
+                 max_prefill_tokens: int = 8192, weight_version: str = "0", speculative_steps: int = 0,
+                 compile_decode: bool = False):
         self.model = model.eval()
         cfg = model.config
+        # Decode steps through a torch.compile'd `forward_layers` (inductor: fused element-wise
+        # kernels, far fewer dispatches). The first steps compile (tens of seconds, per batch-size
+        # regime: 1 and more); logits differ from eager by float rounding only (see the README).
+        self._decode_layers = None
+        if compile_decode:
+            self._decode_layers = torch.compile(model.forward_layers, dynamic=True, fullgraph=True,
+                                                options={"cpp_wrapper": True})
         if speculative_steps and not cfg.num_nextn_predict_layers:
             raise ValueError("speculative_steps needs a model with an MTP layer (num_nextn_predict_layers >= 1)")
         self.spec_steps = speculative_steps
@@ -183,6 +191,9 @@ class Engine:
         # the MTP layer's own cache: position t holds the pair (h_t, token t+1)
         self.mtp_cache = KVCache.for_model(cfg, max_batch, self.max_len, num_layers=1, dtype=dtype,
                                            device=model.model.embed_tokens.weight.device) if speculative_steps else None
+        if compile_decode:  # the batch size varies, the cache's shape never does
+            torch._dynamo.mark_static(self.cache.k)
+            torch._dynamo.mark_static(self.cache.v)
         eos = cfg.eos_token_id if eos_token_ids is None else list(eos_token_ids)
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
         self.weight_version = weight_version
@@ -391,7 +402,8 @@ class Engine:
         seqs = list(self._running)
         ids = torch.tensor([[s.output_ids[-1]] for s in seqs])
         device = self.model.model.embed_tokens.weight.device
-        out = self.model(ids.to(device), cache=self.cache, slots=torch.arange(len(seqs), device=device))
+        out = self.model(ids.to(device), cache=self.cache, slots=torch.arange(len(seqs), device=device),
+                         layers_fn=self._decode_layers)
         for b, seq in enumerate(seqs):
             if seq.req.params.return_routed_experts:
                 seq.routed.append(out.routed_experts[b].to(torch.int16))

@@ -39,7 +39,7 @@ def wait_healthy(url: str, timeout: float, procs: list[subprocess.Popen] = ()) -
 
 
 def build_engine_app(model_path: str, max_batch: int, max_len: int | None, dtype: str, name: str | None,
-                     speculative_steps: int = 0):
+                     speculative_steps: int = 0, compile_decode: bool = False):
     import torch
 
     from rlfoundry.data.tokenizer import eos_token_ids, load_tokenizer
@@ -50,7 +50,8 @@ def build_engine_app(model_path: str, max_batch: int, max_len: int | None, dtype
     model = load_pretrained(model_path, dtype=getattr(torch, dtype))
     tokenizer = load_tokenizer(model_path)
     eos = eos_token_ids(tokenizer) if tokenizer is not None else None
-    engine = Engine(model, max_batch=max_batch, max_len=max_len, eos_token_ids=eos, speculative_steps=speculative_steps)
+    engine = Engine(model, max_batch=max_batch, max_len=max_len, eos_token_ids=eos, speculative_steps=speculative_steps,
+                    compile_decode=compile_decode)
     return create_app(engine, tokenizer, model_path=str(model_path), served_model_name=name)
 
 
@@ -61,7 +62,10 @@ class Backend:
     supports_router = False
 
     def engine_command(self, model: str, port: int, max_batch: int, max_len: int | None, dtype: str,
-                       served_model_name: str | None, speculative_steps: int) -> tuple[list[str], dict]:
+                       served_model_name: str | None, speculative_steps: int,
+                       compile_decode: bool = False) -> tuple[list[str], dict]:
+        """The server's command line and environment. `compile_decode` is our engine's compiled
+        decode step; vLLM compiles its own (unless given --enforce-eager) and ignores it."""
         raise NotImplementedError
 
     def client(self, url: str, served_model_name: str):
@@ -71,7 +75,8 @@ class Backend:
 class RlfoundryBackend(Backend):
     name, supports_router = "rlfoundry", True
 
-    def engine_command(self, model, port, max_batch, max_len, dtype, served_model_name, speculative_steps):
+    def engine_command(self, model, port, max_batch, max_len, dtype, served_model_name, speculative_steps,
+                       compile_decode=False):
         cmd = [sys.executable, "-m", "rlfoundry.cli", "serve", "--model", model, "--host", "127.0.0.1",
                "--port", str(port), "--max-batch", str(max_batch), "--dtype", dtype, "--log-level", "error"]
         if max_len:
@@ -80,6 +85,8 @@ class RlfoundryBackend(Backend):
             cmd += ["--served-model-name", served_model_name]
         if speculative_steps:
             cmd += ["--speculative-steps", str(speculative_steps)]
+        if compile_decode:
+            cmd += ["--compile-decode"]
         return cmd, {"PYTHONUNBUFFERED": "1"}
 
     def client(self, url, served_model_name):
@@ -105,7 +112,8 @@ class VLLMBackend(Backend):
         local = Path(".venv-vllm/bin/python")
         return str(local.absolute()) if local.exists() else sys.executable
 
-    def engine_command(self, model, port, max_batch, max_len, dtype, served_model_name, speculative_steps):
+    def engine_command(self, model, port, max_batch, max_len, dtype, served_model_name, speculative_steps,
+                       compile_decode=False):
         cmd = [self.python(), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
                "--port", str(port), "--dtype", dtype, "--max-num-seqs", str(max_batch),
                "--served-model-name", served_model_name or model, "--logprobs-mode", "processed_logprobs",
@@ -125,7 +133,8 @@ class VLLMBackend(Backend):
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int = 1, max_batch: int = 64,
           max_len: int | None = None, dtype: str = "float32", served_model_name: str | None = None,
-          log_level: str = "warning", speculative_steps: int = 0, backend: Backend | None = None) -> int:
+          log_level: str = "warning", speculative_steps: int = 0, backend: Backend | None = None,
+          compile_decode: bool = False) -> int:
     """Serve `model`; with engines > 1, behind sglang-router. Returns the exit code."""
     backend = backend or RlfoundryBackend()
     if not (Path(model) / "config.json").exists():
@@ -137,7 +146,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
         return 2
     if engines == 1 and not isinstance(backend, RlfoundryBackend):
         cmd, env = backend.engine_command(model, port, max_batch, max_len, dtype, served_model_name,
-                                          speculative_steps)
+                                          speculative_steps, compile_decode)
         if host != "127.0.0.1":
             cmd[cmd.index("--host") + 1] = host
         child = subprocess.Popen(cmd, env={**os.environ, **env})
@@ -150,7 +159,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
     if engines == 1:
         import uvicorn
 
-        app = build_engine_app(model, max_batch, max_len, dtype, served_model_name, speculative_steps)
+        app = build_engine_app(model, max_batch, max_len, dtype, served_model_name, speculative_steps, compile_decode)
         uvicorn.run(app, host=host, port=port, log_level=log_level)
         return 0
 
@@ -168,7 +177,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
 
     def start_engine(p_port: int) -> subprocess.Popen:
         cmd, env = backend.engine_command(model, p_port, max_batch, max_len, dtype, served_model_name,
-                                          speculative_steps)
+                                          speculative_steps, compile_decode)
         return subprocess.Popen(cmd, env={**os.environ, **env})
 
     signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(0)))
