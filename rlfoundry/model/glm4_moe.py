@@ -578,7 +578,6 @@ class Glm4MoeForCausalLM(nn.Module):
         """
         B, T = input_ids.shape
         device = input_ids.device
-        cfg = self.config
         cache_step, mask_BTS = None, None
         if cache is not None:
             cache_step = CacheStep.make(cache, B, T, slots, input_lens, device)
@@ -595,21 +594,21 @@ class Glm4MoeForCausalLM(nn.Module):
                 # a query that may see nothing (left padding) sees itself, so no row is all -inf
                 mask_BTS = mask_BTS | torch.eye(T, dtype=torch.bool, device=device)
 
-        x_BTD = self.model.embed_tokens(input_ids)
-        cos_BTD, sin_BTD = rope_cos_sin(position_ids, cfg, x_BTD.dtype)
         logits, h_BTD, routed, scores = (layers_fn or self.forward_layers)(
-            x_BTD, cos_BTD, sin_BTD, mask_BTS, cache_step, routed_experts, return_router)
+            input_ids, position_ids, mask_BTS, cache_step, routed_experts, return_router)
         if cache_step is not None:
             cache_step.advance()
         return CausalLMOutput(logits=logits, hidden=h_BTD, routed_experts=routed, router_scores=scores)
 
-    def forward_layers(self, x_BTD: Tensor, cos_BTD: Tensor, sin_BTD: Tensor, mask_BTS: Tensor | None,
+    def forward_layers(self, input_ids: Tensor, position_ids: Tensor, mask_BTS: Tensor | None,
                        cache_step: CacheStep | None, routed_experts: Tensor | None = None,
                        return_router: bool = False):
-        """The decoder blocks, final norm and output head on embedded tokens: (logits, normed hidden,
-        routed expert ids [B, T, L_moe, K] or None, router scores or None). No data-dependent
-        Python control flow, so torch.compile traces it whole."""
-        B, T, _ = x_BTD.shape
+        """Embedding, RoPE tables, the decoder blocks, final norm and output head: (logits, normed
+        hidden, routed expert ids [B, T, L_moe, K] or None, router scores or None). No
+        data-dependent Python control flow, so torch.compile traces it whole."""
+        B, T = input_ids.shape
+        x_BTD = self.model.embed_tokens(input_ids)
+        cos_BTD, sin_BTD = rope_cos_sin(position_ids, self.config, x_BTD.dtype)
         routings: list[Routing] = []
         for i, layer in enumerate(self.model.layers):
             replay = None
