@@ -86,7 +86,8 @@ def run_rlfoundry(args) -> dict:
         f"steps={args.steps}", f"rollout.prompts_per_step={args.prompts}", f"rollout.n_samples_per_prompt={args.group}",
         f"rollout.max_new_tokens={args.max_new_tokens}", "data.curriculum=[{source: 'task:countdown:2'}]",
         "eval_every=0", f"checkpoint_every={args.steps}", f"train.lr={args.lr}", f"train.final_lr={args.lr}",
-        "algorithm.filter_zero_variance=false", f"algorithm.micro_batch_size={args.prompts * args.group}"])
+        "algorithm.filter_zero_variance=false", f"algorithm.micro_batch_size={args.prompts * args.group}",
+        f"rollout.compile_decode={str(args.compile_decode).lower()}"])
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         result = run_rl(cfg, Path(tmp) / "run")
@@ -108,6 +109,8 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8, help="samples per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--compile-decode", action="store_true",
+                    help="rlfoundry's engine decodes through torch.compile (compiled at start-up)")
     args = ap.parse_args()
     from rlfoundry.buffer import PromptDataset
     from rlfoundry.buffer.buffer import Buffer

@@ -237,6 +237,8 @@ def test_compiled_decode_equals_eager_decoding(model):
     prompts = _prompts(cfg, [3, 11, 6, 1], seed=4)
     params = [SamplingParams(temperature=0, max_new_tokens=n) for n in (12, 5, 9, 16)]
     compiled = Engine(random_model(cfg, seed=21), max_batch=4, compile_decode=True)  # the fixture's weights
+    compiled.warmup()  # compiles batch 1 and batch >= 2 (max_batch is below the sparse-path size)
+    assert compiled.stats["generated_tokens"] == 0 and not compiled.has_work()
     outs = compiled.generate(prompts, params)
     for p, (o,), (e,) in zip(prompts, outs, Engine(model, max_batch=4).generate(prompts, params)):
         assert o.output_ids == e.output_ids

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from rlfoundry.model import Glm4MoeForCausalLM, KVCache
+from rlfoundry.model.glm4_moe import Experts
 from rlfoundry.model.hf_io import read_tensors, update_from_tensors
 
 
@@ -231,6 +232,21 @@ class Engine:
             self._waiting.append(req)
             self._wake.notify_all()
         return req
+
+    def warmup(self) -> None:
+        """With compile_decode: compile now, for both batch-size regimes (batch 1 and larger), so
+        that no request waits for it (servers call this before reporting healthy)."""
+        if self._decode_layers is None:
+            return
+        stats = dict(self.stats)
+        params = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True)
+        sizes = [1, 2]  # the MoE layers' dense path changes to the sparse one above DENSE_MAX_ROWS / E tokens
+        sparse_from = Experts.DENSE_MAX_ROWS // max(self.model.config.n_routed_experts, 1) + 1
+        if self.model.config.n_routed_experts and sparse_from <= self.max_batch:
+            sizes.append(sparse_from)
+        for B in sizes:
+            self.generate([[0]] * B, params)
+        self.stats = stats
 
     def abort(self, request_id: str) -> bool:
         """Finish a request now with finish_reason "abort" (its tokens so far are kept)."""

@@ -52,6 +52,7 @@ def build_engine_app(model_path: str, max_batch: int, max_len: int | None, dtype
     eos = eos_token_ids(tokenizer) if tokenizer is not None else None
     engine = Engine(model, max_batch=max_batch, max_len=max_len, eos_token_ids=eos, speculative_steps=speculative_steps,
                     compile_decode=compile_decode)
+    engine.warmup()
     return create_app(engine, tokenizer, model_path=str(model_path), served_model_name=name)
 
 
