@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative-steps", type=int, default=0,
                    help="MTP speculative decoding: draft tokens per step (3 is GLM-4.5's setting; 0 is off)")
     p.add_argument("--compile-decode", action="store_true",
-                   help="decode steps through torch.compile (faster; the first steps compile for about a minute)")
+                   help="decode steps through torch.compile (faster; compiles at start-up for a minute or two)")
     p.set_defaults(func=_serve)
     for stage, what in (("pretrain", "pre-training on packed token streams"),
                         ("midtrain", "mid-training: best-fit packing, optional RoPE base change"),

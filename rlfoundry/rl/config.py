@@ -61,8 +61,8 @@ class RolloutConfig:
     routing_replay: bool = False
     """Train with the experts the engine chose for each token (rollout routing replay)."""
     compile_decode: bool = False
-    """Engines decode through torch.compile (faster steps after about a minute of compiling;
-    log-probs still within float rounding of the trainer's)."""
+    """Engines decode through torch.compile (faster steps; each engine compiles at start-up for a
+    minute or two; log-probs still within float rounding of the trainer's)."""
 
 
 @dataclass

@@ -174,8 +174,9 @@ class Engine:
         self.model = model.eval()
         cfg = model.config
         # Decode steps through a torch.compile'd `forward_layers` (inductor: fused element-wise
-        # kernels, far fewer dispatches). The first steps compile (tens of seconds, per batch-size
-        # regime: 1 and more); logits differ from eager by float rounding only (see the README).
+        # kernels, far fewer dispatches). It compiles once per batch-size regime (`warmup` does all
+        # of them up front, else the first steps of each); logits differ from eager by float
+        # rounding only (see the README and benchmarks/bench_mismatch.py).
         self._decode_layers = None
         if compile_decode:
             self._decode_layers = torch.compile(model.forward_layers, dynamic=True, fullgraph=True,
@@ -234,8 +235,9 @@ class Engine:
         return req
 
     def warmup(self) -> None:
-        """With compile_decode: compile now, for both batch-size regimes (batch 1 and larger), so
-        that no request waits for it (servers call this before reporting healthy)."""
+        """With compile_decode: compile now, for every batch-size regime (batch 1; 2 and up; and,
+        when max_batch reaches it, the size where the MoE layers switch to their sparse path), so
+        that no request waits for it (the server calls this before reporting healthy)."""
         if self._decode_layers is None:
             return
         stats = dict(self.stats)
