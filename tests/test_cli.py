@@ -26,3 +26,19 @@ def test_demo_runs_shortened(tmp_path, capsys):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["step"] == 0 and lines[-1]["step"] == 1 and "eval/accuracy" in lines[-1]
     assert (tmp_path / "curves.png").exists()
+
+
+def test_compile_decode_reaches_the_engine_command():
+    """`serve --compile-decode` / `rollout.compile_decode` start our engine servers with the flag;
+    vLLM compiles its own decode and gets nothing extra."""
+    from rlfoundry.cli import build_parser
+    from rlfoundry.rollout.launch import RlfoundryBackend, VLLMBackend
+
+    args = build_parser().parse_args(["serve", "--model", "m", "--compile-decode"])
+    assert args.compile_decode is True
+    assert build_parser().parse_args(["serve", "--model", "m"]).compile_decode is False
+    ours, _ = RlfoundryBackend().engine_command("m", 1234, 8, None, "float32", None, 0, compile_decode=True)
+    assert "--compile-decode" in ours
+    assert "--compile-decode" not in RlfoundryBackend().engine_command("m", 1234, 8, None, "float32", None, 0)[0]
+    vllm, _ = VLLMBackend().engine_command("m", 1234, 8, None, "float32", None, 0, compile_decode=True)
+    assert "--compile-decode" not in vllm
