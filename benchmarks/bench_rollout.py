@@ -54,6 +54,14 @@ print("RESULT " + json.dumps(out), flush=True)
 """
 
 
+def num(x: float | None) -> str:
+    return f"{x:.0f}" if x else "-"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
 def prompts_for(B: int, plen: int) -> list[list[int]]:
     return [[(7 * b + 3 * i) % 500 + 1 for i in range(plen)] for b in range(B)]
 
@@ -199,12 +207,6 @@ def main() -> None:
                 comp = max(comp, bench_ours(model, B, plen, new, compile_decode=True)[0])
             ref = max(ref, bench_hf(hf, B, plen, new))
         v = vllm.get(B) if isinstance(vllm, dict) else None
-
-        def num(x):
-            return f"{x:.0f}" if x else "-"
-
-        def ratio(a, b):
-            return f"{a / b:.2f}x" if a and b else "-"
         print(f"{B:>5} {ours:>10.0f} {num(comp):>9} {ref:>13.0f} {num(v):>8} {ratio(ours, ref):>9} "
               f"{ratio(comp, ref):>12} {ratio(ours, v):>11} {ratio(comp, v):>14}")
     if not isinstance(vllm, dict):

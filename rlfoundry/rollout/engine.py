@@ -242,10 +242,10 @@ class Engine:
             return
         stats = dict(self.stats)
         params = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True)
-        sizes = [1, 2]  # the MoE layers' dense path changes to the sparse one above DENSE_MAX_ROWS / E tokens
-        sparse_from = Experts.DENSE_MAX_ROWS // max(self.model.config.n_routed_experts, 1) + 1
-        if self.model.config.n_routed_experts and sparse_from <= self.max_batch:
-            sizes.append(sparse_from)
+        sizes = [1, 2]
+        E = self.model.config.n_routed_experts
+        if E and Experts.DENSE_MAX_ROWS // E + 1 <= self.max_batch:  # the first batch past the dense path
+            sizes.append(Experts.DENSE_MAX_ROWS // E + 1)
         for B in sizes:
             self.generate([[0]] * B, params)
         self.stats = stats
