@@ -194,3 +194,20 @@ def test_rope_is_the_half_split_rotation_exactly(head_dim, factor):
     assert torch.equal(out[..., : R // 2], x1 * c - x2 * s)
     assert torch.equal(out[..., R // 2: R], x2 * c + x1 * s)
     assert torch.equal(out[..., R:], x[..., R:])
+
+
+def test_decode_attention_equals_sdpa():
+    """The compiled decode steps' attention (one query per row, cached keys of ragged length, GQA)
+    agrees with SDPA's, including rows that see only part of the keys."""
+    from rlfoundry.model.glm4_moe import decode_attention
+
+    torch.manual_seed(0)
+    B, H, G, S, D = 5, 8, 2, 37, 16
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, G, S, D), torch.randn(B, G, S, D)
+    lens = torch.tensor([1, 5, 37, 20, 36])
+    mask_B1S = (torch.arange(S)[None] < lens[:, None])[:, None]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1S[:, None], scale=D ** -0.5, enable_gqa=True)
+    out = decode_attention(q, k, v, mask_B1S, D ** -0.5)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+    assert torch.equal(out[0], v[0, :, :1].repeat_interleave(H // G, 0))  # a single key: its value

@@ -204,6 +204,21 @@ def _(k_all, v_all, layer, slot_N, pos_N, k_NGD, v_NGD):
 
 
 # ----------------------------------------------------------------------------- attention
+def decode_attention(q_BH1D: Tensor, k_BGSD: Tensor, v_BGSD: Tensor, mask_B1S: Tensor, scale: float) -> Tensor:
+    """Attention of one new query per row over its cached keys as two batched matrix products
+    around a masked softmax (the query heads of a key/value group share one product). Used by
+    compiled decode steps, where SDPA's flash kernel is mostly per-call overhead (scores are only
+    [B, H, 1, S]): a decode step at batch 64 runs ~6% faster (4% at 4 and 16). Eager decoding keeps
+    SDPA, faster there."""
+    B, H, _, D = q_BH1D.shape
+    G = k_BGSD.shape[1]
+    q_BGQD = q_BH1D.view(B, G, H // G, D)
+    scores_BGQS = (q_BGQD @ k_BGSD.transpose(-1, -2)) * scale
+    scores_BGQS = scores_BGQS.masked_fill(~mask_B1S[:, None], float("-inf"))
+    out_BGQD = scores_BGQS.softmax(-1) @ v_BGSD
+    return out_BGQD.reshape(B, H, 1, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -231,9 +246,12 @@ class Attention(nn.Module):
         q, k, v = q_BTHD.transpose(1, 2), k_BTGD.transpose(1, 2), v_BTGD.transpose(1, 2)
         if cache_step is not None:
             k, v = cache_step.update(layer, k, v)
-        mask = None if mask_BTS is None else mask_BTS[:, None]
-        out_BHTD = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                  scale=Dh ** -0.5, enable_gqa=True)
+        if T == 1 and cache_step is not None and torch.compiler.is_compiling():
+            out_BHTD = decode_attention(q, k, v, mask_BTS, Dh ** -0.5)
+        else:
+            mask = None if mask_BTS is None else mask_BTS[:, None]
+            out_BHTD = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                      scale=Dh ** -0.5, enable_gqa=True)
         return self.o_proj(out_BHTD.transpose(1, 2).reshape(B, T, -1))
 
 
