@@ -90,13 +90,15 @@ class KVCache:
     `k[l]` is [slots, G, max_len, Dh] for layer l; `lens[slot]` counts the tokens cached for that
     sequence. A forward with a cache appends the new tokens of each row at its own position, so a
     batch may mix sequences of different lengths; `truncate` rolls a slot back (speculative decoding).
+    One tensor per layer, not one for all: a compiled step then writes its keys and values in place
+    (written into a view of one shared tensor, the compiled graph would copy the whole cache).
     """
 
     def __init__(self, num_layers: int, num_slots: int, max_len: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (num_slots, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lens = torch.zeros(num_slots, dtype=torch.long, device=device)
         self.max_len = max_len
 
@@ -111,8 +113,9 @@ class KVCache:
         n samples of one prompt share its prefill; finished slots are refilled densely."""
         n = int(self.lens[src]) if length is None else length
         for d in [dst] if isinstance(dst, int) else dst:
-            self.k[:, d, :, :n] = self.k[:, src, :, :n]
-            self.v[:, d, :, :n] = self.v[:, src, :, :n]
+            for k, v in zip(self.k, self.v):
+                k[d, :, :n] = k[src, :, :n]
+                v[d, :, :n] = v[src, :, :n]
             self.lens[d] = n
 
     def truncate(self, slots: Tensor, new_lens: Tensor) -> None:
@@ -163,12 +166,7 @@ class CacheStep:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         k_BTGD, v_BTGD = k_BGTD.transpose(1, 2).to(k_cache.dtype), v_BGTD.transpose(1, 2).to(v_cache.dtype)
         slot_BT = self.slots_B[:, None].expand_as(self.position_ids_BT)
-        if torch.compiler.is_compiling():  # an in-place write (traced as is, it copies the whole cache)
-            if self.valid_BT is not None:
-                raise NotImplementedError("compiled cache writes take rows of T real tokens (no input_lens)")
-            torch.ops.rlfoundry.kv_write(self.cache.k, self.cache.v, layer, slot_BT.reshape(-1),
-                                         self.position_ids_BT.reshape(-1), k_BTGD.flatten(0, 1), v_BTGD.flatten(0, 1))
-        elif self.valid_BT is None:  # every row is T real tokens
+        if self.valid_BT is None:  # every row is T real tokens
             k_cache[slot_BT, :, self.position_ids_BT] = k_BTGD
             v_cache[slot_BT, :, self.position_ids_BT] = v_BTGD
         else:
@@ -180,27 +178,6 @@ class CacheStep:
             a, b = self.slot_range
             return k_cache[a:b, :, :S], v_cache[a:b, :, :S]
         return k_cache[self.slots_B, :, :S], v_cache[self.slots_B, :, :S]
-
-
-# The cache write of a compiled step: one opaque in-place op (traced as an index_put, the compiled
-# graph would copy the whole cache each step). Declared with the low-level library API: the
-# custom_op wrapper costs ~0.3 ms a call in Python, paid twice per layer per decode step.
-_lib = torch.library.Library("rlfoundry", "FRAGMENT")
-_lib.define("kv_write(Tensor(a!) k_all, Tensor(b!) v_all, int layer, Tensor slot_N, Tensor pos_N, "
-            "Tensor k_NGD, Tensor v_NGD) -> ()")
-
-
-@torch.library.impl(_lib, "kv_write", "CompositeExplicitAutograd")
-def _kv_write(k_all: Tensor, v_all: Tensor, layer: int, slot_N: Tensor, pos_N: Tensor,
-              k_NGD: Tensor, v_NGD: Tensor) -> None:
-    """k_all[layer, slot_N[n], :, pos_N[n]] = k_NGD[n], and the same for v."""
-    k_all[layer, slot_N, :, pos_N] = k_NGD
-    v_all[layer, slot_N, :, pos_N] = v_NGD
-
-
-@torch.library.register_fake("rlfoundry::kv_write")
-def _(k_all, v_all, layer, slot_N, pos_N, k_NGD, v_NGD):
-    return None
 
 
 # ----------------------------------------------------------------------------- attention

@@ -194,8 +194,8 @@ class Engine:
         self.mtp_cache = KVCache.for_model(cfg, max_batch, self.max_len, num_layers=1, dtype=dtype,
                                            device=model.model.embed_tokens.weight.device) if speculative_steps else None
         if compile_decode:  # the batch size varies, the cache's shape never does
-            torch._dynamo.mark_static(self.cache.k)
-            torch._dynamo.mark_static(self.cache.v)
+            for t in self.cache.k + self.cache.v:
+                torch._dynamo.mark_static(t)
         eos = cfg.eos_token_id if eos_token_ids is None else list(eos_token_ids)
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
         self.weight_version = weight_version
