@@ -200,8 +200,14 @@ class Engine:
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
         self.weight_version = weight_version
         self._rng = random.Random(seed)
+        # Two locks: `_lock` is held for a whole step (model, cache, running sequences); `_submit`
+        # only for a moment, around the queue of waiting requests and the request table. Requests
+        # are queued under `_submit` alone, so a server thread never waits for a step to end: all
+        # requests that arrive during a step join at the next one (taking `_lock` there admitted
+        # one request per step). Order when both are held: `_lock`, then `_submit`.
         self._lock = threading.RLock()
-        self._wake = threading.Condition(self._lock)
+        self._submit = threading.Lock()
+        self._wake = threading.Condition(self._submit)
         self._waiting: deque[_Request] = deque()
         self._running: list[_Seq] = []          # running[i].slot == i
         self._requests: dict[str, _Request] = {}
@@ -222,7 +228,7 @@ class Engine:
         if params.n > self.max_batch:
             raise RequestError(f"sampling_params.n must be <= max_batch={self.max_batch}, got {params.n}")
         rid = request_id or uuid.uuid4().hex
-        with self._lock:
+        with self._submit:
             if rid in self._requests:
                 raise RequestError(f"request id {rid!r} is already running")
             req = _Request(rid, list(prompt_ids), params, on_done)
@@ -253,11 +259,12 @@ class Engine:
     def abort(self, request_id: str) -> bool:
         """Finish a request now with finish_reason "abort" (its tokens so far are kept)."""
         with self._lock:
-            req = self._requests.get(request_id)
-            if req is None:
-                return False
-            if req in self._waiting:
-                self._waiting.remove(req)
+            with self._submit:
+                req = self._requests.get(request_id)
+                if req is None:
+                    return False
+                if req in self._waiting:
+                    self._waiting.remove(req)
             for seq in req.seqs:
                 if seq.slot >= 0 or req.outputs[seq.index] is None:
                     self._finish(seq, "abort", None)
@@ -265,7 +272,9 @@ class Engine:
 
     def abort_all(self) -> None:
         with self._lock:
-            for rid in list(self._requests):
+            with self._submit:
+                rids = list(self._requests)
+            for rid in rids:
                 self.abort(rid)
 
     def pause(self) -> None:
@@ -274,7 +283,7 @@ class Engine:
             self._paused = True
 
     def resume(self) -> None:
-        with self._lock:
+        with self._submit:
             self._paused = False
             self._wake.notify_all()
 
@@ -300,10 +309,11 @@ class Engine:
             return not self._running and not self._waiting
 
     def load(self) -> dict:
-        with self._lock:
-            return {"running": len(self._running), "waiting": len(self._waiting),
-                    "kv_used_tokens": int(self.cache.lens[: len(self._running)].sum()) if self._running else 0,
-                    "kv_capacity_tokens": self.max_batch * self.max_len}
+        """A snapshot for metrics, read without waiting for the running step (may be one step old)."""
+        running = len(self._running)
+        return {"running": running, "waiting": len(self._waiting),
+                "kv_used_tokens": int(self.cache.lens[:running].sum()) if running else 0,
+                "kv_capacity_tokens": self.max_batch * self.max_len}
 
     # ------------------------------------------------------------------ the loop
     def has_work(self) -> bool:
@@ -346,7 +356,7 @@ class Engine:
         return self
 
     def shutdown(self) -> None:
-        with self._lock:
+        with self._submit:
             self._stop = True
             self._wake.notify_all()
         if self._thread is not None:
@@ -355,7 +365,7 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            with self._lock:
+            with self._submit:
                 while not self._stop and (self._paused or not self.has_work()):
                     self._wake.wait()
                 if self._stop:
@@ -365,14 +375,15 @@ class Engine:
     # ------------------------------------------------------------------ internals (lock held)
     def _admit(self) -> list[_Request]:
         admitted, tokens = [], 0
-        while self._waiting:
-            req = self._waiting[0]
-            free = self.max_batch - len(self._running) - sum(r.params.n for r in admitted)
-            if req.params.n > free or (admitted and tokens + len(req.prompt_ids) > self.max_prefill_tokens):
-                break
-            self._waiting.popleft()
-            admitted.append(req)
-            tokens += len(req.prompt_ids)
+        with self._submit:
+            while self._waiting:
+                req = self._waiting[0]
+                free = self.max_batch - len(self._running) - sum(r.params.n for r in admitted)
+                if req.params.n > free or (admitted and tokens + len(req.prompt_ids) > self.max_prefill_tokens):
+                    break
+                self._waiting.popleft()
+                admitted.append(req)
+                tokens += len(req.prompt_ids)
         return admitted
 
     def _prefill(self, reqs: list[_Request]) -> None:
@@ -578,7 +589,8 @@ class Engine:
                      self.weight_version, routed)
         self.stats["finished"] += 1
         if all(o is not None or s is seq for o, s in zip(req.outputs, req.seqs)):
-            self._requests.pop(req.id, None)
+            with self._submit:
+                self._requests.pop(req.id, None)
         req.finish_one(out)
 
 
