@@ -1,5 +1,6 @@
 """The inference engine against the full forward of the same model (and transformers' generate)."""
 
+import threading
 import time
 import warnings
 
@@ -225,6 +226,42 @@ def test_abort_pause_and_weight_update_mid_generation(model, tmp_path):
         again = engine.generate([prompt], greedy)[0][0]
         assert again.output_ids == reference.output_ids and again.weight_version == "v9"
     finally:
+        engine.shutdown()
+
+
+def test_requests_arriving_during_a_step_join_the_next_one_together(model):
+    """Submitting never waits for the running step (a server thread would stall, and requests
+    would join one per step): while a step holds the engine, requests queue at once, and the next
+    step admits them all in one prefill."""
+    engine = Engine(model, max_batch=16).start()
+    prefills = []
+    run_prefill = engine._prefill
+    engine._prefill = lambda reqs: (prefills.append(len(reqs)), run_prefill(reqs))[1]
+    params = SamplingParams(temperature=0, max_new_tokens=3)
+    in_step, step_may_end = threading.Event(), threading.Event()
+
+    def long_step():
+        with engine._lock:
+            in_step.set()
+            step_may_end.wait(60)
+
+    holder = threading.Thread(target=long_step)
+    holder.start()
+    try:
+        in_step.wait(10)
+        reqs, submitter = [], threading.Thread(
+            target=lambda: reqs.extend(engine.add_request(p, params) for p in _prompts(model.config, [4, 7, 2, 5, 3])))
+        submitter.start()
+        submitter.join(5)
+        assert len(reqs) == 5, "add_request waited for the running step"
+        assert engine.load()["waiting"] == 5  # metrics do not wait for the step either
+        step_may_end.set()
+        holder.join()
+        for r in reqs:
+            assert r.done.wait(60)
+        assert prefills == [5]
+    finally:
+        step_may_end.set()
         engine.shutdown()
 
 
