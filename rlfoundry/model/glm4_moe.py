@@ -59,8 +59,8 @@ def rope_cos_sin(position_ids_BT: Tensor, cfg: ModelConfig, dtype: torch.dtype) 
 
     Rotary channels i < R/2 get (cos, -sin), R/2 <= i < R get (cos, sin) — the half-split layout —
     and the pass-through channels i >= R get (1, 0), so `apply_rope` is one element-wise expression
-    over the whole head (slicing the rotary part out and concatenating it back made compiled backward
-    passes recompute the tables under masks: 3x slower)."""
+    over the whole head (with tables R wide, rotating a slice and concatenating the pass-through
+    channels back on, compiled backward passes recomputed the tables under masks: 3x slower)."""
     R, Dh = cfg.rotary_dim, cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, R, 2, dtype=torch.float32,
                                                       device=position_ids_BT.device) / R))
