@@ -112,11 +112,11 @@ class KVCache:
         """Copy the first `length` cached positions (default all) of slot `src` into `dst` slot(s):
         n samples of one prompt share its prefill; finished slots are refilled densely."""
         n = int(self.lens[src]) if length is None else length
-        for d in [dst] if isinstance(dst, int) else dst:
-            for k, v in zip(self.k, self.v):
-                k[d, :, :n] = k[src, :, :n]
-                v[d, :, :n] = v[src, :, :n]
-            self.lens[d] = n
+        dst = torch.tensor([dst] if isinstance(dst, int) else dst, device=self.lens.device)
+        for k, v in zip(self.k, self.v):  # one broadcast write per layer for all destinations
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
+        self.lens[dst] = n
 
     def truncate(self, slots: Tensor, new_lens: Tensor) -> None:
         self.lens[slots] = torch.minimum(self.lens[slots], new_lens)
