@@ -28,3 +28,26 @@ def test_updates_per_rollout_are_clipped_against_the_rollout_policy(tmp_path):
     m = worker.train(_own_samples(worker.model, groups=8, n=8))
     assert m["train/mismatch_max"] < 1e-4
     assert m["train/clip_frac"] > 0  # the first update has ratio 1 everywhere; only the second clips
+
+
+def test_compiled_trainer_compiles_at_start_up_and_trains_like_eager(tmp_path):
+    """train.compile: TrainerWorker traces the RL loss's forward and backward when it starts (one
+    graph with symbolic sizes), leaving weights and gradients untouched; a step on real samples of
+    another shape then reuses that graph and gives the eager step's loss."""
+    import torch
+    import torch._dynamo
+
+    from rlfoundry.rl.workers import TrainerWorker
+
+    overrides = ["algorithm.micro_batch_size=64", "rollout.max_new_tokens=12", "train.compile=aot_eager"]
+    torch._dynamo.reset()
+    compiled = TrainerWorker(load_rl_config(None, overrides), str(tmp_path / "c"))
+    eager = TrainerWorker(load_rl_config(None, overrides[:-1]), str(tmp_path / "e"))
+    assert all(p.grad is None for p in compiled.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(compiled.model.state_dict().values(), eager.model.state_dict().values()))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    groups = _own_samples(eager.model, groups=4, n=4)
+    mc, me = compiled.train(groups), eager.train(groups)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no new compile
+    assert abs(mc["train/loss"] - me["train/loss"]) < 1e-5
+    assert abs(mc["train/mismatch_max"] - me["train/mismatch_max"]) < 1e-5

@@ -69,6 +69,10 @@ def make_batches(samples: list[Sample], advantages: list[float], micro_batch_siz
 
 def sequence_logprobs(model, batch: RLBatch, temperature: float) -> tuple[Tensor, Tensor]:
     """(log-probs [B, T-1] of tokens 1..T-1, logits [B, T-1, V]) under the model."""
+    for t in (batch.input_ids, batch.attention_mask, batch.routed_experts):
+        if t is not None:  # RL batches change shape every step: a compiled model (train.compile)
+            torch._dynamo.maybe_mark_dynamic(t, 0)  # traces one graph with symbolic sizes at once,
+            torch._dynamo.maybe_mark_dynamic(t, 1)  # not a static one first (a second compile)
     out = model(batch.input_ids, attention_mask=batch.attention_mask, routed_experts=batch.routed_experts)
     logits = out.logits[:, :-1]
     return token_logprobs(logits, batch.input_ids[:, 1:], temperature), logits

@@ -57,6 +57,28 @@ class TrainerWorker:
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.algorithm.kl_coef else None
         self.trainer = Trainer(self.model, cfg.train)
         self.sender = None
+        if cfg.train.compile:
+            self._compile_now()
+
+    def _compile_now(self) -> None:
+        """train.compile: compile the RL loss's forward and backward at start-up, on a dummy
+        micro-batch shaped like a step's (sizes are symbolic, so the one graph serves every step),
+        rather than inside the first steps. Weights and optimizer state are untouched; the
+        gradients are dropped."""
+        from rlfoundry.rl.policy import make_batches, policy_loss
+
+        cfg, r = self.cfg, self.cfg.rollout
+        n = max(2, min(cfg.algorithm.micro_batch_size, r.prompts_per_step * r.n_samples_per_prompt))
+        T, K = r.max_new_tokens, self.model.config.num_experts_per_tok
+        moe_layers = sum(self.model.config.is_moe_layer(i) for i in range(self.model.config.num_hidden_layers))
+        routed = [[list(range(K))] * moe_layers] * (8 + T) if r.routing_replay and moe_layers else None
+        samples = [Sample(prompt_ids=[1] * 8, response_ids=[1] * (T - i % 2), logprobs=[0.0] * (T - i % 2),
+                          routed_experts=routed) for i in range(n)]
+        batch = make_batches(samples, [1.0] * n, n, cfg.algorithm.aggregation, routing_replay=r.routing_replay)[0]
+        self.model.train()
+        loss, _ = policy_loss(self.trainer.forward_model, batch, cfg.algorithm, r.temperature)
+        loss.backward()
+        self.model.zero_grad(set_to_none=True)
 
     def step(self) -> int:
         return self.trainer.step
