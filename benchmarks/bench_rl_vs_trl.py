@@ -5,7 +5,7 @@ each and the ratio, and plots training reward against wall-clock time for both
 (benchmarks/rl_vs_trl.png).
 
     .venv/bin/pip install trl            # not a dependency of rlfoundry
-    .venv/bin/python benchmarks/bench_rl_vs_trl.py [--steps 8] [--prompts 8] [--group 8]
+    .venv/bin/python benchmarks/bench_rl_vs_trl.py [--steps 8] [--prompts 8] [--group 8] [--compile-decode] [--compile-train]
 
 Timing: for TRL, the wall time of trainer.train(); for rlfoundry, the sum of its steps (rollout,
 reward, train, weight sync). The start-up of each (TRL building its trainer, Ray and the engine
@@ -87,7 +87,8 @@ def run_rlfoundry(args) -> dict:
         f"rollout.max_new_tokens={args.max_new_tokens}", "data.curriculum=[{source: 'task:countdown:2'}]",
         "eval_every=0", f"checkpoint_every={args.steps}", f"train.lr={args.lr}", f"train.final_lr={args.lr}",
         "algorithm.filter_zero_variance=false", f"algorithm.micro_batch_size={args.prompts * args.group}",
-        f"rollout.compile_decode={str(args.compile_decode).lower()}"])
+        f"rollout.compile_decode={str(args.compile_decode).lower()}"]
+        + (["train.compile=inductor"] if args.compile_train else []))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         result = run_rl(cfg, Path(tmp) / "run")
@@ -111,6 +112,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--compile-decode", action="store_true",
                     help="rlfoundry's engine decodes through torch.compile (compiled at start-up)")
+    ap.add_argument("--compile-train", action="store_true",
+                    help="rlfoundry's trainer runs the model through torch.compile (train.compile=inductor, "
+                         "compiled at start-up)")
     args = ap.parse_args()
     from rlfoundry.buffer import PromptDataset
     from rlfoundry.buffer.buffer import Buffer
