@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -204,10 +205,14 @@ class Engine:
         # only for a moment, around the queue of waiting requests and the request table. Requests
         # are queued under `_submit` alone, so a server thread never waits for a step to end: all
         # requests that arrive during a step join at the next one (taking `_lock` there admitted
-        # one request per step). Order when both are held: `_lock`, then `_submit`.
+        # one request per step). Order when both are held: `_lock`, then `_submit`. Control calls
+        # (abort, pause, weight updates) go in through `_between_steps`: the loop waits for them
+        # instead of taking `_lock` again at once (locks are not fair: a waiting caller could
+        # otherwise sit out dozens of steps).
         self._lock = threading.RLock()
         self._submit = threading.Lock()
         self._wake = threading.Condition(self._submit)
+        self._control_waiting = 0
         self._waiting: deque[_Request] = deque()
         self._running: list[_Seq] = []          # running[i].slot == i
         self._requests: dict[str, _Request] = {}
@@ -256,9 +261,22 @@ class Engine:
             self.generate([[0]] * B, params)
         self.stats = stats
 
+    @contextmanager
+    def _between_steps(self):
+        """Hold the engine between two steps, ahead of the loop's next step."""
+        with self._submit:
+            self._control_waiting += 1
+        try:
+            with self._lock:
+                yield
+        finally:
+            with self._submit:
+                self._control_waiting -= 1
+                self._wake.notify_all()
+
     def abort(self, request_id: str) -> bool:
         """Finish a request now with finish_reason "abort" (its tokens so far are kept)."""
-        with self._lock:
+        with self._between_steps():
             with self._submit:
                 req = self._requests.get(request_id)
                 if req is None:
@@ -271,7 +289,7 @@ class Engine:
             return True
 
     def abort_all(self) -> None:
-        with self._lock:
+        with self._between_steps():
             with self._submit:
                 rids = list(self._requests)
             for rid in rids:
@@ -279,7 +297,7 @@ class Engine:
 
     def pause(self) -> None:
         """Stop generating; running sequences keep their KV cache and continue on `resume`."""
-        with self._lock:
+        with self._between_steps():
             self._paused = True
 
     def resume(self) -> None:
@@ -296,7 +314,7 @@ class Engine:
         """Replace weights in place between two steps: a full state dict, any subset of tensors
         (checkpoint or our names), or a checkpoint directory. Returns the number of tensors copied."""
         tensors = read_tensors(Path(source)) if isinstance(source, (str, Path)) else source
-        with self._lock:
+        with self._between_steps():
             n = update_from_tensors(self.model, tensors)
             self.weight_version = str(version) if version is not None else str(int(self.weight_version) + 1
                                                                                   if self.weight_version.isdigit() else 1)
@@ -305,7 +323,7 @@ class Engine:
     def flush_cache(self) -> bool:
         """Drop cached prefixes. The slot cache keeps none beyond running sequences: a no-op that
         reports whether the engine is idle (SGLang refuses to flush while requests run)."""
-        with self._lock:
+        with self._between_steps():
             return not self._running and not self._waiting
 
     def load(self) -> dict:
@@ -366,7 +384,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._submit:
-                while not self._stop and (self._paused or not self.has_work()):
+                while not self._stop and (self._control_waiting or self._paused or not self.has_work()):
                     self._wake.wait()
                 if self._stop:
                     return
