@@ -9,7 +9,10 @@ summing in different orders) and only higher precision or batch-invariant kernel
 remove it.
 
     .venv/bin/python benchmarks/bench_mismatch.py [--model examples/tiny/model] [--prompts 32 --n 8]
-                                                  [--compile-decode]
+                                                  [--compile-decode] [--exact]
+
+`--exact` measures RL's `exact: true`: the engine holds an fp64 copy of the weights, the trainer
+computes in fp64 from its fp32 weights (`ComputeIn`), both round log-probs to fp32.
 
 (`--model RUN_DIR/hf` measures a trained policy: its sharper logits show larger differences.)
 """
@@ -26,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rlfoundry.buffer import PromptDataset  # noqa: E402
 from rlfoundry.data.tokenizer import eos_token_ids, load_tokenizer  # noqa: E402
 from rlfoundry.model import load_pretrained  # noqa: E402
-from rlfoundry.model.glm4_moe import cast_model  # noqa: E402
+from rlfoundry.model.glm4_moe import ComputeIn, cast_model  # noqa: E402
 from rlfoundry.rl.policy import make_batches, sequence_logprobs  # noqa: E402
 from rlfoundry.rl.sample import Sample  # noqa: E402
 from rlfoundry.rollout.engine import Engine, SamplingParams  # noqa: E402
@@ -44,6 +47,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--micro-batch", type=int, default=64)
     ap.add_argument("--compile-decode", action="store_true", help="the engine decodes through torch.compile")
+    ap.add_argument("--exact", action="store_true", help="RL's exact mode: fp64 arithmetic on both sides")
     args = ap.parse_args()
     torch.manual_seed(0)
     tok = load_tokenizer(args.model)
@@ -54,7 +58,7 @@ def main() -> None:
             for level, k in ((2, half), (3, args.prompts - half))]
     prompts = [ds.token_ids(i, tok) for ds in sets for i in range(len(ds))]
 
-    engine = Engine(load_pretrained(args.model), max_batch=64, eos_token_ids=eos_token_ids(tok), seed=0,
+    engine = Engine(load_pretrained(args.model, dtype=torch.float64 if args.exact else torch.float32), max_batch=64, eos_token_ids=eos_token_ids(tok), seed=0,
                     compile_decode=args.compile_decode)
     outs = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, n=args.n))
     samples = [Sample(prompt_ids=list(p), response_ids=list(o.output_ids), logprobs=list(o.logprobs),
@@ -62,6 +66,8 @@ def main() -> None:
     batches = make_batches(samples, [0.0] * len(samples), args.micro_batch, "token-mean")
 
     trainer = load_pretrained(args.model).train()
+    if args.exact:
+        trainer = ComputeIn(trainer, torch.float64)
     ref = cast_model(load_pretrained(args.model), torch.float64).eval()
     diffs: dict[str, list[torch.Tensor]] = {"engine - trainer": [], "engine - fp64": [], "trainer - fp64": []}
     for b in batches:
@@ -74,10 +80,13 @@ def main() -> None:
         diffs["engine - fp64"].append((engine_lp.double() - ref_lp)[mask].abs())
         diffs["trainer - fp64"].append((train_lp.double() - ref_lp)[mask].abs())
     n_tokens = sum(int(b.response_mask.sum()) for b in batches)
-    print(f"{args.model}: {len(samples)} samples, {n_tokens} generated tokens, fp32, temperature 1, "
+    print(f"{args.model}: {len(samples)} samples, {n_tokens} generated tokens, fp32 weights, "
+          f"{'fp64 arithmetic (exact)' if args.exact else 'fp32 arithmetic'}, temperature 1, "
           f"{'compiled' if args.compile_decode else 'eager'} decode")
     for name, parts in diffs.items():
         describe(f"|log-prob difference| {name}", torch.cat(parts))
+    same = torch.cat(diffs["engine - trainer"]).eq(0).float().mean()
+    print(f"engine and trainer log-probs equal bit for bit: {same:.2%} of tokens")
 
 
 if __name__ == "__main__":

@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", type=int, default=1, help="N > 1: N engine servers behind sglang-router on --port")
     p.add_argument("--max-batch", type=int, default=64, help="sequences decoded together (KV cache slots)")
     p.add_argument("--max-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
+                   help="weights and arithmetic (float64: RL's exact mode, fp32 weights held exactly)")
     p.add_argument("--served-model-name", default=None, help="model name of the OpenAI API (default: --model)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.add_argument("--backend", default="rlfoundry", choices=["rlfoundry", "vllm"],

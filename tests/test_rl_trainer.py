@@ -51,3 +51,36 @@ def test_compiled_trainer_compiles_at_start_up_and_trains_like_eager(tmp_path):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no new compile
     assert abs(mc["train/loss"] - me["train/loss"]) < 1e-5
     assert abs(mc["train/mismatch_max"] - me["train/mismatch_max"]) < 1e-5
+
+
+def test_exact_mode_gives_the_engines_log_probs_bit_for_bit(tmp_path):
+    """exact: the trainer computes in fp64 from its fp32 weights, the engine holds an fp64 copy of
+    the same weights (as `rlfoundry rl` starts its engines), and both round log-probs to fp32: the
+    trainer's log-probs of sampled tokens equal the engine's exactly — through batches that shrink
+    as sequences finish, micro-batches of another size, and after a training step and a weight
+    update. In fp32 the same comparison is not exact (MKL's matrix products round by shape)."""
+    import torch
+
+    from rlfoundry.model import load_pretrained
+    from rlfoundry.rl.workers import TrainerWorker
+    from rlfoundry.rollout.engine import Engine, SamplingParams
+
+    def groups_from(engine, seed):
+        prompts = [[3 + g, 7, 11 + g, 5][: 2 + g % 3] for g in range(8)]
+        outs = engine.generate(prompts, SamplingParams(temperature=0.9, max_new_tokens=20, n=6, seed=seed))
+        return [[Sample(p, o.output_ids, o.logprobs, reward=float(i % 2), group_id=g, index=i,
+                        status=Status.COMPLETED).to_dict() for i, o in enumerate(os_)]
+                for g, (p, os_) in enumerate(zip(prompts, outs))]
+
+    common = ["algorithm.micro_batch_size=20", "rollout.temperature=0.9", "train.lr=1e-2", "train.final_lr=1e-2"]
+    exact = TrainerWorker(load_rl_config(None, common + ["exact=true"]), str(tmp_path / "x"))
+    engine = Engine(load_pretrained(exact.cfg.model, dtype=torch.float64), max_batch=64)
+    assert engine.model.lm_head.weight.dtype == torch.float64
+    m = exact.train(groups_from(engine, 0))
+    assert m["train/mismatch_max"] == 0.0 and m["train/grad_norm"] > 0
+    assert all(p.dtype == torch.float32 for p in exact.model.parameters())
+    engine.update_weights(exact.model.state_dict(), version="1")  # fp32 weights into the fp64 copy
+    assert exact.train(groups_from(engine, 1))["train/mismatch_max"] == 0.0
+
+    plain = TrainerWorker(load_rl_config(None, common), str(tmp_path / "p"))
+    assert plain.train(groups_from(Engine(plain.model, max_batch=64), 0))["train/mismatch_max"] > 0

@@ -3,14 +3,14 @@
 What this file implements (GLM-4.5 report, arXiv 2508.06471; weights compatible with Hugging Face
 `glm4_moe`, whose `Glm4MoeForCausalLM` the tests use as the reference):
 
-- RMSNorm, normalising in fp32 and casting back before the weight multiply;
+- RMSNorm, normalising in fp32 (fp64 in an fp64 model) and casting back before the weight multiply;
 - grouped-query attention (few key/value heads shared by many query heads), with an explicit head_dim;
 - QK-Norm: a per-head RMSNorm over head_dim on q and k, after the head reshape and before RoPE;
 - partial RoPE: only the first `head_dim * partial_rotary_factor` channels of each head rotate, with
   the half-split rotation (channel i pairs with i + rotary_dim/2), cos/sin computed in fp32;
 - bias on the q/k/v projections when `attention_bias`, never on the output projection;
 - a dense SwiGLU MLP in the first `first_k_dense_replace` blocks and MoE in the rest:
-  sigmoid router in fp32, `e_score_correction_bias` (loss-free balancing) used only to choose
+  sigmoid router in fp32 (fp64 in an fp64 model), `e_score_correction_bias` (loss-free balancing) used only to choose
   experts, grouped top-k (a group scores as the sum of its best two experts), gate weights from the
   unbiased scores, renormalised when `norm_topk_prob`, times `routed_scaling_factor`, plus an
   always-on shared expert;
@@ -49,7 +49,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32, or fp64 for an fp64 model
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
@@ -249,9 +249,9 @@ class MLP(nn.Module):
 @dataclass
 class Routing:
     """The router's decision for N tokens."""
-    weights_NK: Tensor  # fp32 gate weights of the chosen experts (normalised, scaled)
+    weights_NK: Tensor  # fp32 (fp64 model: fp64) gate weights of the chosen experts (normalised, scaled)
     ids_NK: Tensor      # chosen expert ids
-    scores_NE: Tensor   # fp32 sigmoid scores of all experts (for the auxiliary balance loss)
+    scores_NE: Tensor   # fp32 (fp64 model: fp64) sigmoid scores of all experts (auxiliary balance loss)
 
 
 class Router(nn.Module):
@@ -265,10 +265,11 @@ class Router(nn.Module):
 
     def forward(self, x_ND: Tensor, replay_ids_NK: Tensor | None = None) -> Routing:
         cfg = self.cfg
-        scores_NE = F.linear(x_ND.float(), self.weight.float()).sigmoid()
+        dt = torch.promote_types(x_ND.dtype, torch.float32)  # fp32, or fp64 for an fp64 model
+        scores_NE = F.linear(x_ND.to(dt), self.weight.to(dt)).sigmoid()
         if replay_ids_NK is None:
             with torch.no_grad():
-                ids_NK = self._choose(scores_NE + self.e_score_correction_bias.float())
+                ids_NK = self._choose(scores_NE + self.e_score_correction_bias.to(dt))
         else:
             ids_NK = replay_ids_NK.to(device=x_ND.device, dtype=torch.long)
         weights_NK = scores_NE.gather(1, ids_NK)
@@ -664,6 +665,22 @@ class Glm4MoeForCausalLM(nn.Module):
     def moe_routers(self) -> list[Router]:
         """The routers of the main model's MoE blocks, in order (the MTP layers' come after)."""
         return [l.mlp.gate for l in list(self.model.layers) + list(self.model.mtp_layers) if isinstance(l.mlp, MoE)]
+
+
+class ComputeIn(nn.Module):
+    """`model` computing in `dtype` from its own parameters and buffers, cast at every call (autograd
+    returns the gradients in the parameters' dtype): fp32 weights with fp64 arithmetic, as RL's
+    `exact` mode runs the trainer so that it computes what an fp64 copy of the weights in an engine
+    computes. Calls forward only."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, *args, **kwargs):
+        cast = {name: t.to(self.dtype) if t.is_floating_point() else t
+                for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]}
+        return torch.func.functional_call(self.model, cast, args, kwargs)
 
 
 def cast_model(model: Glm4MoeForCausalLM, dtype: torch.dtype) -> Glm4MoeForCausalLM:

@@ -132,11 +132,12 @@ def entropy_from_logits(logits_NTV: Tensor) -> Tensor:
 
 
 def token_logprobs(logits_NTV: Tensor, ids_NT: Tensor, temperature: float = 1.0) -> Tensor:
-    """log softmax(logits / temperature)[ids] in fp32: the quantity the engine returns."""
-    logits = logits_NTV.float()
+    """log softmax(logits / temperature)[ids] in fp32: the quantity the engine returns (computed
+    in fp32, or in fp64 from fp64 logits and then rounded, as the engine does)."""
+    logits = logits_NTV.to(torch.promote_types(logits_NTV.dtype, torch.float32))
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
-    return logits.log_softmax(-1).gather(-1, ids_NT[..., None]).squeeze(-1)
+    return logits.log_softmax(-1).gather(-1, ids_NT[..., None]).squeeze(-1).float()
 
 
 def tis_weights(old_logp_NT: Tensor, engine_logp_NT: Tensor, cap: float = 2.0) -> Tensor:

@@ -41,6 +41,7 @@ def _threads() -> None:
 class TrainerWorker:
     def __init__(self, cfg, out: str):
         from rlfoundry.model import load_pretrained
+        from rlfoundry.model.glm4_moe import ComputeIn
         from rlfoundry.train.trainer import Trainer
 
         _threads()
@@ -56,6 +57,15 @@ class TrainerWorker:
                 layer.requires_grad_(False)
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.algorithm.kl_coef else None
         self.trainer = Trainer(self.model, cfg.train)
+        # What the RL loss calls: the trainer's model (compiled with train.compile), or with `exact`
+        # the same fp32 parameters computing in fp64, as the engines do
+        self.policy = self.trainer.forward_model
+        if cfg.exact:
+            self.policy = ComputeIn(self.model, torch.float64)
+            if cfg.train.compile:
+                self.policy = torch.compile(self.policy, backend=cfg.train.compile)
+            if self.ref is not None:
+                self.ref = ComputeIn(self.ref, torch.float64)
         self.sender = None
         if cfg.train.compile:
             self._compile_now()
@@ -76,7 +86,7 @@ class TrainerWorker:
                           routed_experts=routed) for i in range(n)]
         batch = make_batches(samples, [1.0] * n, n, cfg.algorithm.aggregation, routing_replay=r.routing_replay)[0]
         self.model.train()
-        loss, _ = policy_loss(self.trainer.forward_model, batch, cfg.algorithm, r.temperature)
+        loss, _ = policy_loss(self.policy, batch, cfg.algorithm, r.temperature)
         loss.backward()
         self.model.zero_grad(set_to_none=True)
 
@@ -116,13 +126,13 @@ class TrainerWorker:
             for batches in updates:
                 for b in batches:
                     if n_updates > 1:
-                        b.old_logprobs = sequence_logprobs(self.trainer.forward_model, b, temperature)[0]
+                        b.old_logprobs = sequence_logprobs(self.policy, b, temperature)[0]
                     if self.ref is not None:
                         b.ref_logprobs = sequence_logprobs(self.ref, b, temperature)[0]
 
         def loss_fn(b):
             nonlocal worst
-            loss, m = policy_loss(self.trainer.forward_model, b, algo, temperature)
+            loss, m = policy_loss(self.policy, b, algo, temperature)
             worst = max(worst, m["mismatch_max"])
             return loss, m
 
@@ -203,7 +213,8 @@ class RolloutWorker:
         log = open(self.out / "engines.log", "ab")
         for _ in range(cfg.rollout.num_engines):
             port = free_port()
-            cmd, env = backend.engine_command(cfg.model, port, cfg.rollout.max_batch, None, "float32", None, 0,
+            cmd, env = backend.engine_command(cfg.model, port, cfg.rollout.max_batch, None,
+                                              "float64" if cfg.exact else "float32", None, 0,
                                               cfg.rollout.compile_decode)
             self.procs.append(subprocess.Popen(_watched(cmd), env={**os.environ, **env, "OMP_NUM_THREADS": threads},
                                                stdout=log, stderr=log))

@@ -145,10 +145,11 @@ def _filter_probs(probs_BV: Tensor, top_k_B: Tensor, top_p_B: Tensor, min_p_B: T
 
 def sample(logits_BV: Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> tuple[Tensor, Tensor]:
     """Next token ids [B] and their fp32 log-probs [B] under softmax(logits / temperature)
-    (raw softmax for greedy rows). Each row draws from its own generator, so a sequence's samples do
-    not depend on what else is in the batch."""
-    logits = logits_BV.float()
-    temps = torch.tensor([p.temperature for p in params])
+    (raw softmax for greedy rows), computed in fp32 (fp64 for an fp64 model, then rounded). Each
+    row draws from its own generator, so a sequence's samples do not depend on what else is in the
+    batch."""
+    logits = logits_BV.to(torch.promote_types(logits_BV.dtype, torch.float32))
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)  # as the trainer divides
     greedy = temps == 0
     logprobs_BV = (logits / torch.where(greedy, 1.0, temps)[:, None]).log_softmax(-1)
     ids = logits.argmax(-1)
@@ -164,7 +165,7 @@ def sample(logits_BV: Tensor, params: list[SamplingParams], generators: list[tor
         cdf = probs.cumsum(-1)
         picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=probs.shape[-1] - 1)
         ids[rows] = picked.flatten()
-    return ids, logprobs_BV.gather(1, ids[:, None]).flatten()
+    return ids, logprobs_BV.gather(1, ids[:, None]).flatten().float()
 
 
 class Engine:
