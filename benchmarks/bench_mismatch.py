@@ -73,8 +73,9 @@ def main() -> None:
     for b in batches:
         mask = b.response_mask[:, 1:].bool()
         train_lp = sequence_logprobs(trainer, b, 1.0)[0].detach()   # autograd on, as in the RL step
-        with torch.no_grad():
-            ref_lp = sequence_logprobs(ref, b, 1.0)[0]
+        with torch.no_grad():  # unrounded fp64 log-probs (sequence_logprobs rounds to fp32)
+            ref_logits = sequence_logprobs(ref, b, 1.0)[1]
+            ref_lp = ref_logits.log_softmax(-1).gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)
         engine_lp = b.engine_logprobs[:, 1:]
         diffs["engine - trainer"].append((engine_lp - train_lp)[mask].abs())
         diffs["engine - fp64"].append((engine_lp.double() - ref_lp)[mask].abs())

@@ -83,6 +83,19 @@ def test_bad_configs_name_the_field(tmp_path):
             continue
         with pytest.raises(ConfigError, match=field.replace("[", r"\[")):
             load_rl_config(None, [override])
+    for other in ("rollout.compile_decode=true", "train.compile=inductor", "train.bf16=true"):
+        with pytest.raises(ConfigError, match="field 'exact'"):
+            load_rl_config(None, ["exact=true", other])
+
+
+def test_exact_mode_end_to_end_has_zero_mismatch(tmp_path):
+    """exact: true through the real loop (engine server in fp64, broadcast weight sync of the fp32
+    weights, trainer in fp64): the trainer's log-probs equal the engine's in every step."""
+    out = tmp_path / "run"
+    assert main(["rl", "--out", str(out), *SMALL, "exact=true", "eval_every=0", "checkpoint_every=3"]) == 0
+    trained = [m for m in lines(out)[1:] if "train/mismatch_max" in m]
+    assert trained, "no step had a group with a reward signal"
+    assert all(m["train/mismatch_max"] == 0.0 for m in trained), [m["train/mismatch_max"] for m in trained]
 
 
 # with DAPO's dynamic-sampling refill: a kill may land between refill rounds

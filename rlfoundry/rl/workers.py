@@ -62,8 +62,6 @@ class TrainerWorker:
         self.policy = self.trainer.forward_model
         if cfg.exact:
             self.policy = ComputeIn(self.model, torch.float64)
-            if cfg.train.compile:
-                self.policy = torch.compile(self.policy, backend=cfg.train.compile)
             if self.ref is not None:
                 self.ref = ComputeIn(self.ref, torch.float64)
         self.sender = None
