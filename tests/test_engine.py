@@ -83,6 +83,22 @@ def test_queueing_beyond_capacity_gives_the_same_results(model):
     assert [o[0].output_ids for o in small] == [o[0].output_ids for o in big]
 
 
+def test_sequences_finishing_at_different_steps_keep_their_caches(model):
+    """Finished sequences leave holes in the batch that the last running ones move into (one cache
+    copy per layer for all of them, after the step): every sample still decodes what it decodes
+    alone, greedy and seeded, with the same log-probs to fp32 rounding."""
+    prompts = _prompts(model.config, [3, 8, 5, 1, 6, 9, 2], seed=4)
+    params = [SamplingParams(temperature=t, n=n, seed=7 + i, max_new_tokens=m, ignore_eos=True)
+              for i, (t, n, m) in enumerate([(0, 1, 3), (1.0, 3, 11), (0, 1, 5), (1.0, 2, 1), (0.8, 3, 8),
+                                             (0, 1, 14), (1.0, 2, 2)])]
+    together = Engine(model, max_batch=16).generate(prompts, params)
+    for p, sp, outs in zip(prompts, params, together):
+        alone = Engine(model, max_batch=4).generate([p], sp)[0]
+        for a, b in zip(outs, alone):
+            assert a.output_ids == b.output_ids and len(a.output_ids) == sp.max_new_tokens
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-5
+
+
 def test_stop_tokens_eos_and_lengths(model):
     prompt = _prompts(model.config, [5], seed=3)[0]
     engine = Engine(model, max_batch=4, max_len=20)

@@ -118,6 +118,16 @@ class KVCache:
             v[dst, :, :n] = v[src, :, :n]
         self.lens[dst] = n
 
+    def move_slots(self, src: list[int], dst: list[int]) -> None:
+        """Copy slots `src` into slots `dst` (pairwise; the two sets are disjoint), all of them in
+        one copy per layer tensor, up to the longest of them."""
+        s, d = torch.tensor(src, device=self.lens.device), torch.tensor(dst, device=self.lens.device)
+        n = int(self.lens[s].max())
+        for k, v in zip(self.k, self.v):
+            k[d, :, :n] = k[s, :, :n]
+            v[d, :, :n] = v[s, :, :n]
+        self.lens[d] = self.lens[s]
+
     def truncate(self, slots: Tensor, new_lens: Tensor) -> None:
         self.lens[slots] = torch.minimum(self.lens[slots], new_lens)
 

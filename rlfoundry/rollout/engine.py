@@ -287,6 +287,7 @@ class Engine:
             for seq in req.seqs:
                 if seq.slot >= 0 or req.outputs[seq.index] is None:
                     self._finish(seq, "abort", None)
+            self._compact()
             return True
 
     def abort_all(self) -> None:
@@ -347,8 +348,10 @@ class Engine:
             admitted = self._admit()
             if admitted:
                 self._prefill(admitted)
+                self._compact()
             if self._running:
                 self._decode()
+                self._compact()
             self.stats["steps"] += 1
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
@@ -538,7 +541,7 @@ class Engine:
             if pr.return_routed_experts:
                 seq.routed.append(ver.routed_experts[b, : accepted + 1].to(torch.int16))
             emits.append((seq, tokens, lps))
-        # only now finish sequences: finishing moves other sequences between slots
+        # only now finish sequences (each sequence's cache lengths are set above)
         for seq, tokens, lps in emits:
             for t, lp in zip(tokens, lps):
                 if seq.slot < 0:
@@ -575,6 +578,24 @@ class Engine:
                 d[b] = self._draw(q[b], gens[b])
         return d, q
 
+    def _compact(self) -> None:
+        """Close the holes finished sequences left, so that running[i].slot == i again: the last
+        running sequences move into them, with one cache copy per layer for all of them (moving
+        each at its finish cost 8 small copies per sequence: ~8% of a busy server's time)."""
+        n = sum(s.slot >= 0 for s in self._running)
+        if n == len(self._running):
+            return
+        movers = [s for s in self._running[n:] if s.slot >= 0]
+        holes = [i for i, s in enumerate(self._running[:n]) if s.slot < 0]
+        if movers:
+            src = [s.slot for s in movers]
+            self.cache.move_slots(src, holes)
+            if self.mtp_cache is not None:
+                self.mtp_cache.move_slots(src, holes)
+            for s, i in zip(movers, holes):
+                s.slot = i
+        self._running = sorted((s for s in self._running if s.slot >= 0), key=lambda s: s.slot)
+
     def _accept(self, seqs: list[_Seq], ids: Tensor, logprobs: Tensor) -> None:
         self.stats["generated_tokens"] += len(seqs)
         for seq, t, lp in zip(seqs, ids.tolist(), logprobs.tolist()):
@@ -593,16 +614,7 @@ class Engine:
 
     def _finish(self, seq: _Seq, reason: str, matched: int | None) -> None:
         req = seq.req
-        if seq.slot >= 0:  # free the slot: move the last running sequence into it
-            i, last = seq.slot, self._running[-1]
-            if last is not seq:
-                self.cache.copy_slot(last.slot, i)
-                if self.mtp_cache is not None:
-                    self.mtp_cache.copy_slot(last.slot, i)
-                self._running[i] = last
-                last.slot = i
-            self._running.pop()
-            seq.slot = -1
+        seq.slot = -1  # its slot is a hole in `_running` until `_compact`
         routed = torch.cat(seq.routed) if seq.routed else None
         out = Output(req.id, seq.index, req.prompt_ids, seq.output_ids, seq.logprobs, reason, matched,
                      self.weight_version, routed)
