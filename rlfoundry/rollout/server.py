@@ -291,7 +291,8 @@ def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_mode
                 if o.routed_experts is not None:
                     meta["routed_experts"] = o.routed_experts.tolist()
                 items.append({"text": decode(o.output_ids), "output_ids": o.output_ids, "meta_info": meta})
-        return items if batch or params.n > 1 else items[0]
+        # a JSONResponse as it is: FastAPI would first walk every logprob entry in jsonable_encoder
+        return JSONResponse(items if batch or params.n > 1 else items[0])
 
     @app.get("/health")
     async def health():
