@@ -12,8 +12,8 @@ What this file implements (GLM-4.5 report, arXiv 2508.06471; weights compatible 
 - a dense SwiGLU MLP in the first `first_k_dense_replace` blocks and MoE in the rest:
   sigmoid router in fp32 (fp64 in an fp64 model), `e_score_correction_bias` (loss-free balancing)
   used only to choose experts, grouped top-k (a group scores as the sum of its best two experts),
-  gate weights from the unbiased scores, renormalised when `norm_topk_prob`, times `routed_scaling_factor`, plus an
-  always-on shared expert;
+  gate weights from the unbiased scores, renormalised when `norm_topk_prob`, times
+  `routed_scaling_factor`, plus an always-on shared expert;
 - experts stored as one (E, ...) tensor per projection (so expert parallelism shards dim 0) and run
   as grouped matrix products over expert-sorted tokens — no Python loop over tokens;
 - routing replay: the router returns the chosen expert ids and accepts given ids instead;
