@@ -196,6 +196,25 @@ def test_rope_is_the_half_split_rotation_exactly(head_dim, factor):
     assert torch.equal(out[..., R:], x[..., R:])
 
 
+def test_fp64_model_agrees_with_itself_compiled():
+    """An fp64 model (RL's exact mode) computes its RoPE tables in fp64 as well: with fp32 tables,
+    inductor's and eager's fp32 cos/sin differ by an ulp and compiled and eager fp64 logits differed
+    by 7e-7 — enough to change fp32-rounded log-probs. Now they agree to fp64 rounding."""
+    from rlfoundry.model.glm4_moe import rope_cos_sin
+
+    cfg = small_config()
+    pos = torch.arange(300)[None]
+    cos, _ = rope_cos_sin(pos, cfg, torch.float64)
+    R = cfg.rotary_dim
+    exact = (pos.double()[..., None] / cfg.rope_theta ** (torch.arange(0, R, 2, dtype=torch.float64) / R)).cos()
+    assert (cos[..., : R // 2] - exact).abs().max() < 1e-13
+    model = random_model(cfg, seed=3).double().eval()
+    ids = torch.randint(0, cfg.vocab_size, (3, 17))
+    with torch.no_grad():
+        eager, compiled = model(ids).logits, torch.compile(model)(ids).logits
+    assert (eager - compiled).abs().max() < 1e-11
+
+
 def test_decode_attention_equals_sdpa():
     """The compiled decode steps' attention (one query per row, cached keys of ragged length, GQA)
     agrees with SDPA's, including rows that see only part of the keys."""

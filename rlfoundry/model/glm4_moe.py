@@ -55,16 +55,17 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(position_ids_BT: Tensor, cfg: ModelConfig, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and signed sin [B, T, Dh] over a whole head, computed in fp32 and cast to `dtype`.
+    """cos and signed sin [B, T, Dh] over a whole head, computed in fp32 (in fp64 for an fp64
+    model: fp32 cos/sin differ by an ulp between eager and compiled kernels) and cast to `dtype`.
 
     Rotary channels i < R/2 get (cos, -sin), R/2 <= i < R get (cos, sin) — the half-split layout —
     and the pass-through channels i >= R get (1, 0), so `apply_rope` is one element-wise expression
     over the whole head (with tables R wide, rotating a slice and concatenating the pass-through
     channels back on, compiled backward passes recomputed the tables under masks: 3x slower)."""
     R, Dh = cfg.rotary_dim, cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, R, 2, dtype=torch.float32,
-                                                      device=position_ids_BT.device) / R))
-    freqs = position_ids_BT.float()[..., None] * inv_freq  # [B, T, R/2]
+    ct = torch.promote_types(dtype, torch.float32)
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, R, 2, dtype=ct, device=position_ids_BT.device) / R))
+    freqs = position_ids_BT.to(ct)[..., None] * inv_freq  # [B, T, R/2]
     cos, sin = freqs.cos(), freqs.sin()
     pad = freqs.new_zeros(*freqs.shape[:-1], Dh - R)
     cos_BTD = torch.cat([cos, cos, pad + 1], dim=-1)
