@@ -5,7 +5,7 @@ each and the ratio, and plots training reward against wall-clock time for both
 (benchmarks/rl_vs_trl.png).
 
     .venv/bin/pip install trl            # not a dependency of rlfoundry
-    .venv/bin/python benchmarks/bench_rl_vs_trl.py [--steps 8] [--prompts 8] [--group 8] [--compile-decode] [--compile-train]
+    .venv/bin/python benchmarks/bench_rl_vs_trl.py [--steps 8] [--prompts 8] [--group 8] [--compile-decode] [--compile-train] [--exact]
 
 Timing: for TRL, the wall time of trainer.train(); for rlfoundry, the sum of its steps (rollout,
 reward, train, weight sync). The start-up of each (TRL building its trainer, Ray and the engine
@@ -88,7 +88,7 @@ def run_rlfoundry(args) -> dict:
         "eval_every=0", f"checkpoint_every={args.steps}", f"train.lr={args.lr}", f"train.final_lr={args.lr}",
         "algorithm.filter_zero_variance=false", f"algorithm.micro_batch_size={args.prompts * args.group}",
         f"rollout.compile_decode={str(args.compile_decode).lower()}"]
-        + (["train.compile=inductor"] if args.compile_train else []))
+        + (["train.compile=inductor"] if args.compile_train else []) + (["exact=true"] if args.exact else []))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         result = run_rl(cfg, Path(tmp) / "run")
@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--compile-train", action="store_true",
                     help="rlfoundry's trainer runs the model through torch.compile (train.compile=inductor, "
                          "compiled at start-up)")
+    ap.add_argument("--exact", action="store_true",
+                    help="rlfoundry with exact=true (fp64 arithmetic on both sides: mismatch 0)")
     args = ap.parse_args()
     from rlfoundry.buffer import PromptDataset
     from rlfoundry.buffer.buffer import Buffer
