@@ -26,6 +26,8 @@ def test_demo_runs_shortened(tmp_path, capsys):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["step"] == 0 and lines[-1]["step"] == 1 and "eval/accuracy" in lines[-1]
     assert (tmp_path / "curves.png").exists()
+    if any("train/mismatch_max" in m for m in lines):  # a step with a reward signal was trained
+        assert "log-prob mismatch" in out
 
 
 def test_compile_decode_reaches_the_engine_command():
