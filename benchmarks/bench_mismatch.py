@@ -58,8 +58,8 @@ def main() -> None:
             for level, k in ((2, half), (3, args.prompts - half))]
     prompts = [ds.token_ids(i, tok) for ds in sets for i in range(len(ds))]
 
-    engine = Engine(load_pretrained(args.model, dtype=torch.float64 if args.exact else torch.float32), max_batch=64, eos_token_ids=eos_token_ids(tok), seed=0,
-                    compile_decode=args.compile_decode)
+    engine = Engine(load_pretrained(args.model, dtype=torch.float64 if args.exact else torch.float32), max_batch=64,
+                    eos_token_ids=eos_token_ids(tok), seed=0, compile_decode=args.compile_decode)
     outs = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, n=args.n))
     samples = [Sample(prompt_ids=list(p), response_ids=list(o.output_ids), logprobs=list(o.logprobs),
                       loss_mask=[1] * len(o.output_ids)) for p, group in zip(prompts, outs) for o in group]

@@ -278,24 +278,29 @@ class Engine:
     def abort(self, request_id: str) -> bool:
         """Finish a request now with finish_reason "abort" (its tokens so far are kept)."""
         with self._between_steps():
-            with self._submit:
-                req = self._requests.get(request_id)
-                if req is None:
-                    return False
-                if req in self._waiting:
-                    self._waiting.remove(req)
-            for seq in req.seqs:
-                if seq.slot >= 0 or req.outputs[seq.index] is None:
-                    self._finish(seq, "abort", None)
+            found = self._abort(request_id)
             self._compact()
-            return True
+            return found
 
     def abort_all(self) -> None:
         with self._between_steps():
             with self._submit:
                 rids = list(self._requests)
             for rid in rids:
-                self.abort(rid)
+                self._abort(rid)
+            self._compact()  # once for all of them
+
+    def _abort(self, request_id: str) -> bool:
+        with self._submit:
+            req = self._requests.get(request_id)
+            if req is None:
+                return False
+            if req in self._waiting:
+                self._waiting.remove(req)
+        for seq in req.seqs:
+            if seq.slot >= 0 or req.outputs[seq.index] is None:
+                self._finish(seq, "abort", None)
+        return True
 
     def pause(self) -> None:
         """Stop generating; running sequences keep their KV cache and continue on `resume`."""
