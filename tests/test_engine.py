@@ -245,6 +245,24 @@ def test_abort_pause_and_weight_update_mid_generation(model, tmp_path):
         engine.shutdown()
 
 
+def test_abort_all_mid_generation_then_the_engine_serves_on(model):
+    engine = Engine(model, max_batch=8).start()
+    try:
+        prompts = _prompts(model.config, [3, 6, 2], seed=3)
+        long = SamplingParams(temperature=1.0, max_new_tokens=300, n=2, ignore_eos=True)
+        reqs = [engine.add_request(p, long) for p in prompts]
+        _wait(lambda: all(len(s.output_ids) >= 2 for r in reqs for s in r.seqs))
+        engine.abort_all()
+        for r in reqs:
+            assert r.done.wait(10) and all(o.finish_reason == "abort" and len(o.output_ids) < 300 for o in r.outputs)
+        assert not engine.has_work()
+        greedy = SamplingParams(temperature=0, max_new_tokens=7)
+        assert engine.generate(prompts[:1], greedy)[0][0].output_ids == \
+            Engine(model, max_batch=1).generate(prompts[:1], greedy)[0][0].output_ids
+    finally:
+        engine.shutdown()
+
+
 def test_control_calls_wait_for_one_step_at_most(model):
     """abort / pause / weight updates from another thread take effect after the step in flight:
     the loop lets them in before its next step (locks are not fair; the loop used to take the
