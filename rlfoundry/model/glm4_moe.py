@@ -42,6 +42,12 @@ from .config import ModelConfig
 
 
 # ----------------------------------------------------------------------------- building blocks
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """The dtype that precision-sensitive steps (norms, router, RoPE tables, log-softmax) compute
+    in: fp32 for fp32 / bf16 / fp16 models, fp64 for an fp64 model (`exact: true` in RL)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -49,7 +55,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32, or fp64 for an fp64 model
+        x32 = x.to(at_least_fp32(x.dtype))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
@@ -63,7 +69,7 @@ def rope_cos_sin(position_ids_BT: Tensor, cfg: ModelConfig, dtype: torch.dtype) 
     over the whole head (with tables R wide, rotating a slice and concatenating the pass-through
     channels back on, compiled backward passes recomputed the tables under masks: 3x slower)."""
     R, Dh = cfg.rotary_dim, cfg.head_dim
-    ct = torch.promote_types(dtype, torch.float32)
+    ct = at_least_fp32(dtype)
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, R, 2, dtype=ct, device=position_ids_BT.device) / R))
     freqs = position_ids_BT.to(ct)[..., None] * inv_freq  # [B, T, R/2]
     cos, sin = freqs.cos(), freqs.sin()
@@ -109,19 +115,10 @@ class KVCache:
         return cls(cfg.num_hidden_layers if num_layers is None else num_layers, num_slots, max_len,
                    cfg.num_key_value_heads, cfg.head_dim, dtype, device)
 
-    def copy_slot(self, src: int, dst: int | list[int], length: int | None = None) -> None:
-        """Copy the first `length` cached positions (default all) of slot `src` into `dst` slot(s):
-        n samples of one prompt share its prefill; finished slots are refilled densely."""
-        n = int(self.lens[src]) if length is None else length
-        dst = torch.tensor([dst] if isinstance(dst, int) else dst, device=self.lens.device)
-        for k, v in zip(self.k, self.v):  # one broadcast write per layer for all destinations
-            k[dst, :, :n] = k[src, :, :n]
-            v[dst, :, :n] = v[src, :, :n]
-        self.lens[dst] = n
-
-    def move_slots(self, src: list[int], dst: list[int]) -> None:
-        """Copy slots `src` into slots `dst` (pairwise; the two sets are disjoint), all of them in
-        one copy per layer tensor, up to the longest of them."""
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        """Copy slots `src` into slots `dst` pairwise (a source may repeat: the n samples of one
+        prompt share its prefill; no slot is both), all of them in one copy per layer tensor, up to
+        the longest of them. After a step the engine moves the last sequences into finished slots."""
         s, d = torch.tensor(src, device=self.lens.device), torch.tensor(dst, device=self.lens.device)
         n = int(self.lens[s].max())
         for k, v in zip(self.k, self.v):
@@ -276,7 +273,7 @@ class Router(nn.Module):
 
     def forward(self, x_ND: Tensor, replay_ids_NK: Tensor | None = None) -> Routing:
         cfg = self.cfg
-        dt = torch.promote_types(x_ND.dtype, torch.float32)  # fp32, or fp64 for an fp64 model
+        dt = at_least_fp32(x_ND.dtype)
         scores_NE = F.linear(x_ND.to(dt), self.weight.to(dt)).sigmoid()
         if replay_ids_NK is None:
             with torch.no_grad():

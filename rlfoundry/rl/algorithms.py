@@ -40,6 +40,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rlfoundry.model.glm4_moe import at_least_fp32
+
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "k2", "k3")
@@ -134,7 +136,7 @@ def entropy_from_logits(logits_NTV: Tensor) -> Tensor:
 def token_logprobs(logits_NTV: Tensor, ids_NT: Tensor, temperature: float = 1.0) -> Tensor:
     """log softmax(logits / temperature)[ids] in fp32: the quantity the engine returns (computed
     in fp32, or in fp64 from fp64 logits and then rounded, as the engine does)."""
-    logits = logits_NTV.to(torch.promote_types(logits_NTV.dtype, torch.float32))
+    logits = logits_NTV.to(at_least_fp32(logits_NTV.dtype))
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     return logits.log_softmax(-1).gather(-1, ids_NT[..., None]).squeeze(-1).float()

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from rlfoundry.model import Glm4MoeForCausalLM, KVCache
-from rlfoundry.model.glm4_moe import Experts
+from rlfoundry.model.glm4_moe import Experts, at_least_fp32
 from rlfoundry.model.hf_io import read_tensors, update_from_tensors
 
 
@@ -148,7 +148,7 @@ def sample(logits_BV: Tensor, params: list[SamplingParams], generators: list[tor
     (raw softmax for greedy rows), computed in fp32 (fp64 for an fp64 model, then rounded). Each
     row draws from its own generator, so a sequence's samples do not depend on what else is in the
     batch."""
-    logits = logits_BV.to(torch.promote_types(logits_BV.dtype, torch.float32))
+    logits = logits_BV.to(at_least_fp32(logits_BV.dtype))
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)  # as the trainer divides
     greedy = temps == 0
     logprobs_BV = (logits / torch.where(greedy, 1.0, temps)[:, None]).log_softmax(-1)
@@ -432,7 +432,7 @@ class Engine:
         rows, seqs, params = [], [], []
         for b, r in enumerate(reqs):
             if r.params.n > 1:
-                self.cache.copy_slot(r.first_slot, [s.slot for s in r.seqs[1:]])
+                self.cache.copy_slots([r.first_slot] * (len(r.seqs) - 1), [s.slot for s in r.seqs[1:]])
             for seq in r.seqs:
                 if r.params.return_routed_experts:
                     seq.routed.append(out.routed_experts[b, : lens[b]].to(torch.int16))
@@ -594,9 +594,9 @@ class Engine:
         holes = [i for i, s in enumerate(self._running[:n]) if s.slot < 0]
         if movers:
             src = [s.slot for s in movers]
-            self.cache.move_slots(src, holes)
+            self.cache.copy_slots(src, holes)
             if self.mtp_cache is not None:
-                self.mtp_cache.move_slots(src, holes)
+                self.mtp_cache.copy_slots(src, holes)
             for s, i in zip(movers, holes):
                 s.slot = i
         self._running = sorted((s for s in self._running if s.slot >= 0), key=lambda s: s.slot)
