@@ -1,13 +1,15 @@
 """Forward+backward training throughput: rlfoundry's GLM-4.5 model vs transformers' Glm4MoeForCausalLM.
 
-Same configuration, same weights, same batch, interleaved in one run; prints tokens/s of each, the
-ratio, and the achieved FLOP/s as a fraction of this CPU's dense fp32 matmul FLOP/s (measured here
-with torch.mm on square matrices). transformers runs with its defaults (SDPA attention, grouped_mm
-experts). A third row runs our model under torch.compile, as the trainer does with `train.compile: inductor`
-(the grouped expert GEMMs stay opaque custom ops);
+Same configuration, same weights, same batch, interleaved in one run, in fp32 and under bf16 autocast
+(`torch.autocast("cpu", torch.bfloat16)`, what `train.bf16` runs; fp32 weights, gradients and loss);
+prints tokens/s of each, the ratio, and the achieved FLOP/s as a fraction of this CPU's dense matmul
+FLOP/s in that precision (measured here with torch.mm on square matrices). transformers runs with its
+defaults (SDPA attention, grouped_mm experts). A third row runs our model under torch.compile, as the
+trainer does with `train.compile: inductor` (the grouped expert GEMMs stay opaque custom ops);
 transformers' model does not compile in fp32 with its grouped_mm experts, so it has no such row.
 
     make bench            # or: .venv/bin/python benchmarks/bench_model.py [--batch 8 --seq 256 --iters 10]
+                          #     [--precision fp32|bf16|both] [--no-compile]
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ def train_flops_per_token(cfg: ModelConfig, seq: int) -> float:
     return 6 * matmul_active + attn
 
 
-def peak_matmul_flops(n: int = 1024, iters: int = 20) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def peak_matmul_flops(n: int = 1024, iters: int = 20, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
     t = time.perf_counter()
@@ -52,9 +54,10 @@ def peak_matmul_flops(n: int = 1024, iters: int = 20) -> float:
     return 2 * n ** 3 * iters / (time.perf_counter() - t)
 
 
-def step(model, ids, logits_of) -> None:
-    logits = logits_of(model(ids))
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+def step(model, ids, bf16: bool = False) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(ids).logits
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
     loss.backward()
     model.zero_grad(set_to_none=True)
 
@@ -66,6 +69,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both",
+                    help="fp32, bf16 autocast, or both side by side (default)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import transformers
@@ -84,39 +89,46 @@ def main() -> None:
     with torch.no_grad():
         assert (ours(ids).logits - hf(ids).logits).abs().max() < 1e-4, "models differ"
 
-    runners = {"rlfoundry": (ours, lambda o: o.logits), "transformers": (hf, lambda o: o.logits)}
+    precisions = {"fp32": [False], "bf16": [True], "both": [False, True]}[args.precision]
+    models = {"rlfoundry": ours, "transformers": hf}
     if not args.no_compile:
-        compiled = torch.compile(ours)
-        t = time.perf_counter()
-        step(compiled, ids, lambda o: o.logits)
-        print(f"torch.compile of our model: {time.perf_counter() - t:.0f} s (once)")
-        runners["rlfoundry+compile"] = (compiled, lambda o: o.logits)
-    times = {k: [] for k in runners}
-    for i in range(args.warmup + args.iters):
-        for name, (model, logits_of) in runners.items():  # interleaved: both see the same machine load
+        models["rlfoundry+compile"] = torch.compile(ours)
+        for bf16 in precisions:  # autocast is part of the traced graph: one compile per precision
             t = time.perf_counter()
-            step(model, ids, logits_of)
+            step(models["rlfoundry+compile"], ids, bf16)
+            print(f"torch.compile of our model ({'bf16 autocast' if bf16 else 'fp32'}): "
+                  f"{time.perf_counter() - t:.0f} s (once)")
+    runners = [(name, model, bf16) for bf16 in precisions for name, model in models.items()]
+    times = {(name, bf16): [] for name, _, bf16 in runners}
+    for i in range(args.warmup + args.iters):
+        for name, model, bf16 in runners:  # interleaved: all see the same machine load
+            t = time.perf_counter()
+            step(model, ids, bf16)
             if i >= args.warmup:
-                times[name].append(time.perf_counter() - t)
+                times[name, bf16].append(time.perf_counter() - t)
 
     tokens = args.batch * args.seq
-    peak = peak_matmul_flops()
     fpt = train_flops_per_token(cfg, args.seq)
     counts = cfg.param_counts()
     print(f"config: {counts['total'] / 1e6:.1f}M params ({counts['active'] / 1e6:.1f}M active), "
-          f"batch {args.batch} x {args.seq} tokens, fp32, {torch.get_num_threads()} threads, "
+          f"batch {args.batch} x {args.seq} tokens, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"dense fp32 matmul peak of this CPU (torch.mm 1024^3): {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'implementation':<18} {'median s/step':>14} {'tokens/s':>10} {'GFLOP/s':>9} {'of peak':>8}")
-    tps = {}
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        tps[name] = tokens / med
-        print(f"{name:<18} {med:>14.4f} {tps[name]:>10.0f} {tps[name] * fpt / 1e9:>9.1f} "
-              f"{tps[name] * fpt / peak:>8.1%}")
-    for name in tps:
-        if name != "transformers":
-            print(f"ratio {name} / transformers: {tps[name] / tps['transformers']:.2f}x")
+    for bf16 in precisions:
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        peak = peak_matmul_flops(dtype=dtype)
+        what = "bf16 autocast (fp32 weights)" if bf16 else "fp32"
+        print(f"\n{what}: dense {'bf16' if bf16 else 'fp32'} matmul peak of this CPU (torch.mm 1024^3): "
+              f"{peak / 1e9:.1f} GFLOP/s")
+        print(f"{'implementation':<18} {'median s/step':>14} {'tokens/s':>10} {'GFLOP/s':>9} {'of peak':>8}")
+        tps = {}
+        for name in models:
+            med = statistics.median(times[name, bf16])
+            tps[name] = tokens / med
+            print(f"{name:<18} {med:>14.4f} {tps[name]:>10.0f} {tps[name] * fpt / 1e9:>9.1f} "
+                  f"{tps[name] * fpt / peak:>8.1%}")
+        for name in tps:
+            if name != "transformers":
+                print(f"ratio {name} / transformers ({what}): {tps[name] / tps['transformers']:.2f}x")
 
 
 if __name__ == "__main__":

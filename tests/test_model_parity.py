@@ -230,3 +230,43 @@ def test_decode_attention_equals_sdpa():
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
     assert torch.equal(out[0], v[0, :, :1].repeat_interleave(H // G, 0))  # a single key: its value
+
+
+def test_bf16_autocast_runs_expert_gemms_in_bf16_and_attention_in_fp32(monkeypatch):
+    """Under CPU bf16 autocast (train.bf16) the expert GEMMs compute in bf16 as nn.Linear does
+    (our grouped GEMM is not on autocast's list: they ran in fp32), and attention in fp32 (torch's
+    bf16 flash attention on CPU is the slower one). Loss and gradients stay close to fp32's; every
+    parameter's gradient is fp32."""
+    import rlfoundry.model.glm4_moe as glm
+
+    seen = {"grouped_mm": set(), "sdpa": set()}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            seen[name].update(a.dtype for a in args[:2])
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(glm, "grouped_mm", spy("grouped_mm", glm.grouped_mm))
+    monkeypatch.setattr(glm.F, "scaled_dot_product_attention", spy("sdpa", F.scaled_dot_product_attention))
+    cfg = small_config(initializer_range=0.02)
+    model = random_model(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads(bf16: bool):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(ids).logits.float()
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref = loss_and_grads(False)
+    seen["grouped_mm"].clear(), seen["sdpa"].clear()
+    loss, grads = loss_and_grads(True)
+    assert seen == {"grouped_mm": {torch.bfloat16}, "sdpa": {torch.float32}}
+    assert abs(loss - ref_loss) < 1e-2 * abs(ref_loss)
+    assert grads.keys() == ref.keys() and all(g.dtype == torch.float32 for g in grads.values())
+    flat, flat_ref = torch.cat([g.flatten() for g in grads.values()]), torch.cat([g.flatten() for g in ref.values()])
+    assert (flat - flat_ref).norm() <= 0.05 * flat_ref.norm()  # bf16 keeps 8 bits of mantissa (2% here)
+    assert all(F.cosine_similarity(grads[n].flatten(), ref[n].flatten(), dim=0) > 0.9 for n in ref)  # 0.97 worst

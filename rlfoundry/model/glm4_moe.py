@@ -32,6 +32,7 @@ experts, K top-k, I expert / MLP width, V vocabulary, L layers.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -204,6 +205,20 @@ def decode_attention(q_BH1D: Tensor, k_BGSD: Tensor, v_BGSD: Tensor, mask_B1S: T
     return out_BGQD.reshape(B, H, 1, D)
 
 
+@contextmanager
+def _fp32_under_autocast(x: Tensor):
+    """Autocast off inside, yielding the dtype to compute in: fp32 under CPU autocast, else x's own.
+    On CPU, torch's bf16 flash attention runs slower than its fp32 one (forward and backward ~2x
+    at head_dim 32, batch 8 x 256), so a bf16-autocast training step computes attention in fp32
+    (also the more accurate choice); on GPUs autocast applies as usual."""
+    dev = x.device.type
+    if dev == "cpu" and torch.is_autocast_enabled(dev):
+        with torch.autocast(dev, enabled=False):
+            yield torch.float32
+    else:
+        yield x.dtype
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -235,8 +250,9 @@ class Attention(nn.Module):
             out_BHTD = decode_attention(q, k, v, mask_BTS, Dh ** -0.5)
         else:
             mask = None if mask_BTS is None else mask_BTS[:, None]
-            out_BHTD = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                      scale=Dh ** -0.5, enable_gqa=True)
+            with _fp32_under_autocast(q) as dt:  # CPU's bf16 flash attention is slower than fp32
+                out_BHTD = F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=mask,
+                                                          is_causal=mask is None, scale=Dh ** -0.5, enable_gqa=True)
         return self.o_proj(out_BHTD.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -414,6 +430,12 @@ class _Combine(torch.autograd.Function):
         return _Dispatch.apply(g_ND, order_M, inverse_M, ctx.K), None, None, None
 
 
+def _autocast_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast gives matrix products of `x` (x's own dtype outside autocast)."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 class Experts(nn.Module):
     """E routed SwiGLU experts held as two tensors: gate_up_proj [E, 2I, D] (gate rows first) and
     down_proj [E, D, I] — the fused layout of transformers 5.x."""
@@ -438,9 +460,10 @@ class Experts(nn.Module):
         inverse[order] = torch.arange(order.numel(), device=order.device)
         counts_E = flat_ids.new_zeros(E).scatter_add_(0, flat_ids, torch.ones_like(flat_ids))  # static shape
         offsets_E = counts_E.cumsum(0).to(torch.int32)
-        x_MD = _Dispatch.apply(x_ND, order, inverse, K)       # M = N*K rows, grouped by expert
-        gate_MI, up_MI = grouped_mm(x_MD, self.gate_up_proj.transpose(1, 2), offsets_E).chunk(2, dim=-1)
-        y_MD = grouped_mm(F.silu(gate_MI) * up_MI, self.down_proj.transpose(1, 2), offsets_E)
+        dt = _autocast_dtype(x_ND)  # the expert GEMMs honour autocast as nn.Linear does
+        x_MD = _Dispatch.apply(x_ND.to(dt), order, inverse, K)  # M = N*K rows, grouped by expert
+        gate_MI, up_MI = grouped_mm(x_MD, self.gate_up_proj.to(dt).transpose(1, 2), offsets_E).chunk(2, dim=-1)
+        y_MD = grouped_mm(F.silu(gate_MI) * up_MI, self.down_proj.to(dt).transpose(1, 2), offsets_E)
         y_MD = y_MD * routing.weights_NK.reshape(-1).index_select(0, order)[:, None]
         return _Combine.apply(y_MD.to(x_ND.dtype), order, inverse, K)
 
