@@ -16,6 +16,9 @@ def _model_info(args: argparse.Namespace) -> int:
             cfg = ModelConfig.from_preset(args.model)
         else:
             path = Path(args.model)
+            if not path.exists():
+                raise ConfigError(f"{args.model!r} is neither a preset ({', '.join(PRESETS)}) "
+                                  "nor a checkpoint directory or config.json")
             cfg = ModelConfig.from_json_file(path / "config.json" if path.is_dir() else path)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -117,8 +120,20 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from rlfoundry.data.tasks import get_task
     from rlfoundry.evaluate import evaluate
 
+    if not (Path(args.model) / "config.json").exists():
+        print(f"error: --model {args.model}: no config.json there", file=sys.stderr)
+        return 2
+    levels = get_task(args.task).levels
+    if args.level is not None and not 1 <= args.level <= levels:
+        print(f"error: --level must be in 1..{levels} for {args.task}, got {args.level}", file=sys.stderr)
+        return 2
+    if args.n <= 0 or args.max_new_tokens <= 0:
+        print(f"error: --n and --max-new-tokens must be positive, got {args.n} and {args.max_new_tokens}",
+              file=sys.stderr)
+        return 2
     result = evaluate(args.model, args.task, [args.level] if args.level else None, n=args.n, seed=args.seed,
                       max_new_tokens=args.max_new_tokens)
     print(json.dumps(result))
@@ -126,6 +141,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rlfoundry.data.tasks import TASKS
+
     parser = argparse.ArgumentParser(prog="rlfoundry", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("model-info", help="parameter counts of a preset or a checkpoint directory")
@@ -163,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_stage)
     p = sub.add_parser("eval", help="accuracy of a checkpoint on a built-in task (one JSON line)")
     p.add_argument("--model", required=True)
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True, choices=sorted(TASKS), help="a built-in task")
     p.add_argument("--level", type=int, default=None, help="one level (default: all)")
     p.add_argument("--n", type=int, default=100, help="problems per level")
     p.add_argument("--seed", type=int, default=0)

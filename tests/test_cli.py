@@ -1,6 +1,11 @@
 import json
+from pathlib import Path
+
+import pytest
 
 from rlfoundry.cli import main
+
+SHIPPED = str(Path(__file__).resolve().parents[1] / "examples" / "tiny" / "model")
 
 
 def test_model_info_glm45_counts(capsys):
@@ -15,6 +20,20 @@ def test_model_info_glm45_counts(capsys):
 def test_model_info_bad_path_is_a_clear_error(tmp_path, capsys):
     assert main(["model-info", str(tmp_path)]) == 2
     assert "config.json: no such file" in capsys.readouterr().err
+    assert main(["model-info", "glm-5"]) == 2
+    assert "'glm-5' is neither a preset (glm-4.5, glm-4.5-air, tiny)" in capsys.readouterr().err
+
+
+def test_eval_bad_arguments_are_clear_errors(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path), "--task", "countdown"]) == 2
+    assert "no config.json there" in capsys.readouterr().err
+    model = SHIPPED
+    assert main(["eval", "--model", model, "--task", "countdown", "--level", "5"]) == 2
+    assert "--level must be in 1..4 for countdown, got 5" in capsys.readouterr().err
+    assert main(["eval", "--model", model, "--task", "countdown", "--n", "0"]) == 2
+    with pytest.raises(SystemExit):  # argparse: an unknown task is a usage error (exit 2)
+        main(["eval", "--model", model, "--task", "sudoku"])
+    assert "invalid choice: 'sudoku'" in capsys.readouterr().err
 
 
 def test_demo_runs_shortened(tmp_path, capsys):
