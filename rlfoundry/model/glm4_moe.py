@@ -21,7 +21,9 @@ What this file implements (GLM-4.5 report, arXiv 2508.06471; weights compatible 
   MoE decoder block -> shared_head.norm -> the shared output head. h_t is the main model's final
   (normed) hidden state, which is what SGLang and vLLM feed their GLM-4.5 MTP drafter;
 - a key/value cache for prefill and incremental decoding of a batch of sequences of different lengths;
-- the loss-free balance bias update and the sequence-level auxiliary balance loss, as functions.
+- the loss-free balance bias update and the sequence-level auxiliary balance loss, as functions;
+- bf16 autocast (mixed-precision training): the expert GEMMs follow it as nn.Linear does, the
+  norms and the router stay fp32, and on CPU attention computes in fp32 (the faster kernel there).
 
 The file has no distributed code: `parallelize.py` applies FSDP2 / expert parallelism from outside.
 
