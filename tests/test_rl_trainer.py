@@ -84,3 +84,18 @@ def test_exact_mode_gives_the_engines_log_probs_bit_for_bit(tmp_path):
 
     plain = TrainerWorker(load_rl_config(None, common), str(tmp_path / "p"))
     assert plain.train(groups_from(Engine(plain.model, max_batch=64), 0))["train/mismatch_max"] > 0
+
+
+def test_bf16_training_computes_every_rl_forward_under_autocast(tmp_path):
+    """train.bf16 in RL: the loss's forward runs under bf16 autocast (it used to be ignored when
+    the trainer was given RL's loss), and so does the no-grad pass that records the old log-probs,
+    so that with unchanged weights the PPO ratio is exactly 1 (nothing clipped). The train-inference
+    mismatch is then bf16's, orders of magnitude above fp32's."""
+    from rlfoundry.rl.workers import TrainerWorker
+
+    cfg = load_rl_config(None, ["train.bf16=true", "algorithm.updates_per_rollout=2", "algorithm.micro_batch_size=64",
+                                "train.lr=1e-12", "train.final_lr=1e-12"])
+    worker = TrainerWorker(cfg, str(tmp_path))
+    m = worker.train(_own_samples(worker.model, groups=8, n=8))
+    assert m["train/clip_frac"] == 0.0
+    assert m["train/mismatch_max"] > 1e-3

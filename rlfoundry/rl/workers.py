@@ -121,8 +121,8 @@ class TrainerWorker:
             updates.append(make_batches(part, part_adv, algo.micro_batch_size, algo.aggregation,
                                         routing_replay=cfg.rollout.routing_replay))
         with torch.no_grad():  # before any update: the policy that generated the samples
-            for batches in updates:
-                for b in batches:
+            for b in [b for batches in updates for b in batches]:
+                with self.trainer.autocast(b.input_ids.device):  # as the loss computes (train.bf16)
                     if n_updates > 1:
                         b.old_logprobs = sequence_logprobs(self.policy, b, temperature)[0]
                     if self.ref is not None:

@@ -101,24 +101,27 @@ class Trainer:
         c = self.cfg
         return warmup_cosine(step, c.lr, c.final_lr, c.warmup_steps, c.total_steps)
 
+    def autocast(self, device: torch.device):
+        """The forward's precision context: bf16 autocast with `bf16`, else nothing. Every forward
+        of the model being trained runs under it — the loss (ours or a given `loss_fn`) and any
+        no-grad pass whose log-probs the loss compares with (RL's old log-probs)."""
+        return torch.autocast(device.type, dtype=torch.bfloat16) if self.cfg.bf16 else contextlib.nullcontext()
+
     def _loss(self, b: Batch) -> tuple[Tensor, dict]:
         cfg, model = self.cfg, self.model
-        autocast = torch.autocast("cpu" if b.input_ids.device.type == "cpu" else "cuda", dtype=torch.bfloat16) \
-            if cfg.bf16 else contextlib.nullcontext()
-        with autocast:
-            out = self.forward_model(b.input_ids, segment_ids=b.segment_ids, position_ids=b.position_ids,
-                        return_router=cfg.balance_loss_weight > 0)
-            ce = token_cross_entropy(out.logits, b.input_ids, b.loss_mask)
-            loss, metrics = ce, {"loss": ce.item()}
-            w = mtp_weight(self.step, cfg.mtp_schedule) if model.config.num_nextn_predict_layers else 0.0
-            if w > 0:
-                mtp = mtp_loss(model, out, b.input_ids, b.loss_mask, b.position_ids)
-                loss = loss + w * mtp
-                metrics["mtp_loss"] = mtp.item()
-            if cfg.balance_loss_weight > 0 and out.router_scores:
-                bal = balance_loss(out, None if b.segment_ids is None else b.segment_ids >= 0)
-                loss = loss + cfg.balance_loss_weight * bal
-                metrics["balance_loss"] = bal.item()
+        out = self.forward_model(b.input_ids, segment_ids=b.segment_ids, position_ids=b.position_ids,
+                                 return_router=cfg.balance_loss_weight > 0)
+        ce = token_cross_entropy(out.logits, b.input_ids, b.loss_mask)
+        loss, metrics = ce, {"loss": ce.item()}
+        w = mtp_weight(self.step, cfg.mtp_schedule) if model.config.num_nextn_predict_layers else 0.0
+        if w > 0:
+            mtp = mtp_loss(model, out, b.input_ids, b.loss_mask, b.position_ids)
+            loss = loss + w * mtp
+            metrics["mtp_loss"] = mtp.item()
+        if cfg.balance_loss_weight > 0 and out.router_scores:
+            bal = balance_loss(out, None if b.segment_ids is None else b.segment_ids >= 0)
+            loss = loss + cfg.balance_loss_weight * bal
+            metrics["balance_loss"] = bal.item()
         return loss, metrics | {"_routed": out.routed_experts}
 
     def train_step(self, micro_batches: list, loss_fn=None) -> dict:
@@ -135,7 +138,8 @@ class Trainer:
         load = None
         n_tokens = 0
         for b in micro_batches:
-            loss, metrics = (loss_fn or self._loss)(b)
+            with self.autocast(b.input_ids.device):
+                loss, metrics = (loss_fn or self._loss)(b)
             share = metrics.pop("_weight", 1.0 / len(micro_batches))
             (loss * share).backward()
             routed = metrics.pop("_routed", None)
