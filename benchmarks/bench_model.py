@@ -101,7 +101,11 @@ def main() -> None:
     runners = [(name, model, bf16) for bf16 in precisions for name, model in models.items()]
     times = {(name, bf16): [] for name, _, bf16 in runners}
     for i in range(args.warmup + args.iters):
-        for name, model, bf16 in runners:  # interleaved: all see the same machine load
+        # a new batch every iteration, as in training: the tokens each expert gets (the shapes of
+        # its GEMMs) change from step to step (repeated shapes would flatter bf16, whose CPU GEMMs
+        # are compiled per shape by oneDNN: ~0.5 ms for each new one)
+        ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(i))
+        for name, model, bf16 in runners:  # interleaved: all see the same machine load and batch
             t = time.perf_counter()
             step(model, ids, bf16)
             if i >= args.warmup:

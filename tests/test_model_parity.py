@@ -270,3 +270,31 @@ def test_bf16_autocast_runs_expert_gemms_in_bf16_and_attention_in_fp32(monkeypat
     flat, flat_ref = torch.cat([g.flatten() for g in grads.values()]), torch.cat([g.flatten() for g in ref.values()])
     assert (flat - flat_ref).norm() <= 0.05 * flat_ref.norm()  # bf16 keeps 8 bits of mantissa (2% here)
     assert all(F.cosine_similarity(grads[n].flatten(), ref[n].flatten(), dim=0) > 0.9 for n in ref)  # 0.97 worst
+
+
+def test_bf16_expert_rows_padded_to_buckets_give_the_same_products():
+    """CPU bf16 grouped GEMMs pad each expert's rows with zero rows to a multiple of
+    BF16_ROW_BUCKET (so that oneDNN's per-shape kernels are reused from step to step): the
+    products, weight gradients and autograd gradients are those of the unpadded grouped GEMM,
+    including an expert with no rows."""
+    from rlfoundry.model.glm4_moe import BF16_ROW_BUCKET, _bucketed_rows, _grouped_mm_eager, _grouped_wgrad_eager
+
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([70, 0, 1, 64, 129, 5, 0, 33])
+    offs = counts.cumsum(0).to(torch.int32)
+    M = int(offs[-1])
+    x = torch.randn(M, 48, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(8, 48, 40, generator=g).bfloat16().requires_grad_()
+    gy = torch.randn(M, 40, generator=g).bfloat16()
+    dest, padded_offs, total = _bucketed_rows(x, offs)
+    assert total == sum(-(-c // BF16_ROW_BUCKET) * BF16_ROW_BUCKET for c in counts.tolist())
+    assert dest.unique().numel() == M and torch.all(torch.diff(padded_offs, prepend=padded_offs.new_zeros(1))
+                                                    % BF16_ROW_BUCKET == 0)
+    y = _grouped_mm_eager(x, w, offs)
+    ref = F.grouped_mm(x, w, offs=offs)
+    assert torch.equal(y, ref)
+    assert torch.equal(_grouped_wgrad_eager(x.detach(), gy, offs), F.grouped_mm(x.detach().t(), gy, offs=offs))
+    gx, gw = torch.autograd.grad(y, (x, w), gy)
+    rx, rw = torch.autograd.grad(ref, (x, w), gy)
+    assert torch.equal(gx, rx) and torch.equal(gw, rw)
+    assert _bucketed_rows(x.float(), offs) is None  # fp32 (MKL) is left alone
