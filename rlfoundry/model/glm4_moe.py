@@ -346,6 +346,14 @@ def _bucketed_rows(x_MA: Tensor, offsets_E: Tensor) -> tuple[Tensor, Tensor, int
     return dest, padded_ends.to(torch.int32), int(padded_ends[-1])
 
 
+def _pad_rows(x_MA: Tensor, dest: Tensor, total: int) -> Tensor:
+    """x's rows at positions `dest` of a [total, A] tensor of zeros, as one gather (a scatter into
+    zeros, index_copy, is several times slower on CPU): padding positions read an appended zero row."""
+    src = torch.full((total,), x_MA.shape[0], dtype=torch.long, device=x_MA.device)
+    src[dest] = torch.arange(x_MA.shape[0], device=x_MA.device)
+    return torch.cat([x_MA, x_MA.new_zeros(1, x_MA.shape[1])]).index_select(0, src)
+
+
 def _grouped_mm_eager(x_MA: Tensor, w_EAB: Tensor, offsets_E: Tensor) -> Tensor:
     """Rows offsets[e-1]:offsets[e] of x times w[e] -> [M, B]. For few rows per expert (decoding),
     one batched matmul over rows padded to the busiest expert; otherwise torch's grouped GEMM where
@@ -362,8 +370,7 @@ def _grouped_mm_eager(x_MA: Tensor, w_EAB: Tensor, offsets_E: Tensor) -> Tensor:
         bucketed = _bucketed_rows(x_MA, offsets_E)
         if bucketed is not None:
             dest, offs, total = bucketed
-            x_pad = x_MA.new_zeros(total, x_MA.shape[1]).index_copy(0, dest, x_MA)
-            return F.grouped_mm(x_pad, w_EAB, offs=offs).index_select(0, dest)
+            return F.grouped_mm(_pad_rows(x_MA, dest, total), w_EAB, offs=offs).index_select(0, dest)
         return F.grouped_mm(x_MA, w_EAB, offs=offsets_E)
     counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
     return torch.cat([xe @ w_EAB[e] for e, xe in enumerate(x_MA.split(counts))], dim=0)
@@ -376,9 +383,7 @@ def _grouped_wgrad_eager(x_MA: Tensor, g_MB: Tensor, offsets_E: Tensor) -> Tenso
         bucketed = _bucketed_rows(x_MA, offsets_E)
         if bucketed is not None:  # zero rows add nothing to x^T g
             dest, offs, total = bucketed
-            x_pad = x_MA.new_zeros(total, x_MA.shape[1]).index_copy(0, dest, x_MA)
-            g_pad = g_MB.new_zeros(total, g_MB.shape[1]).index_copy(0, dest, g_MB)
-            return F.grouped_mm(x_pad.t(), g_pad, offs=offs)
+            return F.grouped_mm(_pad_rows(x_MA, dest, total).t(), _pad_rows(g_MB, dest, total), offs=offs)
         return F.grouped_mm(xT, g_MB, offs=offsets_E)
     counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
     return torch.stack([xe.t() @ ge for xe, ge in zip(x_MA.split(counts), g_MB.split(counts))])
