@@ -68,7 +68,7 @@ def run_trl(args, records) -> dict:
                          lr_scheduler_type="constant", warmup_steps=0, beta=0.0, loss_type="dapo", epsilon=0.2,
                          epsilon_high=0.28, max_steps=args.steps, logging_steps=1, report_to="none",
                          save_strategy="no", seed=0, disable_tqdm=True, shuffle_dataset=False, weight_decay=0.0,
-                         adam_beta2=0.95, max_grad_norm=1.0)
+                         adam_beta2=0.95, max_grad_norm=1.0, bf16=args.bf16)
         trainer = GRPOTrainer(model=model, reward_funcs=countdown_reward, args=cfg, train_dataset=ds,
                               processing_class=tok, callbacks=[Clock()])
         setup = time.perf_counter() - t_setup
@@ -88,7 +88,8 @@ def run_rlfoundry(args) -> dict:
         "eval_every=0", f"checkpoint_every={args.steps}", f"train.lr={args.lr}", f"train.final_lr={args.lr}",
         "algorithm.filter_zero_variance=false", f"algorithm.micro_batch_size={args.prompts * args.group}",
         f"rollout.compile_decode={str(args.compile_decode).lower()}"]
-        + (["train.compile=inductor"] if args.compile_train else []) + (["exact=true"] if args.exact else []))
+        + (["train.compile=inductor"] if args.compile_train else []) + (["exact=true"] if args.exact else [])
+        + (["train.bf16=true"] if args.bf16 else []))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         result = run_rl(cfg, Path(tmp) / "run")
@@ -115,6 +116,9 @@ def main() -> None:
     ap.add_argument("--compile-train", action="store_true",
                     help="rlfoundry's trainer runs the model through torch.compile (train.compile=inductor, "
                          "compiled at start-up)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="both train under bf16 autocast (rlfoundry train.bf16=true, TRL bf16=True); "
+                         "rlfoundry's engines still decode in fp32")
     ap.add_argument("--exact", action="store_true",
                     help="rlfoundry with exact=true (fp64 arithmetic on both sides: mismatch 0)")
     args = ap.parse_args()
