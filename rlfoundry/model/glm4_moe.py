@@ -325,32 +325,42 @@ def _torch_grouped_mm_applies(a: Tensor, b: Tensor) -> bool:
         (s * a.element_size()) % 16 == 0 for t in (a, b) for s in t.stride() if s != 1)
 
 
+def _rows_by_expert(offsets_E: Tensor, M: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For M rows grouped by expert (expert e owns rows offsets[e-1]:offsets[e]): the rows of each
+    expert [E], the expert of each row [M], and each row's position among its expert's rows [M]."""
+    counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).long()
+    expert_of_row = torch.repeat_interleave(torch.arange(offsets_E.shape[0], device=offsets_E.device), counts,
+                                            output_size=M)
+    pos = torch.arange(M, device=offsets_E.device) - (offsets_E.long() - counts)[expert_of_row]
+    return counts, expert_of_row, pos
+
+
 BF16_ROW_BUCKET = 64
 """CPU bf16/fp16 grouped GEMMs pad each expert's rows to a multiple of this (zero rows)."""
 
 
-def _bucketed_rows(x_MA: Tensor, offsets_E: Tensor) -> tuple[Tensor, Tensor, int] | None:
-    """For CPU bf16/fp16: where each row goes when every expert's rows are padded with zero rows
-    to a multiple of BF16_ROW_BUCKET, the padded offsets, and the padded row count; else None.
+def _bucketed_rows(x_MA: Tensor, offsets_E: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """For CPU bf16/fp16, every expert's rows padded with zero rows to a multiple of
+    BF16_ROW_BUCKET: where each row goes [M], which row each padded row reads [total] (M, one past
+    the last, for padding: see `_pad_rows`), and the padded offsets [E]; else None.
     oneDNN compiles a CPU bf16 GEMM for each new shape (~0.5 ms, against ~0.2 ms for the product
     itself at 2600 x 128 x 128), and the rows each expert gets change every step: padded, the
     shapes repeat and hit its cache. fp32 GEMMs (MKL) have no such cost and are left alone."""
     if x_MA.device.type != "cpu" or x_MA.dtype not in (torch.bfloat16, torch.float16):
         return None
-    E, M, b = offsets_E.shape[0], x_MA.shape[0], BF16_ROW_BUCKET
-    counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).long()
+    M, b = x_MA.shape[0], BF16_ROW_BUCKET
+    counts, expert_of_row, pos = _rows_by_expert(offsets_E, M)
     padded = (counts + b - 1) // b * b
     padded_ends = padded.cumsum(0)
-    expert_of_row = torch.repeat_interleave(torch.arange(E, device=x_MA.device), counts, output_size=M)
-    dest = torch.arange(M, device=x_MA.device) + (padded_ends - padded - offsets_E.long() + counts)[expert_of_row]
-    return dest, padded_ends.to(torch.int32), int(padded_ends[-1])
+    dest = (padded_ends - padded)[expert_of_row] + pos
+    src = torch.full((int(padded_ends[-1]),), M, dtype=torch.long, device=x_MA.device)
+    src[dest] = torch.arange(M, device=x_MA.device)
+    return dest, src, padded_ends.to(torch.int32)
 
 
-def _pad_rows(x_MA: Tensor, dest: Tensor, total: int) -> Tensor:
-    """x's rows at positions `dest` of a [total, A] tensor of zeros, as one gather (a scatter into
-    zeros, index_copy, is several times slower on CPU): padding positions read an appended zero row."""
-    src = torch.full((total,), x_MA.shape[0], dtype=torch.long, device=x_MA.device)
-    src[dest] = torch.arange(x_MA.shape[0], device=x_MA.device)
+def _pad_rows(x_MA: Tensor, src: Tensor) -> Tensor:
+    """The padded rows `x[src]`, index M reading a zero row: one gather (a scatter into zeros,
+    index_copy, is several times slower on CPU)."""
     return torch.cat([x_MA, x_MA.new_zeros(1, x_MA.shape[1])]).index_select(0, src)
 
 
@@ -360,17 +370,15 @@ def _grouped_mm_eager(x_MA: Tensor, w_EAB: Tensor, offsets_E: Tensor) -> Tensor:
     it applies (16-byte aligned strides), else one matmul per expert — never a loop over tokens."""
     E, M = w_EAB.shape[0], x_MA.shape[0]
     if 0 < M <= 4 * E:
-        counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).long()
-        expert_of_row = torch.repeat_interleave(torch.arange(E, device=x_MA.device), counts, output_size=M)
-        pos = torch.arange(M, device=x_MA.device) - (offsets_E.long() - counts)[expert_of_row]
+        counts, expert_of_row, pos = _rows_by_expert(offsets_E, M)
         x_ECA = x_MA.new_zeros(E, int(counts.max()), x_MA.shape[1])
         x_ECA[expert_of_row, pos] = x_MA
         return torch.bmm(x_ECA, w_EAB.to(x_MA.dtype))[expert_of_row, pos]
     if _torch_grouped_mm_applies(x_MA, w_EAB):
         bucketed = _bucketed_rows(x_MA, offsets_E)
         if bucketed is not None:
-            dest, offs, total = bucketed
-            return F.grouped_mm(_pad_rows(x_MA, dest, total), w_EAB, offs=offs).index_select(0, dest)
+            dest, src, offs = bucketed
+            return F.grouped_mm(_pad_rows(x_MA, src), w_EAB, offs=offs).index_select(0, dest)
         return F.grouped_mm(x_MA, w_EAB, offs=offsets_E)
     counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
     return torch.cat([xe @ w_EAB[e] for e, xe in enumerate(x_MA.split(counts))], dim=0)
@@ -382,8 +390,8 @@ def _grouped_wgrad_eager(x_MA: Tensor, g_MB: Tensor, offsets_E: Tensor) -> Tenso
     if _torch_grouped_mm_applies(xT, g_MB):
         bucketed = _bucketed_rows(x_MA, offsets_E)
         if bucketed is not None:  # zero rows add nothing to x^T g
-            dest, offs, total = bucketed
-            return F.grouped_mm(_pad_rows(x_MA, dest, total).t(), _pad_rows(g_MB, dest, total), offs=offs)
+            _, src, offs = bucketed
+            return F.grouped_mm(_pad_rows(x_MA, src).t(), _pad_rows(g_MB, src), offs=offs)
         return F.grouped_mm(xT, g_MB, offs=offsets_E)
     counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
     return torch.stack([xe.t() @ ge for xe, ge in zip(x_MA.split(counts), g_MB.split(counts))])
