@@ -272,30 +272,48 @@ def test_bf16_autocast_runs_expert_gemms_in_bf16_and_attention_in_fp32(monkeypat
     assert all(F.cosine_similarity(grads[n].flatten(), ref[n].flatten(), dim=0) > 0.9 for n in ref)  # 0.97 worst
 
 
-def test_bf16_expert_rows_padded_to_buckets_give_the_same_products():
-    """CPU bf16 grouped GEMMs pad each expert's rows with zero rows to a multiple of
-    BF16_ROW_BUCKET (so that oneDNN's per-shape kernels are reused from step to step): the
-    products, weight gradients and autograd gradients are those of the unpadded grouped GEMM,
-    including an expert with no rows."""
-    from rlfoundry.model.glm4_moe import BF16_ROW_BUCKET, _bucketed_rows, _grouped_mm_eager, _grouped_wgrad_eager
+def test_bf16_expert_rows_padded_to_buckets_give_the_same_products(monkeypatch):
+    """CPU bf16 MoE blocks lay their token-expert pairs out with each expert's rows padded to a
+    multiple of BF16_ROW_BUCKET (so that oneDNN's per-shape GEMM kernels are reused from step to
+    step) in a static number of rows: the layout is a correct permutation with zero-weight padding,
+    and the block's output and gradients are those of the unpadded layout, including experts with
+    no rows."""
+    from rlfoundry.model import glm4_moe
+    from rlfoundry.model import ModelConfig
+    from rlfoundry.model.glm4_moe import BF16_ROW_BUCKET as b, Experts, Routing, expert_rows
 
     g = torch.Generator().manual_seed(0)
-    counts = torch.tensor([70, 0, 1, 64, 129, 5, 0, 33])
-    offs = counts.cumsum(0).to(torch.int32)
-    M = int(offs[-1])
-    x = torch.randn(M, 48, generator=g).bfloat16().requires_grad_()
-    w = torch.randn(8, 48, 40, generator=g).bfloat16().requires_grad_()
-    gy = torch.randn(M, 40, generator=g).bfloat16()
-    dest, src, padded_offs = _bucketed_rows(x, offs)
-    total = src.numel()
-    assert total == sum(-(-c // BF16_ROW_BUCKET) * BF16_ROW_BUCKET for c in counts.tolist())
-    assert dest.unique().numel() == M and torch.all(torch.diff(padded_offs, prepend=padded_offs.new_zeros(1))
-                                                    % BF16_ROW_BUCKET == 0)
-    y = _grouped_mm_eager(x, w, offs)
-    ref = F.grouped_mm(x, w, offs=offs)
-    assert torch.equal(y, ref)
-    assert torch.equal(_grouped_wgrad_eager(x.detach(), gy, offs), F.grouped_mm(x.detach().t(), gy, offs=offs))
-    gx, gw = torch.autograd.grad(y, (x, w), gy)
-    rx, rw = torch.autograd.grad(ref, (x, w), gy)
-    assert torch.equal(gx, rx) and torch.equal(gw, rw)
-    assert _bucketed_rows(x.float(), offs) is None  # fp32 (MKL) is left alone
+    N, K, E = 300, 4, 8
+    ids = torch.stack([torch.randperm(6, generator=g)[:K] for _ in range(N)])  # experts 6, 7 get no rows
+    ids[:5] = torch.tensor([7, 6, 0, 1])                                       # ... or a few
+    weights = torch.rand(N, K, generator=g)
+    rows = expert_rows(ids, weights, E, bucket=b)
+    M, R = N * K, rows.token_R.numel()
+    assert R == -(-(M + E * (b - 1)) // b) * b  # static: the most the padding can take
+    sizes = torch.diff(rows.offsets_E, prepend=rows.offsets_E.new_zeros(1))
+    assert int(rows.offsets_E[-1]) == R and torch.all(sizes % b == 0)
+    assert rows.row_M.unique().numel() == M
+    assert torch.equal(rows.token_R[rows.row_M], torch.arange(M) // K)
+    assert torch.equal(rows.weight_R[rows.row_M], weights.reshape(-1))
+    expert_of_row = torch.repeat_interleave(torch.arange(E), sizes.long())
+    assert torch.equal(expert_of_row[rows.row_M], ids.reshape(-1))  # each pair sits in its expert's rows
+    padding = torch.ones(R, dtype=torch.bool).index_fill_(0, rows.row_M, False)
+    assert padding.sum() == R - M and torch.all(rows.weight_R[padding] == 0)
+
+    cfg = ModelConfig(hidden_size=48, moe_intermediate_size=40, n_routed_experts=E)
+    experts = Experts(cfg)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(generator=g), experts.down_proj.normal_(generator=g)
+    x = torch.randn(N, 48, generator=g, requires_grad=True)
+    w = weights.clone().requires_grad_()
+    gy = torch.randn(N, 48, generator=g)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = experts(x, Routing(w, ids, None))
+        return (y, *torch.autograd.grad(y, (x, w, experts.gate_up_proj, experts.down_proj), gy))
+
+    padded = run()
+    monkeypatch.setattr(glm4_moe, "BF16_ROW_BUCKET", 1)
+    unpadded = run()
+    assert all(torch.equal(p, u) for p, u in zip(padded, unpadded))

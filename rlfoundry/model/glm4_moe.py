@@ -336,32 +336,65 @@ def _rows_by_expert(offsets_E: Tensor, M: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 BF16_ROW_BUCKET = 64
-"""CPU bf16/fp16 grouped GEMMs pad each expert's rows to a multiple of this (zero rows)."""
+"""CPU bf16/fp16 expert GEMMs pad each expert's rows to a multiple of this (see `expert_rows`)."""
 
 
-def _bucketed_rows(x_MA: Tensor, offsets_E: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    """For CPU bf16/fp16, every expert's rows padded with zero rows to a multiple of
-    BF16_ROW_BUCKET: where each row goes [M], which row each padded row reads [total] (M, one past
-    the last, for padding: see `_pad_rows`), and the padded offsets [E]; else None.
-    oneDNN compiles a CPU bf16 GEMM for each new shape (~0.5 ms, against ~0.2 ms for the product
-    itself at 2600 x 128 x 128), and the rows each expert gets change every step: padded, the
-    shapes repeat and hit its cache. fp32 GEMMs (MKL) have no such cost and are left alone."""
-    if x_MA.device.type != "cpu" or x_MA.dtype not in (torch.bfloat16, torch.float16):
-        return None
-    M, b = x_MA.shape[0], BF16_ROW_BUCKET
-    counts, expert_of_row, pos = _rows_by_expert(offsets_E, M)
-    padded = (counts + b - 1) // b * b
-    padded_ends = padded.cumsum(0)
-    dest = (padded_ends - padded)[expert_of_row] + pos
-    src = torch.full((int(padded_ends[-1]),), M, dtype=torch.long, device=x_MA.device)
-    src[dest] = torch.arange(M, device=x_MA.device)
-    return dest, src, padded_ends.to(torch.int32)
+@dataclass
+class ExpertRows:
+    """The N*K token-expert pairs of a batch laid out as R rows grouped by expert (what the expert
+    GEMMs multiply), with padding rows when `bucket` > 1 (R >= N*K)."""
+    token_R: Tensor    # the token each row reads (padding rows read a real token; their weight is 0)
+    row_M: Tensor      # the row of each token-expert pair, in token-major order [N*K]
+    weight_R: Tensor   # the routing weight of each row (0 on padding rows)
+    offsets_E: Tensor  # int32: expert e owns rows offsets[e-1]:offsets[e]
 
 
-def _pad_rows(x_MA: Tensor, src: Tensor) -> Tensor:
-    """The padded rows `x[src]`, index M reading a zero row: one gather (a scatter into zeros,
-    index_copy, is several times slower on CPU)."""
-    return torch.cat([x_MA, x_MA.new_zeros(1, x_MA.shape[1])]).index_select(0, src)
+def expert_rows(ids_NK: Tensor, weights_NK: Tensor, E: int, bucket: int = 1) -> ExpertRows:
+    """Sort the token-expert pairs by expert (stable), and with `bucket` > 1 pad every expert's rows
+    to a multiple of `bucket`. A padding row's routing weight is 0, so its output is dropped and no
+    gradient flows through it (the weight gradients get exact zeros from it).
+    Why pad: oneDNN compiles a CPU bf16 GEMM kernel for each new shape (~0.5 ms, against ~0.2 ms
+    for the product itself at 2600 x 128 x 128), and the rows each expert gets change every step:
+    padded, the shapes repeat and hit its cache. Padding here, once per MoE block, rather than
+    around each GEMM spares four gathers in the forward and eight in the backward."""
+    N, K = ids_NK.shape
+    w_M = weights_NK.reshape(-1)
+    pair_R, row_M, offsets_E = _row_layout(ids_NK.reshape(-1), E, bucket)
+    if bucket == 1:
+        return ExpertRows(pair_R // K, row_M, w_M.index_select(0, pair_R), offsets_E)
+    weight_R = torch.cat([w_M, w_M.new_zeros(1)]).index_select(0, pair_R)  # pair M: a padding row
+    return ExpertRows((pair_R // K).clamp_(max=N - 1), row_M, weight_R, offsets_E)
+
+
+def _row_layout(flat_ids_M: Tensor, E: int, bucket: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The pair (index into the M token-expert pairs; M on padding rows) of each of the R rows, the
+    row of each pair [M], and the int32 end of each expert's rows [E]. With `bucket` > 1, R is the
+    most rows the padding can take, ceil((M + E * (bucket - 1)) / bucket) * bucket, whatever the
+    routing: a size known without reading the ids (torch.compile traces it as a constant); the last
+    expert gets the rows the others leave (a multiple of `bucket` too)."""
+    M = flat_ids_M.numel()
+    order = flat_ids_M.argsort(stable=True)                  # pairs sorted by expert
+    counts = flat_ids_M.new_zeros(E).scatter_add_(0, flat_ids_M, torch.ones_like(flat_ids_M))  # static shape
+    if bucket == 1:
+        pair_R, dest, ends = order, torch.arange(M, device=order.device), counts.cumsum(0)
+    else:
+        padded = (counts + bucket - 1) // bucket * bucket
+        ends = padded.cumsum(0)
+        _, expert_of_row, pos = _rows_by_expert(counts.cumsum(0), M)
+        dest = (ends - padded)[expert_of_row] + pos          # the row of each sorted pair
+        R = (M + E * (bucket - 1) + bucket - 1) // bucket * bucket
+        ends[-1] = R
+        pair_R = torch.full((R,), M, dtype=torch.long, device=order.device)
+        pair_R[dest] = order
+    row_M = torch.empty_like(order)
+    row_M[order] = dest
+    return pair_R, row_M, ends.to(torch.int32)
+
+
+def _row_bucket(x: Tensor, dtype: torch.dtype, M: int, E: int) -> int:
+    """BF16_ROW_BUCKET for CPU bf16/fp16 expert GEMMs of more than 4 rows an expert on average
+    (fewer take `_grouped_mm_eager`'s batched path), else 1. fp32 (MKL) has no per-shape cost."""
+    return BF16_ROW_BUCKET if x.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and M > 4 * E else 1
 
 
 def _grouped_mm_eager(x_MA: Tensor, w_EAB: Tensor, offsets_E: Tensor) -> Tensor:
@@ -375,10 +408,6 @@ def _grouped_mm_eager(x_MA: Tensor, w_EAB: Tensor, offsets_E: Tensor) -> Tensor:
         x_ECA[expert_of_row, pos] = x_MA
         return torch.bmm(x_ECA, w_EAB.to(x_MA.dtype))[expert_of_row, pos]
     if _torch_grouped_mm_applies(x_MA, w_EAB):
-        bucketed = _bucketed_rows(x_MA, offsets_E)
-        if bucketed is not None:
-            dest, src, offs = bucketed
-            return F.grouped_mm(_pad_rows(x_MA, src), w_EAB, offs=offs).index_select(0, dest)
         return F.grouped_mm(x_MA, w_EAB, offs=offsets_E)
     counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
     return torch.cat([xe @ w_EAB[e] for e, xe in enumerate(x_MA.split(counts))], dim=0)
@@ -388,10 +417,6 @@ def _grouped_wgrad_eager(x_MA: Tensor, g_MB: Tensor, offsets_E: Tensor) -> Tenso
     """Per-expert x^T g: [E, A, B], the weight gradient of a grouped GEMM."""
     xT = x_MA.t()
     if _torch_grouped_mm_applies(xT, g_MB):
-        bucketed = _bucketed_rows(x_MA, offsets_E)
-        if bucketed is not None:  # zero rows add nothing to x^T g
-            _, src, offs = bucketed
-            return F.grouped_mm(_pad_rows(x_MA, src).t(), _pad_rows(g_MB, src), offs=offs)
         return F.grouped_mm(xT, g_MB, offs=offsets_E)
     counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
     return torch.stack([xe.t() @ ge for xe, ge in zip(x_MA.split(counts), g_MB.split(counts))])
@@ -447,34 +472,35 @@ _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm
 
 
 class _Dispatch(torch.autograd.Function):
-    """x [N, D] -> its rows repeated once per chosen expert, in expert order: [M = N*K, D].
-    The backward is a gather and a sum over the K copies: no scatter-add (slow on CPU)."""
+    """x [N, D] -> the rows the experts multiply, x[token_R]: [R, D] (see `ExpertRows`). The
+    backward is a gather and a sum over each token's K rows: no scatter-add (slow on CPU)."""
 
     @staticmethod
-    def forward(ctx, x_ND: Tensor, order_M: Tensor, inverse_M: Tensor, K: int) -> Tensor:
-        ctx.save_for_backward(order_M, inverse_M)
+    def forward(ctx, x_ND: Tensor, token_R: Tensor, row_M: Tensor, K: int) -> Tensor:
+        ctx.save_for_backward(token_R, row_M)
         ctx.K = K
-        return x_ND.index_select(0, order_M // K)
+        return x_ND.index_select(0, token_R)
 
     @staticmethod
-    def backward(ctx, g_MD: Tensor):
-        order_M, inverse_M = ctx.saved_tensors
-        return _Combine.apply(g_MD, order_M, inverse_M, ctx.K), None, None, None
+    def backward(ctx, g_RD: Tensor):
+        token_R, row_M = ctx.saved_tensors
+        return _Combine.apply(g_RD, token_R, row_M, ctx.K), None, None, None
 
 
 class _Combine(torch.autograd.Function):
-    """The adjoint of _Dispatch: rows in expert order [M, D] -> per-token sums over K: [N, D]."""
+    """The adjoint of _Dispatch for real rows: expert rows [R, D] -> per-token sums of its K rows
+    [N, D] (padding rows are not read)."""
 
     @staticmethod
-    def forward(ctx, y_MD: Tensor, order_M: Tensor, inverse_M: Tensor, K: int) -> Tensor:
-        ctx.save_for_backward(order_M, inverse_M)
+    def forward(ctx, y_RD: Tensor, token_R: Tensor, row_M: Tensor, K: int) -> Tensor:
+        ctx.save_for_backward(token_R, row_M)
         ctx.K = K
-        return y_MD.index_select(0, inverse_M).view(-1, K, y_MD.shape[-1]).sum(1)
+        return y_RD.index_select(0, row_M).view(-1, K, y_RD.shape[-1]).sum(1)
 
     @staticmethod
     def backward(ctx, g_ND: Tensor):
-        order_M, inverse_M = ctx.saved_tensors
-        return _Dispatch.apply(g_ND, order_M, inverse_M, ctx.K), None, None, None
+        token_R, row_M = ctx.saved_tensors
+        return _Dispatch.apply(g_ND, token_R, row_M, ctx.K), None, None, None
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype:
@@ -501,18 +527,13 @@ class Experts(nn.Module):
         E = self.gate_up_proj.shape[0]
         if N * E <= self.DENSE_MAX_ROWS and not torch.is_grad_enabled():
             return self._forward_dense(x_ND, routing)
-        flat_ids = routing.ids_NK.reshape(-1)
-        order = flat_ids.argsort(stable=True)                 # token-expert pairs sorted by expert
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        counts_E = flat_ids.new_zeros(E).scatter_add_(0, flat_ids, torch.ones_like(flat_ids))  # static shape
-        offsets_E = counts_E.cumsum(0).to(torch.int32)
         dt = _autocast_dtype(x_ND)  # the expert GEMMs honour autocast as nn.Linear does
-        x_MD = _Dispatch.apply(x_ND.to(dt), order, inverse, K)  # M = N*K rows, grouped by expert
-        gate_MI, up_MI = grouped_mm(x_MD, self.gate_up_proj.to(dt).transpose(1, 2), offsets_E).chunk(2, dim=-1)
-        y_MD = grouped_mm(F.silu(gate_MI) * up_MI, self.down_proj.to(dt).transpose(1, 2), offsets_E)
-        y_MD = y_MD * routing.weights_NK.reshape(-1).index_select(0, order)[:, None]
-        return _Combine.apply(y_MD.to(x_ND.dtype), order, inverse, K)
+        rows = expert_rows(routing.ids_NK, routing.weights_NK, E, _row_bucket(x_ND, dt, N * K, E))
+        x_RD = _Dispatch.apply(x_ND.to(dt), rows.token_R, rows.row_M, K)  # R >= N*K rows, grouped by expert
+        gate_RI, up_RI = grouped_mm(x_RD, self.gate_up_proj.to(dt).transpose(1, 2), rows.offsets_E).chunk(2, dim=-1)
+        y_RD = grouped_mm(F.silu(gate_RI) * up_RI, self.down_proj.to(dt).transpose(1, 2), rows.offsets_E)
+        y_RD = y_RD * rows.weight_R[:, None]
+        return _Combine.apply(y_RD.to(x_ND.dtype), rows.token_R, rows.row_M, K)
 
     def _forward_dense(self, x_ND: Tensor, routing: Routing) -> Tensor:
         """Decoding a few tokens: every expert on every token (E/K times the sparse path's work)

@@ -35,7 +35,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from rlfoundry.model.glm4_moe import Experts, Glm4MoeForCausalLM, MoE, Routing, _Combine, _Dispatch, grouped_mm
+from rlfoundry.model.glm4_moe import Experts, Glm4MoeForCausalLM, MoE, Routing, _Combine, _Dispatch, expert_rows, grouped_mm
 
 
 class ExpertParallelExperts(nn.Module):
@@ -62,10 +62,8 @@ class ExpertParallelExperts(nn.Module):
         W, El, E = self.world, self.local_experts, self.num_experts
         group = self.mesh.get_group()
         flat_ids = routing.ids_NK.reshape(-1)
-        order = flat_ids.argsort(stable=True)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        x_MD = _Dispatch.apply(x_ND, order, inverse, K)           # grouped by global expert id
+        rows = expert_rows(routing.ids_NK, routing.weights_NK, E)  # no padding: all-to-all splits by counts
+        x_MD = _Dispatch.apply(x_ND, rows.token_R, rows.row_M, K)  # grouped by global expert id
 
         # How many rows go to each (destination rank, its local expert), and come from each source.
         send_counts_WL = torch.bincount(flat_ids, minlength=E).view(W, El)
@@ -89,8 +87,8 @@ class ExpertParallelExperts(nn.Module):
         y_recv = y_local.index_select(0, perm_inv)
 
         y_MD = funcol.all_to_all_single_autograd(y_recv, send_splits, recv_splits, group)
-        y_MD = y_MD * routing.weights_NK.reshape(-1).index_select(0, order)[:, None]
-        return _Combine.apply(y_MD.to(x_ND.dtype), order, inverse, K)
+        y_MD = y_MD * rows.weight_R[:, None]
+        return _Combine.apply(y_MD.to(x_ND.dtype), rows.token_R, rows.row_M, K)
 
 
 def parallelize(model: Glm4MoeForCausalLM, mesh: DeviceMesh | None = None, *, expert_parallel: bool = True,

@@ -128,9 +128,10 @@ def kl_penalty(logp_NT: Tensor, ref_logp_NT: Tensor, kind: str = "k3") -> Tensor
 
 
 def entropy_from_logits(logits_NTV: Tensor) -> Tensor:
-    """Per-token entropy [N, T] of softmax(logits), in fp32."""
-    logp = logits_NTV.float().log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
+    """Per-token entropy [N, T] of softmax(logits) in fp32 (computed in fp64 from fp64 logits, as
+    `token_logprobs` is, so that an entropy bonus in exact mode stays fp64 until the end)."""
+    logp = logits_NTV.to(at_least_fp32(logits_NTV.dtype)).log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1).float()
 
 
 def token_logprobs(logits_NTV: Tensor, ids_NT: Tensor, temperature: float = 1.0) -> Tensor:
