@@ -1,5 +1,7 @@
 """The trainer workshop's RL step (TrainerWorker without Ray) on samples the model generated itself."""
 
+import pytest
+
 from rlfoundry.rl.config import load_rl_config
 from rlfoundry.rl.sample import Sample, Status
 
@@ -30,16 +32,20 @@ def test_updates_per_rollout_are_clipped_against_the_rollout_policy(tmp_path):
     assert m["train/clip_frac"] > 0  # the first update has ratio 1 everywhere; only the second clips
 
 
-def test_compiled_trainer_compiles_at_start_up_and_trains_like_eager(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["train.bf16=true", "algorithm.updates_per_rollout=2"]],
+                         ids=["fp32", "bf16-two-updates"])
+def test_compiled_trainer_compiles_at_start_up_and_trains_like_eager(tmp_path, extra):
     """train.compile: TrainerWorker traces the RL loss's forward and backward when it starts (one
-    graph with symbolic sizes), leaving weights and gradients untouched; a step on real samples of
-    another shape then reuses that graph and gives the eager step's loss."""
+    graph with symbolic sizes; under train.bf16 with autocast, which is part of the graph, and with
+    the no-grad old-log-prob pass that several updates a rollout need), leaving weights and
+    gradients untouched; a step on real samples of another shape then reuses those graphs and gives
+    the eager step's loss."""
     import torch
     import torch._dynamo
 
     from rlfoundry.rl.workers import TrainerWorker
 
-    overrides = ["algorithm.micro_batch_size=64", "rollout.max_new_tokens=12", "train.compile=aot_eager"]
+    overrides = ["algorithm.micro_batch_size=64", "rollout.max_new_tokens=12", *extra, "train.compile=aot_eager"]
     torch._dynamo.reset()
     compiled = TrainerWorker(load_rl_config(None, overrides), str(tmp_path / "c"))
     eager = TrainerWorker(load_rl_config(None, overrides[:-1]), str(tmp_path / "e"))

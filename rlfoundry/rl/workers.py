@@ -69,23 +69,36 @@ class TrainerWorker:
             self._compile_now()
 
     def _compile_now(self) -> None:
-        """train.compile: compile the RL loss's forward and backward at start-up, on a dummy
-        micro-batch shaped like a step's (sizes are symbolic, so the one graph serves every step),
-        rather than inside the first steps. Weights and optimizer state are untouched; the
+        """train.compile: compile the RL loss's forward and backward at start-up, on dummy
+        micro-batches shaped like a step's (sizes are symbolic, so one graph serves a range of
+        shapes) and in the step's precision (train.bf16's autocast is part of the graph), rather
+        than inside the first steps. At a full micro-batch and at half, a quarter, ... of it down to
+        2 samples: inductor specialises on the token count (its CPU fp32 sum reductions over more
+        than 4096 elements use a cascade sum, so N tokens get a guard on N, 2N and 4N > 4096), and
+        a step's last micro-batch is often small; halving meets every such range once, and sizes
+        in a range already compiled only run. Weights and optimizer state are untouched; the
         gradients are dropped."""
-        from rlfoundry.rl.policy import make_batches, policy_loss
+        from rlfoundry.rl.policy import make_batches, policy_loss, sequence_logprobs
 
         cfg, r = self.cfg, self.cfg.rollout
-        n = max(2, min(cfg.algorithm.micro_batch_size, r.prompts_per_step * r.n_samples_per_prompt))
         T, K = r.max_new_tokens, self.model.config.num_experts_per_tok
         moe_layers = sum(self.model.config.is_moe_layer(i) for i in range(self.model.config.num_hidden_layers))
         routed = [[list(range(K))] * moe_layers] * (8 + T) if r.routing_replay and moe_layers else None
-        samples = [Sample(prompt_ids=[1] * 8, response_ids=[1] * (T - i % 2), logprobs=[0.0] * (T - i % 2),
-                          routed_experts=routed) for i in range(n)]
-        batch = make_batches(samples, [1.0] * n, n, cfg.algorithm.aggregation, routing_replay=r.routing_replay)[0]
         self.model.train()
-        loss, _ = policy_loss(self.policy, batch, cfg.algorithm, r.temperature)
-        loss.backward()
+        n = max(2, min(cfg.algorithm.micro_batch_size, r.prompts_per_step * r.n_samples_per_prompt))
+        sizes = [n]
+        while sizes[-1] > 2:
+            sizes.append(max(2, sizes[-1] // 2))
+        for n in sizes:
+            samples = [Sample(prompt_ids=[1] * 8, response_ids=[1] * (T - i % 2), logprobs=[0.0] * (T - i % 2),
+                              routed_experts=routed) for i in range(n)]
+            batch = make_batches(samples, [1.0] * n, n, cfg.algorithm.aggregation, routing_replay=r.routing_replay)[0]
+            with self.trainer.autocast(batch.input_ids.device):  # autocast is part of the graph (train.bf16)
+                if cfg.algorithm.updates_per_rollout > 1:  # the no-grad pass for the old log-probs: another graph
+                    with torch.no_grad():
+                        sequence_logprobs(self.policy, batch, r.temperature)
+                loss, _ = policy_loss(self.policy, batch, cfg.algorithm, r.temperature)
+            loss.backward()
         self.model.zero_grad(set_to_none=True)
 
     def step(self) -> int:
