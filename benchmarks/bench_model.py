@@ -7,6 +7,9 @@ FLOP/s in that precision (measured here with torch.mm on square matrices). trans
 defaults (SDPA attention, grouped_mm experts). A third row runs our model under torch.compile, as the
 trainer does with `train.compile: inductor` (the grouped expert GEMMs stay opaque custom ops);
 transformers' model does not compile in fp32 with its grouped_mm experts, so it has no such row.
+Under autocast transformers' experts multiply in fp32 (its grouped_mm casts the input to the fp32
+weights' dtype); the bf16 table adds a row where they multiply in bf16 as ours do
+(`experts_in_autocast_dtype`), so that the ratio is also given against that stronger variant.
 
     make bench            # or: .venv/bin/python benchmarks/bench_model.py [--batch 8 --seq 256 --iters 10]
                           #     [--precision fp32|bf16|both] [--no-compile]
@@ -15,6 +18,7 @@ transformers' model does not compile in fp32 with its grouped_mm experts, so it 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -62,6 +66,29 @@ def step(model, ids, bf16: bool = False) -> None:
     model.zero_grad(set_to_none=True)
 
 
+@contextlib.contextmanager
+def experts_in_autocast_dtype(enabled: bool):
+    """transformers' grouped_mm experts cast their input to the weights' dtype, so under autocast
+    (fp32 weights) they multiply in fp32. With `enabled`, they multiply in the autocast dtype
+    instead, as ours do: the strongest variant of the peer, for a fair bf16 row."""
+    import transformers.integrations.moe as hf_moe
+
+    if not enabled:
+        yield
+        return
+    original = hf_moe._grouped_mm
+
+    def grouped_mm(input, weight, offs):
+        dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        return F.grouped_mm(input.to(dt), weight.to(dt), offs=offs)
+
+    hf_moe._grouped_mm = grouped_mm
+    try:
+        yield
+    finally:
+        hf_moe._grouped_mm = original
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
@@ -74,6 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import transformers
+    import transformers.integrations.moe as hf_moe
     from transformers import Glm4MoeConfig
     from transformers import Glm4MoeForCausalLM as HFGlm4Moe
 
@@ -99,6 +127,8 @@ def main() -> None:
             print(f"torch.compile of our model ({'bf16 autocast' if bf16 else 'fp32'}): "
                   f"{time.perf_counter() - t:.0f} s (once)")
     runners = [(name, model, bf16) for bf16 in precisions for name, model in models.items()]
+    if True in precisions and hasattr(hf_moe, "_grouped_mm"):
+        runners.append(("transformers, bf16 experts", hf, True))
     times = {(name, bf16): [] for name, _, bf16 in runners}
     for i in range(args.warmup + args.iters):
         # a new batch every iteration, as in training: the tokens each expert gets (the shapes of
@@ -107,7 +137,8 @@ def main() -> None:
         ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(i))
         for name, model, bf16 in runners:  # interleaved: all see the same machine load and batch
             t = time.perf_counter()
-            step(model, ids, bf16)
+            with experts_in_autocast_dtype(name == "transformers, bf16 experts"):
+                step(model, ids, bf16)
             if i >= args.warmup:
                 times[name, bf16].append(time.perf_counter() - t)
 
@@ -123,16 +154,17 @@ def main() -> None:
         what = "bf16 autocast (fp32 weights)" if bf16 else "fp32"
         print(f"\n{what}: dense {'bf16' if bf16 else 'fp32'} matmul peak of this CPU (torch.mm 1024^3): "
               f"{peak / 1e9:.1f} GFLOP/s")
-        print(f"{'implementation':<18} {'median s/step':>14} {'tokens/s':>10} {'GFLOP/s':>9} {'of peak':>8}")
+        print(f"{'implementation':<27} {'median s/step':>14} {'tokens/s':>10} {'GFLOP/s':>9} {'of peak':>8}")
         tps = {}
-        for name in models:
+        for name in [n for n, _, b in runners if b == bf16]:
             med = statistics.median(times[name, bf16])
             tps[name] = tokens / med
-            print(f"{name:<18} {med:>14.4f} {tps[name]:>10.0f} {tps[name] * fpt / 1e9:>9.1f} "
+            print(f"{name:<27} {med:>14.4f} {tps[name]:>10.0f} {tps[name] * fpt / 1e9:>9.1f} "
                   f"{tps[name] * fpt / peak:>8.1%}")
+        peers = [n for n in tps if n.startswith("transformers")]
         for name in tps:
-            if name != "transformers":
-                print(f"ratio {name} / transformers ({what}): {tps[name] / tps['transformers']:.2f}x")
+            for peer in peers if name.startswith("rlfoundry") else []:
+                print(f"ratio {name} / {peer} ({what}): {tps[name] / tps[peer]:.2f}x")
 
 
 if __name__ == "__main__":
