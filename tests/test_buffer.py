@@ -90,3 +90,21 @@ def test_a_crash_inside_a_transaction_leaves_nothing_half_written(tmp_path):
     assert b.db.execute("SELECT COUNT(*) FROM samples").fetchone()[0] == 0
     assert b.pending(0) == [(gid, b.pending(0)[0][1])]
     assert isinstance(b.db, sqlite3.Connection)
+
+
+def test_rl_task_prompts_are_not_the_pretraining_sft_or_held_out_problems(tmp_path):
+    """task:... RL prompts come from their own seed range: not the problems whose worked solutions
+    `rlfoundry pretrain` (seed 0) and `sft` (seed 1) trained the model on, nor the held-out ones."""
+    from rlfoundry.data.tasks import get_task
+    from rlfoundry.rl.config import load_rl_config
+    from rlfoundry.rl.workers import BufferWorker
+
+    cfg = load_rl_config(None, ["data.curriculum=[{source: 'task:countdown:2', steps: 0}]", "data.n_per_level=200"])
+    worker = BufferWorker(cfg, str(tmp_path))
+    rl = [worker.stages[0][i].metadata["question"] for i in range(200)]
+    held_out = [r["metadata"]["question"] for r in worker.eval_requests()["task:countdown:2"]]
+    task = get_task("countdown")
+    for seed in (0, 1):  # pre-training, SFT
+        trained = {p.question for p in task.problems(3000, 2, seed=seed)}
+        assert sum(q in trained for q in rl) <= 60  # chance repeats only (level 2 is a small space: ~15%)
+    assert sum(q in set(held_out) for q in rl) <= 20

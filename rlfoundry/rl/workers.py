@@ -26,6 +26,11 @@ import torch
 
 from rlfoundry.rl.sample import Sample, Status
 
+RL_TASK_SEED = 1000
+"""RL prompts from task:... sources are drawn with seed RL_TASK_SEED + seed: not the problems whose
+worked solutions the model was pre-trained (seed 0) and fine-tuned (seed 1) on by `rlfoundry
+pretrain` / `sft`, nor the held-out ones (10000 + seed)."""
+
 
 def _watched(cmd: list[str]) -> list[str]:
     """`cmd` run under the watchdog: it ends when this process (the actor) ends, however it ends."""
@@ -336,7 +341,8 @@ class BufferWorker:
         self.stats = DataStats()
         d = cfg.data
         self.stages = [PromptDataset.load(st.source, prompt_key=d.prompt_key, label_key=d.label_key,
-                                          metadata_key=d.metadata_key, n_per_level=d.n_per_level, seed=cfg.seed,
+                                          metadata_key=d.metadata_key, n_per_level=d.n_per_level,
+                                          seed=RL_TASK_SEED + cfg.seed,
                                           skip_bad=d.skip_bad_rows, stats=self.stats) for st in d.curriculum]
         self.buffer = Buffer(db_path or Path(out) / "buffer.sqlite", seed=cfg.seed)
 
@@ -399,8 +405,8 @@ class BufferWorker:
         self.buffer.put_many(items)  # one transaction for the round
 
     def eval_requests(self) -> dict[str, list[dict]]:
-        """Held-out prompt sets: task:... sets drawn with seed 10000 + seed (training uses seed), as
-        `rlfoundry eval` does; files are used as they are (first eval_n rows)."""
+        """Held-out prompt sets: task:... sets drawn with seed 10000 + seed (RL training prompts use
+        RL_TASK_SEED + seed), as `rlfoundry eval` does; files are used as they are (first eval_n rows)."""
         from rlfoundry.buffer import PromptDataset
 
         d, out = self.cfg.data, {}
