@@ -100,8 +100,10 @@ def run_rlfoundry(args) -> dict:
     for m in steps:
         t += m["time/step_s"]
         curve.append((t, m["reward/mean"]))
+    phases = {k: sum(m.get(f"time/{k}_s", 0.0) for m in steps) / len(steps)
+              for k in ("rollout", "train", "weight_sync", "checkpoint")}
     return {"wall_s": wall, "setup_s": total - wall, "samples": args.steps * args.prompts * args.group,
-            "curve": curve}
+            "curve": curve, "phases": phases}
 
 
 def main() -> None:
@@ -124,9 +126,11 @@ def main() -> None:
     args = ap.parse_args()
     from rlfoundry.buffer import PromptDataset
     from rlfoundry.buffer.buffer import Buffer
+    from rlfoundry.rl.workers import RL_TASK_SEED
 
-    # the prompts rlfoundry's buffer draws (seed 0), in its order, fed to TRL unshuffled
-    ds = PromptDataset.load("task:countdown:2", n_per_level=2000, seed=0)
+    # the prompts rlfoundry's buffer draws (run seed 0: problems of seed RL_TASK_SEED, buffer order of
+    # seed 0), in that order, fed to TRL unshuffled
+    ds = PromptDataset.load("task:countdown:2", n_per_level=2000, seed=RL_TASK_SEED)
     with tempfile.TemporaryDirectory() as tmp:
         order = [i for _, i in Buffer(Path(tmp) / "b.sqlite", seed=0).draw(0, "stage0", len(ds),
                                                                            args.steps * args.prompts)]
@@ -141,6 +145,7 @@ def main() -> None:
     for row in rows:
         print(f"{row['name']:16s}: {row['samples_per_s']:7.1f} samples/s  ({row['wall_s']:.1f} s training, "
               f"{row['setup_s']:.1f} s start-up)  last-step reward {row['final_reward']:.3f}")
+    print("rlfoundry, mean seconds a step: " + ", ".join(f"{k} {v:.2f}" for k, v in ours["phases"].items()))
     print(f"ratio rlfoundry / TRL: {rows[0]['samples_per_s'] / rows[1]['samples_per_s']:.2f}x samples/s")
     import matplotlib
 

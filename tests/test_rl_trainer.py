@@ -105,3 +105,55 @@ def test_bf16_training_computes_every_rl_forward_under_autocast(tmp_path):
     m = worker.train(_own_samples(worker.model, groups=8, n=8))
     assert m["train/clip_frac"] == 0.0
     assert m["train/mismatch_max"] > 1e-3
+
+
+@pytest.mark.parametrize("routing_replay", [False, True], ids=["routed", "replayed"])
+def test_shared_prompt_packing_gives_the_per_sample_loss_and_gradients(routing_replay):
+    """algorithm.share_prompts: a group's prompt computed once, its responses packed after it (each
+    seeing the prompt and itself), gives every sample the log-probs, and the step the loss and
+    gradients, of one row per sample — in fp64 to 1e-12 (gradients: to the rounding of their fp32
+    dtype) — through groups of different sizes, an
+    empty response, micro-batches that split a group, and replayed expert choices; with fewer
+    token positions through the model."""
+    import torch
+
+    from rlfoundry.model import load_pretrained
+    from rlfoundry.model.glm4_moe import ComputeIn
+    from rlfoundry.rl.policy import make_batches, policy_loss
+    from rlfoundry.rollout.engine import Engine, SamplingParams
+
+    cfg = load_rl_config(None, [])
+    model = load_pretrained(cfg.model)
+    engine = Engine(model, max_batch=64)
+    samples = []
+    for g, n in enumerate([3, 1, 5, 4]):
+        prompt = [(3 + g * 7 + i * 5) % 500 + 1 for i in range(20 + 3 * g)]  # prompts longer than responses
+        outs = engine.generate([prompt], SamplingParams(temperature=1.0, max_new_tokens=10 + g, n=n, seed=g,
+                                                        return_routed_experts=routing_replay))[0]
+        samples += [Sample(prompt, o.output_ids, o.logprobs, group_id=g, index=i,
+                           routed_experts=o.routed_experts.tolist() if routing_replay else None)
+                    for i, o in enumerate(outs)]
+    samples[4] = Sample(samples[4].prompt_ids, [], [], group_id=1,  # an empty response (nothing to train)
+                        routed_experts=samples[4].routed_experts[: len(samples[4].prompt_ids)] if routing_replay else None)
+    advs = [(-1.0) ** i * (1 + i / 10) for i in range(len(samples))]
+    policy = ComputeIn(model, torch.float64)
+
+    def step(share: bool):
+        model.zero_grad(set_to_none=True)
+        batches = make_batches(samples, advs, 5, "token-mean", routing_replay=routing_replay, share_prompts=share)
+        total, logps = 0.0, []
+        for b in batches:
+            loss, m = policy_loss(policy, b, cfg.algorithm, 1.0)
+            (loss * b.weight).backward()
+            total += loss.item() * b.weight
+            logps.append(m["logprob_mean"])
+        return total, [p.grad.clone() for p in model.parameters() if p.grad is not None], batches, logps
+
+    loss_a, grads_a, plain, logp_a = step(False)
+    loss_b, grads_b, packed, logp_b = step(True)
+    assert abs(loss_a - loss_b) < 1e-12 and len(grads_a) == len(grads_b) > 0
+    scale = max(a.abs().max().item() for a in grads_a)  # gradients accumulate in the fp32 parameters' dtype
+    assert max((a - b).abs().max().item() for a, b in zip(grads_a, grads_b)) < 1e-6 * scale
+    assert max(abs(a - b) for a, b in zip(logp_a, logp_b)) < 1e-12
+    assert sum(b.num_tokens for b in packed) < 0.8 * sum(b.num_tokens for b in plain)
+    assert all(b.packed.input_ids.shape[0] < b.input_ids.shape[0] for b in packed[:1])

@@ -658,12 +658,15 @@ class Glm4MoeForCausalLM(nn.Module):
         routed_experts: Tensor | None = None,
         return_router: bool = False,
         layers_fn=None,
+        prefix_lens: Tensor | None = None,
     ) -> CausalLMOutput:
         """Logits [B, T, V] for token ids [B, T].
 
         Without a cache the attention is causal over the T tokens; `attention_mask` [B, T] (1 = real
         token) hides padding keys, `segment_ids` [B, T] keeps packed documents apart, and
-        `position_ids` [B, T] defaults to 0..T-1.
+        `position_ids` [B, T] defaults to 0..T-1. With `segment_ids`, `prefix_lens` [B] makes the
+        first prefix_lens[b] tokens of row b visible to every later query of the row whatever its
+        segment: a prompt shared by the responses packed after it (RL trains a group this way).
         With `cache`, row b holds the next `input_lens[b]` (default T; the rest is padding) tokens of
         the sequence in cache slot `slots[b]` (default b); their positions continue from
         `cache.lens`, which advances. `routed_experts` [B, T, L_moe, K] replays given expert choices.
@@ -672,6 +675,8 @@ class Glm4MoeForCausalLM(nn.Module):
         B, T = input_ids.shape
         device = input_ids.device
         cache_step, mask_BTS = None, None
+        if prefix_lens is not None and (segment_ids is None or cache is not None):
+            raise ValueError("prefix_lens needs segment_ids and no cache")
         if cache is not None:
             cache_step = CacheStep.make(cache, B, T, slots, input_lens, device)
             position_ids, mask_BTS = cache_step.position_ids_BT, cache_step.mask()
@@ -683,7 +688,10 @@ class Glm4MoeForCausalLM(nn.Module):
                 if attention_mask is not None:
                     mask_BTS = mask_BTS & attention_mask.bool()[:, None, :]
                 if segment_ids is not None:
-                    mask_BTS = mask_BTS & (segment_ids[:, :, None] == segment_ids[:, None, :])
+                    same_BTS = segment_ids[:, :, None] == segment_ids[:, None, :]
+                    if prefix_lens is not None:
+                        same_BTS = same_BTS | (torch.arange(T, device=device) < prefix_lens.to(device)[:, None])[:, None]
+                    mask_BTS = mask_BTS & same_BTS
                 # a query that may see nothing (left padding) sees itself, so no row is all -inf
                 mask_BTS = mask_BTS | torch.eye(T, dtype=torch.bool, device=device)
 

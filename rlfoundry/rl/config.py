@@ -113,6 +113,11 @@ class AlgorithmConfig:
     """Optimizer steps per rollout (mini-batches); > 1 makes later ones off-policy (clipped ratios)."""
     micro_batch_size: int = 32
     """Samples per forward/backward."""
+    share_prompts: bool = True
+    """Compute each group's prompt once per micro-batch: its samples' responses are packed after it
+    in one row, each attending to the prompt and itself (see rlfoundry/rl/policy.py). Same loss and
+    gradients up to float rounding; n - 1 fewer prompt copies through the model, but a row's
+    attention grows to (prompt + all responses)^2: turn it off for long responses."""
 
 
 @dataclass

@@ -1,5 +1,14 @@
 """The trainer's side of RL: samples -> padded micro-batches -> the policy loss of one micro-batch.
 
+A GRPO group's n samples share one prompt. With `share_prompts` a micro-batch computes each prompt
+once: the consecutive samples with the same prompt become one row, the prompt followed by their
+responses, each response attending to the prompt and to itself only (segment ids, `prefix_lens`),
+its positions continuing from the prompt's; the logits are then gathered back into the usual
+one-row-per-sample layout, so every loss below reads the same tensors either way, and the prompt's
+gradient is the sum of the responses' (autograd through the gather). That is n - 1 fewer copies of
+each prompt through every layer; the attention of a row grows to (prompt + n responses)^2 with a
+dense mask, so for long responses the plain layout can be cheaper (`algorithm.share_prompts`).
+
 Log-probs are recomputed by the trainer for exactly the tokens the engine generated, in fp32 after
 the same temperature, and compared with the engine's (the train-inference mismatch, logged every
 step). With one optimizer step per rollout the trainer's log-probs are also the "old" ones (ratio 1,
@@ -21,6 +30,19 @@ from rlfoundry.rl.sample import Sample
 
 
 @dataclass
+class PackedRows:
+    """The samples of a micro-batch with each shared prompt once (see the module docstring)."""
+    input_ids: Tensor       # [G, Tp] a prompt, then the responses of its samples, right-padded
+    position_ids: Tensor    # [G, Tp] each response continues from the prompt's positions
+    attention_mask: Tensor  # [G, Tp]
+    segment_ids: Tensor     # [G, Tp] 0 on the prompt, k on the k-th response of the row
+    prefix_lens: Tensor     # [G] the prompt's length: visible to every response of the row
+    row_S: Tensor           # [S] the row of each sample
+    pos_ST: Tensor          # [S, T] where each position of each sample (RLBatch layout) is in its row
+    routed_experts: Tensor | None = None  # [G, Tp, L_moe, K]
+
+
+@dataclass
 class RLBatch:
     input_ids: Tensor        # [B, T] prompt + response, right-padded
     attention_mask: Tensor   # [B, T]
@@ -31,11 +53,74 @@ class RLBatch:
     old_logprobs: Tensor | None = None  # [B, T-1], when updates_per_rollout > 1
     ref_logprobs: Tensor | None = None  # [B, T-1], when kl_coef > 0
     routed_experts: Tensor | None = None  # [B, T, L_moe, K], routing replay
+    packed: PackedRows | None = None      # share_prompts: what the model computes
+
+    @property
+    def num_tokens(self) -> int:
+        """Token positions the model computes (padding included)."""
+        return (self.packed.input_ids if self.packed is not None else self.input_ids).numel()
+
+
+def _same_prompt(a: Sample, b: Sample, routing_replay: bool) -> bool:
+    if a.prompt_ids != b.prompt_ids:
+        return False
+    if routing_replay and (a.routed_experts is None) != (b.routed_experts is None):
+        return False
+    P = len(a.prompt_ids)  # replayed routes of the prompt must agree too (another policy version may differ)
+    return not routing_replay or a.routed_experts is None or a.routed_experts[:P] == b.routed_experts[:P]
+
+
+def pack_prompts(chunk: list[Sample], T: int, pad_id: int = 0, routing_replay: bool = False) -> PackedRows:
+    """Rows of one prompt and the responses of the consecutive samples sharing it (see the module
+    docstring); `T` is the longest sample of the RLBatch whose layout `pos_ST` indexes."""
+    runs: list[list[int]] = []
+    for i, s in enumerate(chunk):
+        if runs and _same_prompt(chunk[runs[-1][0]], s, routing_replay):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    lens = [len(chunk[r[0]].prompt_ids) + sum(len(chunk[i].response_ids) for i in r) for r in runs]
+    G, Tp = len(runs), max(lens)
+    ids = torch.full((G, Tp), pad_id, dtype=torch.long)
+    pos = torch.zeros(G, Tp, dtype=torch.long)
+    attn = torch.zeros(G, Tp, dtype=torch.long)
+    seg = torch.zeros(G, Tp, dtype=torch.long)
+    prefix = torch.zeros(G, dtype=torch.long)
+    row_S = torch.zeros(len(chunk), dtype=torch.long)
+    pos_ST = torch.zeros(len(chunk), T, dtype=torch.long)
+    routed = None
+    for g, run in enumerate(runs):
+        first = chunk[run[0]]
+        P = len(first.prompt_ids)
+        ids[g, :P] = torch.tensor(first.prompt_ids)
+        pos[g, :P] = torch.arange(P)
+        prefix[g] = P
+        if routing_replay and first.routed_experts is not None:
+            r = torch.tensor(first.routed_experts)
+            if routed is None:
+                routed = torch.zeros(G, Tp, *r.shape[1:], dtype=torch.long)
+            routed[g, :min(P, r.shape[0])] = r[:P]
+        at = P
+        for k, i in enumerate(run, start=1):
+            s, R = chunk[i], len(chunk[i].response_ids)
+            ids[g, at:at + R] = torch.tensor(s.response_ids, dtype=torch.long)
+            pos[g, at:at + R] = torch.arange(P, P + R)
+            seg[g, at:at + R] = k
+            if routed is not None and s.routed_experts is not None:
+                r = torch.tensor(s.routed_experts)[P:P + R]  # the last token was never fed: R - 1 rows
+                routed[g, at:at + r.shape[0]] = r
+            row_S[i] = g
+            pos_ST[i, :P] = torch.arange(P)
+            pos_ST[i, P:P + R] = torch.arange(at, at + R)
+            at += R
+        attn[g, :at] = 1
+    return PackedRows(ids, pos, attn, seg, prefix, row_S, pos_ST, routed)
 
 
 def make_batches(samples: list[Sample], advantages: list[float], micro_batch_size: int, aggregation: str,
-                 pad_id: int = 0, routing_replay: bool = False) -> list[RLBatch]:
-    """Pad samples into micro-batches of at most `micro_batch_size` (in the given order)."""
+                 pad_id: int = 0, routing_replay: bool = False, share_prompts: bool = False) -> list[RLBatch]:
+    """Pad samples into micro-batches of at most `micro_batch_size` (in the given order); with
+    `share_prompts`, also pack each micro-batch's shared prompts (`pack_prompts`)."""
     total_tokens = sum(sum(s.loss_mask) for s in samples)
     out = []
     for start in range(0, len(samples), micro_batch_size):
@@ -62,19 +147,30 @@ def make_batches(samples: list[Sample], advantages: list[float], micro_batch_siz
             weight = float(resp.sum()) / max(total_tokens, 1)
         else:
             weight = B / len(samples)
+        packed = pack_prompts(chunk, T, pad_id, routing_replay) if share_prompts else None
         out.append(RLBatch(ids, attn, resp, elp, torch.tensor(advantages[start:start + B], dtype=torch.float32),
-                           weight, routed_experts=routed))
+                           weight, routed_experts=None if packed is not None else routed, packed=packed))
     return out
 
 
 def sequence_logprobs(model, batch: RLBatch, temperature: float) -> tuple[Tensor, Tensor]:
-    """(log-probs [B, T-1] of tokens 1..T-1, logits [B, T-1, V]) under the model."""
-    for t in (batch.input_ids, batch.attention_mask, batch.routed_experts):
+    """(log-probs [B, T-1] of tokens 1..T-1, logits [B, T-1, V]) under the model, one row per
+    sample (with `batch.packed`, gathered from the packed rows the model computes)."""
+    p = batch.packed
+    for t in ((batch.input_ids, batch.attention_mask, batch.routed_experts) if p is None else
+              (p.input_ids, p.position_ids, p.attention_mask, p.segment_ids, p.routed_experts, p.pos_ST)):
         if t is not None:  # RL batches change shape every step: a compiled model (train.compile)
             torch._dynamo.maybe_mark_dynamic(t, 0)  # traces one graph with symbolic sizes at once,
             torch._dynamo.maybe_mark_dynamic(t, 1)  # not a static one first (a second compile)
-    out = model(batch.input_ids, attention_mask=batch.attention_mask, routed_experts=batch.routed_experts)
-    logits = out.logits[:, :-1]
+    if p is None:
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask,
+                       routed_experts=batch.routed_experts).logits[:, :-1]
+    else:
+        for t in (p.prefix_lens, p.row_S):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        out = model(p.input_ids, position_ids=p.position_ids, attention_mask=p.attention_mask,
+                    segment_ids=p.segment_ids, prefix_lens=p.prefix_lens, routed_experts=p.routed_experts)
+        logits = out.logits[p.row_S[:, None], p.pos_ST[:, :-1]]
     return token_logprobs(logits, batch.input_ids[:, 1:], temperature), logits
 
 

@@ -86,7 +86,7 @@ class TrainerWorker:
         from rlfoundry.rl.policy import make_batches, policy_loss, sequence_logprobs
 
         cfg, r = self.cfg, self.cfg.rollout
-        T, K = r.max_new_tokens, self.model.config.num_experts_per_tok
+        T, K, V = r.max_new_tokens, self.model.config.num_experts_per_tok, self.model.config.vocab_size
         moe_layers = sum(self.model.config.is_moe_layer(i) for i in range(self.model.config.num_hidden_layers))
         routed = [[list(range(K))] * moe_layers] * (8 + T) if r.routing_replay and moe_layers else None
         self.model.train()
@@ -94,10 +94,11 @@ class TrainerWorker:
         sizes = [n]
         while sizes[-1] > 2:
             sizes.append(max(2, sizes[-1] // 2))
-        for n in sizes:
-            samples = [Sample(prompt_ids=[1] * 8, response_ids=[1] * (T - i % 2), logprobs=[0.0] * (T - i % 2),
-                              routed_experts=routed) for i in range(n)]
-            batch = make_batches(samples, [1.0] * n, n, cfg.algorithm.aggregation, routing_replay=r.routing_replay)[0]
+        for n in sizes:  # groups of n_samples_per_prompt (a prompt each, for share_prompts)
+            samples = [Sample(prompt_ids=[1] * 7 + [(2 + i // r.n_samples_per_prompt) % V], response_ids=[1] * (T - i % 2),
+                              logprobs=[0.0] * (T - i % 2), routed_experts=routed) for i in range(n)]
+            batch = make_batches(samples, [1.0] * n, n, cfg.algorithm.aggregation, routing_replay=r.routing_replay,
+                                 share_prompts=cfg.algorithm.share_prompts)[0]
             with self.trainer.autocast(batch.input_ids.device):  # autocast is part of the graph (train.bf16)
                 if cfg.algorithm.updates_per_rollout > 1:  # the no-grad pass for the old log-probs: another graph
                     with torch.no_grad():
@@ -137,7 +138,7 @@ class TrainerWorker:
         for u in range(n_updates):
             part, part_adv = samples[u * per_update:(u + 1) * per_update], advs[u * per_update:(u + 1) * per_update]
             updates.append(make_batches(part, part_adv, algo.micro_batch_size, algo.aggregation,
-                                        routing_replay=cfg.rollout.routing_replay))
+                                        routing_replay=cfg.rollout.routing_replay, share_prompts=algo.share_prompts))
         with torch.no_grad():  # before any update: the policy that generated the samples
             for b in [b for batches in updates for b in batches]:
                 with self.trainer.autocast(b.input_ids.device):  # as the loss computes (train.bf16)

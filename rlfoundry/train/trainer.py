@@ -148,7 +148,7 @@ class Trainer:
                 load = step_load if load is None else load + step_load
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * share
-            n_tokens += b.input_ids.numel()
+            n_tokens += getattr(b, "num_tokens", None) or b.input_ids.numel()
         grad_norm = clip_grad_norm_(list(model.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
