@@ -14,7 +14,7 @@ from rlfoundry.rollout.launch import build_engine_app
 
 @pytest.fixture(scope="module")
 def client(tiny_checkpoint):
-    app = build_engine_app(str(tiny_checkpoint), max_batch=8, max_len=128, dtype="float32", name="tiny")
+    app, _ = build_engine_app(str(tiny_checkpoint), max_batch=8, max_len=128, dtype="float32", name="tiny")
     with TestClient(app) as c:
         yield c
     app.state.engine.shutdown()

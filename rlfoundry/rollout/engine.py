@@ -10,21 +10,22 @@ from after temperature — top-p / top-k / min-p truncation not applied; for gre
 which is the quantity the trainer computes for the same tokens.
 
 Threading: `add_request`, `abort`, `pause`, `resume` and `update_weights` may be called from any
-thread; the model runs in the thread that calls `step` (the background loop started by `start()`,
-or the caller of `generate`). Weight updates take effect between two steps.
+thread; the model runs only in the thread that drives the loop (`run`, or the background thread of
+`start()`; without either, the caller of `generate`), which also carries out aborts, pauses and
+weight updates between two steps.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import random
 import threading
 import time
 import uuid
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -203,22 +204,24 @@ class Engine:
         self.weight_version = weight_version
         self._rng = random.Random(seed)
         # Two locks: `_lock` is held for a whole step (model, cache, running sequences); `_submit`
-        # only for a moment, around the queue of waiting requests and the request table. Requests
-        # are queued under `_submit` alone, so a server thread never waits for a step to end: all
-        # requests that arrive during a step join at the next one (taking `_lock` there admitted
-        # one request per step). Order when both are held: `_lock`, then `_submit`. Control calls
-        # (abort, pause, weight updates) go in through `_between_steps`: the loop waits for them
-        # instead of taking `_lock` again at once (locks are not fair: a waiting caller could
-        # otherwise sit out dozens of steps).
+        # only for a moment, around the queue of waiting requests, the request table and the queue
+        # of control calls. Requests are queued under `_submit` alone, so a server thread never
+        # waits for a step to end: all requests that arrive during a step join at the next one.
+        # Order when both are held: `_lock`, then `_submit`. Control calls (abort, pause, weight
+        # updates) run between two steps on the thread that drives the loop (`_control`): torch
+        # ops from another thread would start a second OpenMP thread team, and with more threads
+        # than cores libgomp throttles the spin-waiting of every team — decode steps then ran
+        # ~1.8x slower here, for as long as the other thread lived.
         self._lock = threading.RLock()
         self._submit = threading.Lock()
         self._wake = threading.Condition(self._submit)
-        self._control_waiting = 0
+        self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Seq] = []          # running[i].slot == i
         self._requests: dict[str, _Request] = {}
         self._paused = False
         self._thread: threading.Thread | None = None
+        self._loop_thread: int | None = None  # ident of the thread in `run`, if any
         self._stop = False
         self.stats = {"generated_tokens": 0, "prompt_tokens": 0, "steps": 0, "finished": 0,
                       "spec_verify_steps": 0, "spec_emitted_tokens": 0, "spec_accept_length": 0.0}
@@ -262,33 +265,36 @@ class Engine:
             self.generate([[0]] * B, params)
         self.stats = stats
 
-    @contextmanager
-    def _between_steps(self):
-        """Hold the engine between two steps, ahead of the loop's next step."""
+    def _control(self, fn: Callable[[], Any]) -> Any:
+        """fn() between two steps, on the thread that runs the model: the loop's when one runs
+        (`start`/`run`; the caller waits for it), else this one."""
         with self._submit:
-            self._control_waiting += 1
-        try:
-            with self._lock:
-                yield
-        finally:
-            with self._submit:
-                self._control_waiting -= 1
+            queued = self._loop_thread is not None and self._loop_thread != threading.get_ident()
+            if queued:
+                fut: concurrent.futures.Future = concurrent.futures.Future()
+                self._calls.append((fn, fut))
                 self._wake.notify_all()
+        if queued:
+            return fut.result()
+        with self._lock:
+            return fn()
 
     def abort(self, request_id: str) -> bool:
         """Finish a request now with finish_reason "abort" (its tokens so far are kept)."""
-        with self._between_steps():
+        def abort() -> bool:
             found = self._abort(request_id)
             self._compact()
             return found
+        return self._control(abort)
 
     def abort_all(self) -> None:
-        with self._between_steps():
+        def abort_all() -> None:
             with self._submit:
                 rids = list(self._requests)
             for rid in rids:
                 self._abort(rid)
             self._compact()  # once for all of them
+        self._control(abort_all)
 
     def _abort(self, request_id: str) -> bool:
         with self._submit:
@@ -304,8 +310,9 @@ class Engine:
 
     def pause(self) -> None:
         """Stop generating; running sequences keep their KV cache and continue on `resume`."""
-        with self._between_steps():
+        def pause() -> None:
             self._paused = True
+        self._control(pause)
 
     def resume(self) -> None:
         with self._submit:
@@ -321,17 +328,17 @@ class Engine:
         """Replace weights in place between two steps: a full state dict, any subset of tensors
         (checkpoint or our names), or a checkpoint directory. Returns the number of tensors copied."""
         tensors = read_tensors(Path(source)) if isinstance(source, (str, Path)) else source
-        with self._between_steps():
+        def update() -> int:
             n = update_from_tensors(self.model, tensors)
             self.weight_version = str(version) if version is not None else str(int(self.weight_version) + 1
                                                                                   if self.weight_version.isdigit() else 1)
             return n
+        return self._control(update)
 
     def flush_cache(self) -> bool:
         """Drop cached prefixes. The slot cache keeps none beyond running sequences: a no-op that
         reports whether the engine is idle (SGLang refuses to flush while requests run)."""
-        with self._between_steps():
-            return not self._running and not self._waiting
+        return self._control(lambda: not self._running and not self._waiting)
 
     def load(self) -> dict:
         """A snapshot for metrics, read without waiting for the running step (may be one step old)."""
@@ -364,7 +371,7 @@ class Engine:
         """Blocking: all samples of all prompts, in order. Drives the loop itself unless `start()`ed."""
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         reqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        if self._thread is None:
+        if self._loop_thread is None:
             while not all(r.done.is_set() for r in reqs):
                 if self._paused:
                     raise RuntimeError("the engine is paused; nothing would finish")
@@ -375,29 +382,59 @@ class Engine:
         return [list(r.outputs) for r in reqs]
 
     def start(self) -> "Engine":
-        """Run `step` in a background thread until `shutdown`."""
-        if self._thread is None:
-            self._stop = False
-            self._thread = threading.Thread(target=self._loop, name="rlfoundry-engine", daemon=True)
+        """Run the loop (`run`) in a background thread until `shutdown`."""
+        if self._thread is None and self._loop_thread is None:
+            self._thread = threading.Thread(target=self.run, name="rlfoundry-engine", daemon=True)
+            with self._submit:
+                self._stop = False
+                self._loop_thread = -1  # control calls queue from now on; `run` takes them
             self._thread.start()
         return self
 
-    def shutdown(self) -> None:
+    def run(self) -> None:
+        """Drive the loop in the calling thread until `shutdown` (or an exception, e.g. Ctrl-C):
+        the engine server runs it on its main thread, the one that loaded the model (see
+        `_control` for why the thread matters)."""
         with self._submit:
-            self._stop = True
+            self._loop_thread = threading.get_ident()
+        try:
+            while True:
+                with self._submit:
+                    while not self._stop and not self._calls and (self._paused or not self.has_work()):
+                        self._wake.wait()
+                    if self._stop:
+                        return
+                    calls = list(self._calls)
+                    self._calls.clear()
+                for fn, fut in calls:
+                    try:
+                        with self._lock:
+                            fut.set_result(fn())
+                    except BaseException as e:  # noqa: BLE001 - handed to the caller
+                        fut.set_exception(e)
+                if not self._paused and self.has_work():
+                    self.step()
+        finally:
+            with self._submit:
+                self._loop_thread = None
+                self._stop = False
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn, fut in calls:  # came in as the loop stopped: run them here
+                try:
+                    with self._lock:
+                        fut.set_result(fn())
+                except BaseException as e:  # noqa: BLE001
+                    fut.set_exception(e)
+
+    def shutdown(self) -> None:
+        """Stop the loop (`start`'s thread or `run`) after its current step."""
+        with self._submit:
+            self._stop = self._loop_thread is not None
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-
-    def _loop(self) -> None:
-        while True:
-            with self._submit:
-                while not self._stop and (self._control_waiting or self._paused or not self.has_work()):
-                    self._wake.wait()
-                if self._stop:
-                    return
-            self.step()
 
     # ------------------------------------------------------------------ internals (lock held)
     def _admit(self) -> list[_Request]:

@@ -39,7 +39,7 @@ def wait_healthy(url: str, timeout: float, procs: list[subprocess.Popen] = ()) -
 
 
 def build_engine_app(model_path: str, max_batch: int, max_len: int | None, dtype: str, name: str | None,
-                     speculative_steps: int = 0, compile_decode: bool = False):
+                     speculative_steps: int = 0, compile_decode: bool = False, start_engine: bool = True):
     import torch
 
     from rlfoundry.data.tokenizer import eos_token_ids, load_tokenizer
@@ -53,7 +53,8 @@ def build_engine_app(model_path: str, max_batch: int, max_len: int | None, dtype
     engine = Engine(model, max_batch=max_batch, max_len=max_len, eos_token_ids=eos, speculative_steps=speculative_steps,
                     compile_decode=compile_decode)
     engine.warmup()
-    return create_app(engine, tokenizer, model_path=str(model_path), served_model_name=name)
+    return create_app(engine, tokenizer, model_path=str(model_path), served_model_name=name,
+                      start_engine=start_engine), engine
 
 
 class Backend:
@@ -132,6 +133,40 @@ class VLLMBackend(Backend):
         return VLLMClient(url, served_model_name)
 
 
+def _serve_one(model, host, port, max_batch, max_len, dtype, served_model_name, log_level, speculative_steps,
+               compile_decode) -> int:
+    """One engine server: HTTP (uvicorn) in a background thread, the engine's loop on this main
+    thread — the one that loaded the model. Run from another thread, the loop's torch ops start a
+    second OpenMP thread team next to the main thread's, and with more threads than cores libgomp
+    throttles their spin-waiting: decode steps measured ~1.8x slower on 2 cores. SIGTERM and
+    Ctrl-C stop both."""
+    import threading
+
+    import uvicorn
+
+    app, engine = build_engine_app(model, max_batch, max_len, dtype, served_model_name, speculative_steps,
+                                   compile_decode, start_engine=False)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+
+    def http_done():
+        try:
+            server.run()
+        finally:
+            engine.shutdown()  # the HTTP server stopped (e.g. the port was taken): stop the loop too
+
+    http = threading.Thread(target=http_done, name="rlfoundry-http", daemon=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM: as Ctrl-C, unwind and stop
+    http.start()
+    try:
+        engine.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(10)
+    return 0 if server.started else 1
+
+
 def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int = 1, max_batch: int = 64,
           max_len: int | None = None, dtype: str = "float32", served_model_name: str | None = None,
           log_level: str = "warning", speculative_steps: int = 0, backend: Backend | None = None,
@@ -158,11 +193,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
             child.terminate()
             return child.wait()
     if engines == 1:
-        import uvicorn
-
-        app = build_engine_app(model, max_batch, max_len, dtype, served_model_name, speculative_steps, compile_decode)
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
-        return 0
+        return _serve_one(model, host, port, max_batch, max_len, dtype, served_model_name, log_level,
+                          speculative_steps, compile_decode)
 
     children: list[subprocess.Popen] = []
 

@@ -168,9 +168,12 @@ class _Metrics:
         self.started = time.time()
 
 
-def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_model_name: str | None = None) -> FastAPI:
-    """The FastAPI app around an engine (started here if it is not running)."""
-    engine.start()
+def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_model_name: str | None = None,
+               start_engine: bool = True) -> FastAPI:
+    """The FastAPI app around an engine, whose loop it starts in a background thread unless told
+    not to (`rlfoundry serve` runs the loop on its main thread instead: see `Engine.run`)."""
+    if start_engine:
+        engine.start()
     name = served_model_name or model_path or "rlfoundry"
     app = FastAPI(title="rlfoundry engine server", version="0.1.0",
                   description="SGLang-compatible native API and OpenAI API over the rlfoundry engine")
