@@ -288,6 +288,48 @@ def test_control_calls_wait_for_one_step_at_most(model):
         engine.shutdown()
 
 
+def test_the_model_runs_only_on_the_loop_thread(model, monkeypatch):
+    """With a loop running (`run` on the calling thread, as `rlfoundry serve` runs it on its main
+    thread), requests, weight updates, pauses and aborts from other threads are carried out on the
+    loop's thread, which alone runs the model: torch ops from a second thread would start a second
+    OpenMP team (slow with more threads than cores). `shutdown` from another thread ends `run`."""
+    import rlfoundry.rollout.engine as engine_module
+
+    engine = Engine(model, max_batch=4)
+    ran_on = {"forward": set(), "update": set()}
+    forward, update = model.forward, engine_module.update_from_tensors
+    monkeypatch.setattr(model, "forward", lambda *a, **k: ran_on["forward"].add(threading.get_ident()) or forward(*a, **k))
+    monkeypatch.setattr(engine_module, "update_from_tensors",
+                        lambda *a: ran_on["update"].add(threading.get_ident()) or update(*a))
+    results = {}
+
+    def client():
+        try:
+            params = SamplingParams(temperature=0, max_new_tokens=6)
+            results["first"] = engine.generate(_prompts(model.config, [5, 3]), params)
+            assert engine.update_weights(dict(model.state_dict()), version="7") > 0
+            engine.pause()
+            engine.resume()
+            req = engine.add_request([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=1000, ignore_eos=True))
+            _wait(lambda: len(req.seqs[0].output_ids) >= 2)
+            assert engine.abort(req.id)
+            results["after"] = engine.generate([[1, 2]], params)[0][0]
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            results["error"] = e
+        finally:
+            engine.shutdown()
+
+    other = threading.Thread(target=client)
+    other.start()
+    engine.run()  # returns on the client's shutdown()
+    other.join()
+    assert "error" not in results, results.get("error")
+    assert ran_on["forward"] == ran_on["update"] == {threading.get_ident()}
+    assert results["after"].weight_version == "7" and len(results["after"].output_ids) == 6
+    assert engine.generate([[1, 2]], SamplingParams(temperature=0, max_new_tokens=6))[0][0].output_ids == \
+        results["after"].output_ids  # no loop now: generate drives the steps itself
+
+
 def test_requests_arriving_during_a_step_join_the_next_one_together(model):
     """Submitting never waits for the running step (a server thread would stall, and requests
     would join one per step): while a step holds the engine, requests queue at once, and the next
