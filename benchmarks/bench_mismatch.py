@@ -30,7 +30,7 @@ from rlfoundry.buffer import PromptDataset  # noqa: E402
 from rlfoundry.data.tokenizer import eos_token_ids, load_tokenizer  # noqa: E402
 from rlfoundry.model import load_pretrained  # noqa: E402
 from rlfoundry.model.glm4_moe import ComputeIn, cast_model  # noqa: E402
-from rlfoundry.rl.policy import make_batches, sequence_logprobs  # noqa: E402
+from rlfoundry.rl.policy import make_batches, sequence_logits, sequence_logprobs  # noqa: E402
 from rlfoundry.rl.sample import Sample  # noqa: E402
 from rlfoundry.rollout.engine import Engine, SamplingParams  # noqa: E402
 
@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=64)
     ap.add_argument("--compile-decode", action="store_true", help="the engine decodes through torch.compile")
     ap.add_argument("--exact", action="store_true", help="RL's exact mode: fp64 arithmetic on both sides")
+    ap.add_argument("--no-share-prompts", action="store_true",
+                    help="the trainer computes one row per sample (RL default: each group's prompt once)")
     args = ap.parse_args()
     torch.manual_seed(0)
     tok = load_tokenizer(args.model)
@@ -63,7 +65,8 @@ def main() -> None:
     outs = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, n=args.n))
     samples = [Sample(prompt_ids=list(p), response_ids=list(o.output_ids), logprobs=list(o.logprobs),
                       loss_mask=[1] * len(o.output_ids)) for p, group in zip(prompts, outs) for o in group]
-    batches = make_batches(samples, [0.0] * len(samples), args.micro_batch, "token-mean")
+    batches = make_batches(samples, [0.0] * len(samples), args.micro_batch, "token-mean",
+                           share_prompts=not args.no_share_prompts)
 
     trainer = load_pretrained(args.model).train()
     if args.exact:
@@ -74,7 +77,7 @@ def main() -> None:
         mask = b.response_mask[:, 1:].bool()
         train_lp = sequence_logprobs(trainer, b, 1.0)[0].detach()   # autograd on, as in the RL step
         with torch.no_grad():  # unrounded fp64 log-probs (sequence_logprobs rounds to fp32)
-            ref_logits = sequence_logprobs(ref, b, 1.0)[1]
+            ref_logits = sequence_logits(ref, b)
             ref_lp = ref_logits.log_softmax(-1).gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)
         engine_lp = b.engine_logprobs[:, 1:]
         diffs["engine - trainer"].append((engine_lp - train_lp)[mask].abs())

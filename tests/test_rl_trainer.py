@@ -122,7 +122,7 @@ def test_shared_prompt_packing_gives_the_per_sample_loss_and_gradients(routing_r
     from rlfoundry.rl.policy import make_batches, policy_loss
     from rlfoundry.rollout.engine import Engine, SamplingParams
 
-    cfg = load_rl_config(None, [])
+    cfg = load_rl_config(None, ["algorithm.entropy_coef=0.01"])  # the entropy's gradient too
     model = load_pretrained(cfg.model)
     engine = Engine(model, max_batch=64)
     samples = []
@@ -146,7 +146,7 @@ def test_shared_prompt_packing_gives_the_per_sample_loss_and_gradients(routing_r
             loss, m = policy_loss(policy, b, cfg.algorithm, 1.0)
             (loss * b.weight).backward()
             total += loss.item() * b.weight
-            logps.append(m["logprob_mean"])
+            logps += [m["logprob_mean"], m["entropy"]]
         return total, [p.grad.clone() for p in model.parameters() if p.grad is not None], batches, logps
 
     loss_a, grads_a, plain, logp_a = step(False)

@@ -134,13 +134,19 @@ def entropy_from_logits(logits_NTV: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1).float()
 
 
-def token_logprobs(logits_NTV: Tensor, ids_NT: Tensor, temperature: float = 1.0) -> Tensor:
-    """log softmax(logits / temperature)[ids] in fp32: the quantity the engine returns (computed
-    in fp32, or in fp64 from fp64 logits and then rounded, as the engine does)."""
+def scaled_log_softmax(logits_NTV: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / temperature) over the vocabulary, in fp32 (fp64 for fp64 logits), as
+    the engine samples (temperature 0, greedy: the raw softmax)."""
     logits = logits_NTV.to(at_least_fp32(logits_NTV.dtype))
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
-    return logits.log_softmax(-1).gather(-1, ids_NT[..., None]).squeeze(-1).float()
+    return logits.log_softmax(-1)
+
+
+def token_logprobs(logits_NTV: Tensor, ids_NT: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / temperature)[ids] in fp32: the quantity the engine returns (computed
+    in fp32, or in fp64 from fp64 logits and then rounded, as the engine does)."""
+    return scaled_log_softmax(logits_NTV, temperature).gather(-1, ids_NT[..., None]).squeeze(-1).float()
 
 
 def tis_weights(old_logp_NT: Tensor, engine_logp_NT: Tensor, cap: float = 2.0) -> Tensor:

@@ -20,12 +20,13 @@ is exact under gradient accumulation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from rlfoundry.rl.algorithms import (aggregate, entropy_from_logits, gspo_loss, kl_penalty, ppo_clip_loss,
-                                     tis_weights, token_logprobs)
+                                     scaled_log_softmax, tis_weights, token_logprobs)
 from rlfoundry.rl.sample import Sample
 
 
@@ -153,9 +154,10 @@ def make_batches(samples: list[Sample], advantages: list[float], micro_batch_siz
     return out
 
 
-def sequence_logprobs(model, batch: RLBatch, temperature: float) -> tuple[Tensor, Tensor]:
-    """(log-probs [B, T-1] of tokens 1..T-1, logits [B, T-1, V]) under the model, one row per
-    sample (with `batch.packed`, gathered from the packed rows the model computes)."""
+def _forward(model, batch: RLBatch) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """The logits [rows, T', V] of what the model computes for the micro-batch and, for packed
+    prompts, where each sample's positions 0..T-2 are in them (row [S, 1], position [S, T-1]);
+    None: one row per sample."""
     p = batch.packed
     for t in ((batch.input_ids, batch.attention_mask, batch.routed_experts) if p is None else
               (p.input_ids, p.position_ids, p.attention_mask, p.segment_ids, p.routed_experts, p.pos_ST)):
@@ -163,20 +165,39 @@ def sequence_logprobs(model, batch: RLBatch, temperature: float) -> tuple[Tensor
             torch._dynamo.maybe_mark_dynamic(t, 0)  # traces one graph with symbolic sizes at once,
             torch._dynamo.maybe_mark_dynamic(t, 1)  # not a static one first (a second compile)
     if p is None:
-        logits = model(batch.input_ids, attention_mask=batch.attention_mask,
-                       routed_experts=batch.routed_experts).logits[:, :-1]
-    else:
-        for t in (p.prefix_lens, p.row_S):
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-        out = model(p.input_ids, position_ids=p.position_ids, attention_mask=p.attention_mask,
-                    segment_ids=p.segment_ids, prefix_lens=p.prefix_lens, routed_experts=p.routed_experts)
-        logits = out.logits[p.row_S[:, None], p.pos_ST[:, :-1]]
-    return token_logprobs(logits, batch.input_ids[:, 1:], temperature), logits
+        return model(batch.input_ids, attention_mask=batch.attention_mask,
+                     routed_experts=batch.routed_experts).logits, None
+    for t in (p.prefix_lens, p.row_S):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    out = model(p.input_ids, position_ids=p.position_ids, attention_mask=p.attention_mask,
+                segment_ids=p.segment_ids, prefix_lens=p.prefix_lens, routed_experts=p.routed_experts)
+    return out.logits, (p.row_S[:, None], p.pos_ST[:, :-1])
+
+
+def sequence_logits(model, batch: RLBatch) -> Tensor:
+    """Logits [B, T-1, V] predicting tokens 1..T-1 of each sample (gathered from packed rows)."""
+    logits, where = _forward(model, batch)
+    return logits[:, :-1] if where is None else logits[where]
+
+
+def sequence_logprobs(model, batch: RLBatch, temperature: float) -> tuple[Tensor, Callable[[], Tensor]]:
+    """Log-probs [B, T-1] of tokens 1..T-1 of each sample under the model (fp32, after temperature,
+    as the engine computes them), and a function giving the entropy [B, T-1] of the same positions'
+    distributions (raw logits; differentiable when called with autograd on). With packed prompts
+    both are computed once per position the model computes and then gathered to the samples."""
+    logits, where = _forward(model, batch)
+    targets = batch.input_ids[:, 1:]
+    if where is None:
+        logits = logits[:, :-1]
+        return token_logprobs(logits, targets, temperature), lambda: entropy_from_logits(logits)
+    rows, pos = where
+    logp = scaled_log_softmax(logits, temperature)[rows, pos, targets].float()
+    return logp, lambda: entropy_from_logits(logits)[rows, pos]
 
 
 def policy_loss(model, batch: RLBatch, algo, temperature: float) -> tuple[Tensor, dict]:
     """The RL loss of one micro-batch and its metrics (see rlfoundry.rl.algorithms for the math)."""
-    logp, logits = sequence_logprobs(model, batch, temperature)
+    logp, entropy = sequence_logprobs(model, batch, temperature)
     mask = batch.response_mask[:, 1:].float()
     engine = batch.engine_logprobs[:, 1:]
     old = batch.old_logprobs if batch.old_logprobs is not None else logp.detach()
@@ -196,12 +217,12 @@ def policy_loss(model, batch: RLBatch, algo, temperature: float) -> tuple[Tensor
                "mismatch_mean": float(diff.sum() / n), "mismatch_max": float(diff.max()) if mask.any() else 0.0,
                "logprob_mean": float((logp.detach() * mask).sum() / n)}
     if algo.entropy_coef:
-        ent = aggregate(entropy_from_logits(logits), mask, agg)
+        ent = aggregate(entropy(), mask, agg)
         loss = loss - algo.entropy_coef * ent
         metrics["entropy"] = ent.item()
     else:
         with torch.no_grad():
-            metrics["entropy"] = float((entropy_from_logits(logits) * mask).sum() / n)
+            metrics["entropy"] = float((entropy() * mask).sum() / n)
     if algo.kl_coef and batch.ref_logprobs is not None:
         kl = aggregate(kl_penalty(logp, batch.ref_logprobs, algo.kl_kind), mask, agg)
         loss = loss + algo.kl_coef * kl
