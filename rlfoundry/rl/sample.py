@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -62,8 +62,10 @@ class Sample:
         return self.rewards.get("correct", float((self.reward or 0) > 0))
 
     def to_dict(self) -> dict:
-        """Plain data (status as its string), as actors exchange it."""
-        d = asdict(self)
+        """Plain data (status as its string), as actors exchange it. Shallow: the dict holds the
+        sample's own lists (`dataclasses.asdict` deep-copied every token list: ~0.1 s of a
+        256-sample rollout step here); Ray and JSON copy them on the way anyway."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["status"] = self.status.value
         return d
 
