@@ -96,12 +96,14 @@ def run_rlfoundry(args) -> dict:
         total = time.perf_counter() - t0
     steps = [m for m in result["metrics"] if "reward/mean" in m]
     wall = sum(m["time/step_s"] for m in steps)
+    print("rlfoundry, seconds a step: " + "; ".join(
+        f"{k} " + " ".join(f"{m.get(f'time/{k}_s', 0):.2f}" for m in steps) for k in ("step", "rollout", "generate", "train")))
     curve, t = [], 0.0
     for m in steps:
         t += m["time/step_s"]
         curve.append((t, m["reward/mean"]))
     phases = {k: sum(m.get(f"time/{k}_s", 0.0) for m in steps) / len(steps)
-              for k in ("rollout", "train", "weight_sync", "checkpoint")}
+              for k in ("rollout", "generate", "train", "weight_sync", "checkpoint")}
     return {"wall_s": wall, "setup_s": total - wall, "samples": args.steps * args.prompts * args.group,
             "curve": curve, "phases": phases}
 

@@ -218,9 +218,13 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                 t_step = time.perf_counter()
                 if rollout is not None:
                     t0 = time.perf_counter()
+                    m["time/generate_s"] = 0.0  # of which: generating and scoring (the rest is the buffer's)
                     reqs = ray.get(buffer.requests.remote(step, version))
                     while reqs:  # the step's prompts, then refill rounds while any are due
-                        ray.get(buffer.put.remote(ray.get(rollout.generate.remote(reqs))))
+                        t1 = time.perf_counter()
+                        groups = ray.get(rollout.generate.remote(reqs))
+                        m["time/generate_s"] += time.perf_counter() - t1
+                        ray.get(buffer.put.remote(groups))
                         reqs = ray.get(buffer.requests.remote(step, version))
                     m["time/rollout_s"] = time.perf_counter() - t0
                 m.update(ray.get(buffer.step_stats.remote(
