@@ -396,6 +396,9 @@ class Engine:
         the engine server runs it on its main thread, the one that loaded the model (see
         `_control` for why the thread matters)."""
         with self._submit:
+            started_for_me = self._loop_thread == -1 and self._thread is threading.current_thread()  # by start()
+            if self._loop_thread is not None and not started_for_me:
+                raise RuntimeError("the engine's loop is already running (start() or run() in another thread)")
             self._loop_thread = threading.get_ident()
         try:
             while True:
