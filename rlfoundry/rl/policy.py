@@ -71,6 +71,12 @@ def _same_prompt(a: Sample, b: Sample, routing_replay: bool) -> bool:
     return not routing_replay or a.routed_experts is None or a.routed_experts[:P] == b.routed_experts[:P]
 
 
+def _padded(rows: list[list], width: int, fill, dtype: torch.dtype) -> Tensor:
+    """[len(rows), width]: each row right-padded with `fill` (one tensor from Python lists: a tensor
+    per sample and field cost ~10% of an RL training step here)."""
+    return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=dtype)
+
+
 def pack_prompts(chunk: list[Sample], T: int, pad_id: int = 0, routing_replay: bool = False) -> PackedRows:
     """Rows of one prompt and the responses of the consecutive samples sharing it (see the module
     docstring); `T` is the longest sample of the RLBatch whose layout `pos_ST` indexes."""
@@ -80,42 +86,43 @@ def pack_prompts(chunk: list[Sample], T: int, pad_id: int = 0, routing_replay: b
             runs[-1].append(i)
         else:
             runs.append([i])
-    lens = [len(chunk[r[0]].prompt_ids) + sum(len(chunk[i].response_ids) for i in r) for r in runs]
-    G, Tp = len(runs), max(lens)
-    ids = torch.full((G, Tp), pad_id, dtype=torch.long)
-    pos = torch.zeros(G, Tp, dtype=torch.long)
-    attn = torch.zeros(G, Tp, dtype=torch.long)
-    seg = torch.zeros(G, Tp, dtype=torch.long)
-    prefix = torch.zeros(G, dtype=torch.long)
-    row_S = torch.zeros(len(chunk), dtype=torch.long)
-    pos_ST = torch.zeros(len(chunk), T, dtype=torch.long)
-    routed = None
+    ids, pos, seg, prefix = [], [], [], []
+    row_S, pos_S = [0] * len(chunk), [[] for _ in chunk]
     for g, run in enumerate(runs):
-        first = chunk[run[0]]
-        P = len(first.prompt_ids)
-        ids[g, :P] = torch.tensor(first.prompt_ids)
-        pos[g, :P] = torch.arange(P)
-        prefix[g] = P
-        if routing_replay and first.routed_experts is not None:
-            r = torch.tensor(first.routed_experts)
-            if routed is None:
-                routed = torch.zeros(G, Tp, *r.shape[1:], dtype=torch.long)
-            routed[g, :min(P, r.shape[0])] = r[:P]
-        at = P
+        P = len(chunk[run[0]].prompt_ids)
+        ids.append(list(chunk[run[0]].prompt_ids))
+        pos.append(list(range(P)))
+        seg.append([0] * P)
+        prefix.append(P)
         for k, i in enumerate(run, start=1):
-            s, R = chunk[i], len(chunk[i].response_ids)
-            ids[g, at:at + R] = torch.tensor(s.response_ids, dtype=torch.long)
-            pos[g, at:at + R] = torch.arange(P, P + R)
-            seg[g, at:at + R] = k
-            if routed is not None and s.routed_experts is not None:
-                r = torch.tensor(s.routed_experts)[P:P + R]  # the last token was never fed: R - 1 rows
-                routed[g, at:at + r.shape[0]] = r
-            row_S[i] = g
-            pos_ST[i, :P] = torch.arange(P)
-            pos_ST[i, P:P + R] = torch.arange(at, at + R)
-            at += R
-        attn[g, :at] = 1
-    return PackedRows(ids, pos, attn, seg, prefix, row_S, pos_ST, routed)
+            R, at = len(chunk[i].response_ids), len(ids[-1])
+            ids[-1] += chunk[i].response_ids
+            pos[-1] += range(P, P + R)
+            seg[-1] += [k] * R
+            row_S[i], pos_S[i] = g, list(range(P)) + list(range(at, at + R))
+    Tp = max(map(len, ids))
+    routed = None
+    if routing_replay and any(chunk[run[0]].routed_experts is not None for run in runs):
+        shape = torch.tensor(next(chunk[r[0]].routed_experts for r in runs if chunk[r[0]].routed_experts is not None)).shape
+        routed = torch.zeros(len(runs), Tp, *shape[1:], dtype=torch.long)
+        for g, run in enumerate(runs):
+            first = chunk[run[0]]
+            if first.routed_experts is None:
+                continue
+            P = prefix[g]
+            r = torch.tensor(first.routed_experts[:P])
+            routed[g, :r.shape[0]] = r
+            at = P
+            for i in run:
+                R = len(chunk[i].response_ids)
+                if chunk[i].routed_experts is not None and chunk[i].routed_experts[P:P + R]:
+                    r = torch.tensor(chunk[i].routed_experts[P:P + R])  # the last token was never fed: R - 1 rows
+                    routed[g, at:at + r.shape[0]] = r
+                at += R
+    return PackedRows(_padded(ids, Tp, pad_id, torch.long), _padded(pos, Tp, 0, torch.long),
+                      _padded([[1] * len(r) for r in ids], Tp, 0, torch.long), _padded(seg, Tp, 0, torch.long),
+                      torch.tensor(prefix, dtype=torch.long), torch.tensor(row_S, dtype=torch.long),
+                      _padded(pos_S, T, 0, torch.long), routed)
 
 
 def make_batches(samples: list[Sample], advantages: list[float], micro_batch_size: int, aggregation: str,
@@ -128,29 +135,27 @@ def make_batches(samples: list[Sample], advantages: list[float], micro_batch_siz
         chunk = samples[start:start + micro_batch_size]
         T = max(len(s.tokens) for s in chunk)
         B = len(chunk)
-        ids = torch.full((B, T), pad_id, dtype=torch.long)
-        attn = torch.zeros(B, T, dtype=torch.long)
-        resp = torch.zeros(B, T, dtype=torch.long)
-        elp = torch.zeros(B, T, dtype=torch.float32)
+        ids = _padded([s.tokens for s in chunk], T, pad_id, torch.long)
+        attn = _padded([[1] * len(s.tokens) for s in chunk], T, 0, torch.long)
+        resp = _padded([[0] * len(s.prompt_ids) + list(s.loss_mask[:len(s.response_ids)]) for s in chunk], T, 0,
+                       torch.long)
+        elp = _padded([[0.0] * len(s.prompt_ids) + list(s.logprobs[:len(s.response_ids)]) for s in chunk], T, 0.0,
+                      torch.float32)
         routed = None
-        for b, s in enumerate(chunk):
-            P, R = len(s.prompt_ids), len(s.response_ids)
-            ids[b, :P + R] = torch.tensor(s.tokens)
-            attn[b, :P + R] = 1
-            resp[b, P:P + R] = torch.tensor(s.loss_mask[:R])
-            elp[b, P:P + R] = torch.tensor(s.logprobs[:R], dtype=torch.float32)
-            if routing_replay and s.routed_experts is not None:
-                r = torch.tensor(s.routed_experts)
-                if routed is None:
-                    routed = torch.zeros(B, T, *r.shape[1:], dtype=torch.long)
-                routed[b, :r.shape[0]] = r
+        if routing_replay and not share_prompts:
+            for b, s in enumerate(chunk):
+                if s.routed_experts is not None:
+                    r = torch.tensor(s.routed_experts)
+                    if routed is None:
+                        routed = torch.zeros(B, T, *r.shape[1:], dtype=torch.long)
+                    routed[b, :r.shape[0]] = r
         if aggregation == "token-mean":
             weight = float(resp.sum()) / max(total_tokens, 1)
         else:
             weight = B / len(samples)
         packed = pack_prompts(chunk, T, pad_id, routing_replay) if share_prompts else None
         out.append(RLBatch(ids, attn, resp, elp, torch.tensor(advantages[start:start + B], dtype=torch.float32),
-                           weight, routed_experts=None if packed is not None else routed, packed=packed))
+                           weight, routed_experts=routed, packed=packed))
     return out
 
 
