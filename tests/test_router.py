@@ -58,3 +58,43 @@ def test_openai_client_through_sglang_router(tiny_checkpoint, tmp_path):
     time.sleep(1)
     assert not _up(f"http://127.0.0.1:{port}/health")
     assert not _up(engines[1][1] + "/health")
+
+
+def test_one_engine_server_stops_on_sigterm_answering_requests_in_flight(tiny_checkpoint, tmp_path):
+    """`rlfoundry serve` (one engine: its loop on the main thread, HTTP in a thread beside it):
+    SIGTERM answers the request in flight (here: waiting in a paused engine) with what it has,
+    finish_reason abort, and exits at once, rather than leaving the client without an answer."""
+    import json
+    import threading
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "rlfoundry.cli", "serve", "--model", str(tiny_checkpoint),
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    answer = {}
+
+    def long_request():
+        body = json.dumps({"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 20, "ignore_eos": True}})
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+        answer.update(json.load(urllib.request.urlopen(req, timeout=60)))
+
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", 180, [proc])
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/pause_generation", data=b"{}",
+                                                      headers={"Content-Type": "application/json"}), timeout=10)
+        client = threading.Thread(target=long_request)
+        client.start()
+        time.sleep(1.0)
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        client.join(30)
+        assert time.time() - t0 < 8
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert answer["meta_info"]["finish_reason"]["type"] == "abort"
+    assert answer["output_ids"] == []
+    assert not _up(f"http://127.0.0.1:{port}/health")

@@ -162,6 +162,7 @@ def _serve_one(model, host, port, max_batch, max_len, dtype, served_model_name, 
     except KeyboardInterrupt:
         pass
     finally:
+        engine.abort_all()  # requests in flight get their answer (finish_reason abort), so HTTP can close
         server.should_exit = True
         http.join(10)
     return 0 if server.started else 1
