@@ -67,6 +67,8 @@ class Sample:
         256-sample rollout step here); Ray and JSON copy them on the way anyway."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["status"] = self.status.value
+        if isinstance(self.metadata, dict):  # a group's samples may share one metadata dict
+            d["metadata"] = dict(self.metadata)
         return d
 
     def to_json(self) -> str:

@@ -368,7 +368,8 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  timeout: float | None = None) -> list[list[Output]]:
-        """Blocking: all samples of all prompts, in order. Drives the loop itself unless `start()`ed."""
+        """Blocking: all samples of all prompts, in order. Drives the loop itself unless a loop runs
+        (`start` or `run` in another thread)."""
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         reqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
         if self._loop_thread is None:
