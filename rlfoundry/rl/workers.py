@@ -81,8 +81,10 @@ class TrainerWorker:
         2 samples: inductor specialises on the token count (its CPU fp32 sum reductions over more
         than 4096 elements use a cascade sum, so N tokens get a guard on N, 2N and 4N > 4096), and
         a step's last micro-batch is often small; halving meets every such range once, and sizes
-        in a range already compiled only run. Weights and optimizer state are untouched; the
-        gradients are dropped."""
+        in a range already compiled only run. With shared prompts a row holds a group, and dynamo
+        specialises a size of 1: the halvings keep at least 2 rows (smaller dummy groups), and one
+        more micro-batch of a single group compiles the one-row graph. Weights and optimizer state
+        are untouched; the gradients are dropped."""
         from rlfoundry.rl.policy import make_batches, policy_loss, sequence_logprobs
 
         cfg, r = self.cfg, self.cfg.rollout
@@ -91,11 +93,15 @@ class TrainerWorker:
         routed = [[list(range(K))] * moe_layers] * (8 + T) if r.routing_replay and moe_layers else None
         self.model.train()
         n = max(2, min(cfg.algorithm.micro_batch_size, r.prompts_per_step * r.n_samples_per_prompt))
-        sizes = [n]
-        while sizes[-1] > 2:
-            sizes.append(max(2, sizes[-1] // 2))
-        for n in sizes:  # groups of n_samples_per_prompt (a prompt each, for share_prompts)
-            samples = [Sample(prompt_ids=[1] * 7 + [(2 + i // r.n_samples_per_prompt) % V], response_ids=[1] * (T - i % 2),
+        shapes = [(n, min(r.n_samples_per_prompt, n // 2))]  # (samples, samples a group)
+        while shapes[-1][0] > 2:
+            m = max(2, shapes[-1][0] // 2)
+            shapes.append((m, max(1, min(r.n_samples_per_prompt, m // 2))))
+        if cfg.algorithm.share_prompts:
+            g = min(r.n_samples_per_prompt, n)
+            shapes.append((g, g))  # one group: one packed row
+        for n, g in shapes:
+            samples = [Sample(prompt_ids=[1] * 7 + [(2 + i // g) % V], response_ids=[1] * (T - i % 2),
                               logprobs=[0.0] * (T - i % 2), routed_experts=routed) for i in range(n)]
             batch = make_batches(samples, [1.0] * n, n, cfg.algorithm.aggregation, routing_replay=r.routing_replay,
                                  share_prompts=cfg.algorithm.share_prompts)[0]
