@@ -305,6 +305,7 @@ def test_the_model_runs_only_on_the_loop_thread(model, monkeypatch):
 
     def client():
         try:
+            _wait(lambda: engine.looping)  # `run` has begun on the main thread
             params = SamplingParams(temperature=0, max_new_tokens=6)
             results["first"] = engine.generate(_prompts(model.config, [5, 3]), params)
             assert engine.update_weights(dict(model.state_dict()), version="7") > 0

@@ -323,6 +323,11 @@ class Engine:
     def paused(self) -> bool:
         return self._paused
 
+    @property
+    def looping(self) -> bool:
+        """Whether a loop drives the engine (`start`, or `run` in some thread)."""
+        return self._loop_thread is not None
+
     def update_weights(self, source: dict[str, Tensor] | Iterable[tuple[str, Tensor]] | str | Path,
                        version: str | None = None) -> int:
         """Replace weights in place between two steps: a full state dict, any subset of tensors
@@ -372,11 +377,10 @@ class Engine:
         (`start` or `run` in another thread)."""
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         reqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        if self._loop_thread is None:
-            while not all(r.done.is_set() for r in reqs):
-                if self._paused:
-                    raise RuntimeError("the engine is paused; nothing would finish")
-                self.step()
+        while not all(r.done.is_set() for r in reqs) and self._loop_thread is None:  # a loop may start meanwhile
+            if self._paused:
+                raise RuntimeError("the engine is paused; nothing would finish")
+            self.step()
         for r in reqs:
             if not r.done.wait(timeout):
                 raise TimeoutError("generation did not finish in time")
