@@ -414,12 +414,7 @@ class Engine:
                         return
                     calls = list(self._calls)
                     self._calls.clear()
-                for fn, fut in calls:
-                    try:
-                        with self._lock:
-                            fut.set_result(fn())
-                    except BaseException as e:  # noqa: BLE001 - handed to the caller
-                        fut.set_exception(e)
+                self._carry_out(calls)
                 if not self._paused and self.has_work():
                     self.step()
         finally:
@@ -428,12 +423,16 @@ class Engine:
                 self._stop = False
                 calls = list(self._calls)
                 self._calls.clear()
-            for fn, fut in calls:  # came in as the loop stopped: run them here
-                try:
-                    with self._lock:
-                        fut.set_result(fn())
-                except BaseException as e:  # noqa: BLE001
-                    fut.set_exception(e)
+            self._carry_out(calls)  # came in as the loop stopped: run them here
+
+    def _carry_out(self, calls: list[tuple[Callable[[], Any], concurrent.futures.Future]]) -> None:
+        """Run queued control calls, handing each caller its result or exception."""
+        for fn, fut in calls:
+            try:
+                with self._lock:
+                    fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
 
     def shutdown(self) -> None:
         """Stop the loop (`start`'s thread or `run`) after its current step."""
