@@ -86,7 +86,16 @@ def pack_prompts(chunk: list[Sample], T: int, pad_id: int = 0, routing_replay: b
             runs[-1].append(i)
         else:
             runs.append([i])
-    ids, pos, seg, prefix = [], [], [], []
+    first_routes = next((s.routed_experts for s in chunk if routing_replay and s.routed_experts), None)
+    replay = first_routes is not None
+    no_route = [[0] * len(first_routes[0][0])] * len(first_routes[0]) if replay else None  # [L_moe, K] zeros
+
+    def _routes(s: Sample, a: int, b: int) -> list:
+        """Replayed routes of positions a..b-1 of `s`; zeros where it has none."""
+        r = s.routed_experts[a:b] if s.routed_experts is not None else []
+        return list(r) + [no_route] * (b - a - len(r))
+
+    ids, pos, seg, prefix, routes = [], [], [], [], []
     row_S, pos_S = [0] * len(chunk), [[] for _ in chunk]
     for g, run in enumerate(runs):
         P = len(chunk[run[0]].prompt_ids)
@@ -94,31 +103,19 @@ def pack_prompts(chunk: list[Sample], T: int, pad_id: int = 0, routing_replay: b
         pos.append(list(range(P)))
         seg.append([0] * P)
         prefix.append(P)
+        routes.append(_routes(chunk[run[0]], 0, P) if replay else [])
         for k, i in enumerate(run, start=1):
             R, at = len(chunk[i].response_ids), len(ids[-1])
             ids[-1] += chunk[i].response_ids
             pos[-1] += range(P, P + R)
             seg[-1] += [k] * R
+            if replay:  # the last token was never fed to the engine: its route is missing (zeros)
+                routes[-1] += _routes(chunk[i], P, P + R)
             row_S[i], pos_S[i] = g, list(range(P)) + list(range(at, at + R))
     Tp = max(map(len, ids))
     routed = None
-    if routing_replay and any(chunk[run[0]].routed_experts is not None for run in runs):
-        shape = torch.tensor(next(chunk[r[0]].routed_experts for r in runs if chunk[r[0]].routed_experts is not None)).shape
-        routed = torch.zeros(len(runs), Tp, *shape[1:], dtype=torch.long)
-        for g, run in enumerate(runs):
-            first = chunk[run[0]]
-            if first.routed_experts is None:
-                continue
-            P = prefix[g]
-            r = torch.tensor(first.routed_experts[:P])
-            routed[g, :r.shape[0]] = r
-            at = P
-            for i in run:
-                R = len(chunk[i].response_ids)
-                if chunk[i].routed_experts is not None and chunk[i].routed_experts[P:P + R]:
-                    r = torch.tensor(chunk[i].routed_experts[P:P + R])  # the last token was never fed: R - 1 rows
-                    routed[g, at:at + r.shape[0]] = r
-                at += R
+    if replay:
+        routed = _padded(routes, Tp, no_route, torch.long)
     return PackedRows(_padded(ids, Tp, pad_id, torch.long), _padded(pos, Tp, 0, torch.long),
                       _padded([[1] * len(r) for r in ids], Tp, 0, torch.long), _padded(seg, Tp, 0, torch.long),
                       torch.tensor(prefix, dtype=torch.long), torch.tensor(row_S, dtype=torch.long),
