@@ -41,6 +41,16 @@ def _greedy(model, prompt, n):
     return ids[len(prompt):]
 
 
+def _assert_logprobs(client, model, prompt):
+    """A sampled generation's log-probs are `model`'s log-probs of the same tokens."""
+    g = client.generate(prompt, 6, temperature=1.0, seed=3)[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + g.output_ids])).logits[0, len(prompt) - 1:-1]
+    ref = logits.log_softmax(-1).gather(1, torch.tensor(g.output_ids)[:, None]).flatten()
+    assert (ref - torch.tensor(g.logprobs)).abs().max() <= 1e-5
+    return g
+
+
 def test_broadcast_and_disk_updates(servers, tiny_checkpoint, tmp_path):
     base = load_pretrained(tiny_checkpoint)
     trainer = Glm4MoeForCausalLM(base.config)
@@ -63,14 +73,19 @@ def test_broadcast_and_disk_updates(servers, tiny_checkpoint, tmp_path):
         g = c.generate(prompt, 8, temperature=0)[0]
         assert g.weight_version == "step-1" and g.output_ids == _greedy(trainer, prompt, 8)
     # log-probs after the update are the trainer's log-probs
-    g = servers[1].generate(prompt, 6, temperature=1.0, seed=3)[0]
-    with torch.no_grad():
-        logits = trainer(torch.tensor([prompt + g.output_ids])).logits[0, len(prompt) - 1:-1]
-    ref = logits.log_softmax(-1).gather(1, torch.tensor(g.output_ids)[:, None]).flatten()
-    assert (ref - torch.tensor(g.logprobs)).abs().max() <= 1e-5
-    # a second broadcast of a subset, then from disk back to the original
-    sender.send([("model.norm.weight", torch.full_like(trainer.model.norm.weight, 0.5))], version="step-2")
-    assert servers[0].generate(prompt, 2, temperature=0)[0].weight_version == "step-2"
+    _assert_logprobs(servers[1], trainer, prompt)
+    # subsets: two dtypes as two flat buffers (SGLang's "flattened_bucket"), then one broadcast per tensor
+    norm, head = trainer.model.norm.weight, trainer.lm_head.weight
+    sender.send([("model.norm.weight", torch.full_like(norm, 0.5, dtype=torch.bfloat16)),
+                 ("lm_head.weight", head * 2)], version="step-2")
+    trainer.model.norm.weight.data.fill_(0.5)
+    trainer.lm_head.weight.data.mul_(2)
+    for c in servers:
+        assert _assert_logprobs(c, trainer, prompt).weight_version == "step-2"
+    sender.send([("model.norm.weight", torch.full_like(norm, 0.25))], version="step-2b", flattened=False)
+    trainer.model.norm.weight.data.fill_(0.25)
+    _assert_logprobs(servers[0], trainer, prompt)
+    # then from disk back to the original
     save_pretrained(base, tmp_path / "back")
     for c in servers:
         c.update_weights_from_disk(str(tmp_path / "back"), version="step-3")

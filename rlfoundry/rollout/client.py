@@ -174,12 +174,24 @@ class DistributedWeightSender:
         if errors:
             raise errors[0]
 
-    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str | None = None) -> None:
-        """Broadcast the tensors to every engine; each applies them in place under `version`."""
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str | None = None,
+             flattened: bool = True) -> None:
+        """Broadcast the tensors to every engine; each applies them in place under `version`, all in
+        one update. `flattened` (SGLang's load_format "flattened_bucket"): the tensors of each dtype
+        go as one flat buffer — one broadcast per dtype instead of one per tensor (93 for the tiny
+        model: 32 ms against ~8 here)."""
         tensors = [(n, t.detach().contiguous()) for n, t in named_tensors]
         meta = {"names": [n for n, _ in tensors], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in tensors],
                 "shapes": [list(t.shape) for _, t in tensors], "group_name": self.group_name,
                 "weight_version": version}
+        if flattened:
+            meta["load_format"] = "flattened_bucket"
+            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+            for _, t in tensors:
+                by_dtype.setdefault(t.dtype, []).append(t.flatten())
+            buffers = [torch.cat(parts) for parts in by_dtype.values()]
+        else:
+            buffers = [t for _, t in tensors]
         errors: list[Exception] = []
 
         def request(client: SGLangClient) -> None:
@@ -193,7 +205,7 @@ class DistributedWeightSender:
         threads = [threading.Thread(target=request, args=(c,)) for c in self.clients]
         for t in threads:
             t.start()
-        for _, t in tensors:
+        for t in buffers:
             self.group.broadcast(t, 0).wait()
         for t in threads:
             t.join()

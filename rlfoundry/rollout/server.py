@@ -19,6 +19,7 @@ import asyncio
 import base64
 import io
 import json
+import math
 import time
 import uuid
 from typing import Any, Literal
@@ -119,6 +120,10 @@ class UpdateFromDistributed(_Strict):
     flush_cache: bool = True
     weight_version: str | None = None
     abort_all_requests: bool = False
+    load_format: Literal["flattened_bucket"] | None = None
+    """None: one broadcast per tensor, in order. "flattened_bucket" (as SGLang): the tensors of each
+    dtype, flattened and concatenated in order, arrive as one broadcast per dtype (dtypes in order of
+    first appearance)."""
 
 
 class AbortRequest(_Strict):
@@ -418,12 +423,22 @@ def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_mode
             raise RequestError(f"dtypes: {e}")
 
         def receive():
-            out = []
-            for n, dt, shape in zip(body.names, dtypes, body.shapes):
-                t = torch.empty(shape, dtype=dt)
-                group.broadcast(t, 0).wait()
-                out.append((n, t))
-            return out
+            if body.load_format is None:
+                out = []
+                for n, dt, shape in zip(body.names, dtypes, body.shapes):
+                    t = torch.empty(shape, dtype=dt)
+                    group.broadcast(t, 0).wait()
+                    out.append((n, t))
+                return out
+            views: list = [None] * len(body.names)
+            for dt in dict.fromkeys(dtypes):  # one flat buffer per dtype, in order of first appearance
+                idx = [i for i, d in enumerate(dtypes) if d == dt]
+                sizes = [math.prod(body.shapes[i]) for i in idx]
+                flat = torch.empty(sum(sizes), dtype=dt)
+                group.broadcast(flat, 0).wait()
+                for i, part in zip(idx, flat.split(sizes)):
+                    views[i] = (body.names[i], part.view(body.shapes[i]))
+            return views
 
         tensors = await asyncio.to_thread(receive)
         return await apply_update(tensors, body.weight_version, body.abort_all_requests)
