@@ -223,7 +223,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._loop_thread: int | None = None  # ident of the thread in `run`, if any
         self._stop = False
-        self.stats = {"generated_tokens": 0, "prompt_tokens": 0, "steps": 0, "finished": 0,
+        self.stats = {"generated_tokens": 0, "prompt_tokens": 0, "steps": 0, "prefills": 0, "finished": 0,
                       "spec_verify_steps": 0, "spec_emitted_tokens": 0, "spec_accept_length": 0.0}
 
     # ------------------------------------------------------------------ requests
@@ -473,6 +473,7 @@ class Engine:
         out = model(batch.to(device), cache=self.cache, slots=slots.to(device), input_lens=torch.tensor(lens))
         last = out.logits[torch.arange(len(reqs)), torch.tensor(lens) - 1]
         self.stats["prompt_tokens"] += sum(lens)
+        self.stats["prefills"] += 1
         rows, seqs, params = [], [], []
         for b, r in enumerate(reqs):
             if r.params.n > 1:

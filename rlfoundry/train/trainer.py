@@ -93,8 +93,14 @@ class Trainer:
         if cfg.optimizer == "muon":
             self.optimizer = MuonWithAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
-            self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                               weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+            params = [p for p in model.parameters() if p.requires_grad]
+            # torch's fused kernel (one call for all tensors; here 1.5 ms a step against 6 - 10 for the
+            # default per-tensor loop on CPU) where it applies: plain tensors (not FSDP's DTensors),
+            # floating point, on CPU or CUDA; the same update up to rounding
+            fused = all(type(p) is torch.nn.Parameter and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                        for p in params)
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
+                                               fused=fused or None)
         self.step = 0
 
     def lr_at(self, step: int) -> float:
