@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import hf_twin, random_model, small_config
-from rlfoundry.rollout import Engine, RequestError, SamplingParams, sample
+from rlfoundry.rollout import Engine, RandomStream, RequestError, SamplingParams, sample
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_truncation_filters(model):
 def test_sampler_draws_from_softmax_and_filters():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]])
     rows, rounds = 2000, 10
-    gens = [torch.Generator().manual_seed(i) for i in range(rows)]
+    gens = [RandomStream(i) for i in range(rows)]
     batch = logits.expand(rows, 5)
 
     def counts_of(params):

@@ -1,5 +1,5 @@
 """The rollout workshop: the inference engine, its HTTP server, and clients."""
 
-from .engine import Engine, Output, RequestError, SamplingParams, sample
+from .engine import Engine, Output, RandomStream, RequestError, SamplingParams, sample
 
-__all__ = ["Engine", "Output", "RequestError", "SamplingParams", "sample"]
+__all__ = ["Engine", "Output", "RandomStream", "RequestError", "SamplingParams", "sample"]
