@@ -178,8 +178,8 @@ class DistributedWeightSender:
              flattened: bool = True) -> None:
         """Broadcast the tensors to every engine; each applies them in place under `version`, all in
         one update. `flattened` (SGLang's load_format "flattened_bucket"): the tensors of each dtype
-        go as one flat buffer — one broadcast per dtype instead of one per tensor (93 for the tiny
-        model: 32 ms against ~8 here)."""
+        go as one flat buffer — one broadcast per dtype instead of one per tensor (for the tiny model
+        1 instead of 93: a full sync to one engine server 21 - 26 ms against 32 - 40 here)."""
         tensors = [(n, t.detach().contiguous()) for n, t in named_tensors]
         meta = {"names": [n for n, _ in tensors], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in tensors],
                 "shapes": [list(t.shape) for _, t in tensors], "group_name": self.group_name,
