@@ -222,7 +222,8 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                     reqs = ray.get(buffer.requests.remote(step, version))
                     while reqs:  # the step's prompts, then refill rounds while any are due
                         t1 = time.perf_counter()
-                        groups = ray.get(rollout.generate.remote(reqs))
+                        groups = rollout.generate.remote(reqs)  # a reference: the samples go from the
+                        ray.wait([groups])                      # rollout worker to the buffer directly
                         m["time/generate_s"] += time.perf_counter() - t1
                         ray.get(buffer.put.remote(groups))
                         reqs = ray.get(buffer.requests.remote(step, version))
@@ -230,7 +231,7 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                 m.update(ray.get(buffer.step_stats.remote(
                     step, str(out / "rollouts" / f"step_{step:06d}.jsonl") if cfg.save_rollouts else None)))
                 if trainer is not None:
-                    m.update(ray.get(trainer.train.remote(ray.get(buffer.training_groups.remote(step)))))
+                    m.update(ray.get(trainer.train.remote(buffer.training_groups.remote(step))))  # buffer -> trainer
                     train_step = ray.get(trainer.step.remote())
                     ray.get(buffer.mark_trained.remote(step, train_step))
                     version = step + 1
