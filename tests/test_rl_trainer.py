@@ -138,22 +138,23 @@ def test_shared_prompt_packing_gives_the_per_sample_loss_and_gradients(routing_r
     advs = [(-1.0) ** i * (1 + i / 10) for i in range(len(samples))]
     policy = ComputeIn(model, torch.float64)
 
-    def step(share: bool):
+    def step(share: bool, temperature: float = 1.0):
         model.zero_grad(set_to_none=True)
         batches = make_batches(samples, advs, 5, "token-mean", routing_replay=routing_replay, share_prompts=share)
         total, logps = 0.0, []
         for b in batches:
-            loss, m = policy_loss(policy, b, cfg.algorithm, 1.0)
+            loss, m = policy_loss(policy, b, cfg.algorithm, temperature)
             (loss * b.weight).backward()
             total += loss.item() * b.weight
             logps += [m["logprob_mean"], m["entropy"]]
         return total, [p.grad.clone() for p in model.parameters() if p.grad is not None], batches, logps
 
-    loss_a, grads_a, plain, logp_a = step(False)
-    loss_b, grads_b, packed, logp_b = step(True)
-    assert abs(loss_a - loss_b) < 1e-12 and len(grads_a) == len(grads_b) > 0
-    scale = max(a.abs().max().item() for a in grads_a)  # gradients accumulate in the fp32 parameters' dtype
-    assert max((a - b).abs().max().item() for a, b in zip(grads_a, grads_b)) < 1e-6 * scale
-    assert max(abs(a - b) for a, b in zip(logp_a, logp_b)) < 1e-12
+    for temperature in (0.7, 1.0):  # at 1 the packed path takes the entropy from the same log-softmax
+        loss_a, grads_a, plain, logp_a = step(False, temperature)
+        loss_b, grads_b, packed, logp_b = step(True, temperature)
+        assert abs(loss_a - loss_b) < 1e-12 and len(grads_a) == len(grads_b) > 0
+        scale = max(a.abs().max().item() for a in grads_a)  # gradients accumulate in the fp32 parameters' dtype
+        assert max((a - b).abs().max().item() for a, b in zip(grads_a, grads_b)) < 1e-6 * scale
+        assert max(abs(a - b) for a, b in zip(logp_a, logp_b)) < 1e-12
     assert sum(b.num_tokens for b in packed) < 0.8 * sum(b.num_tokens for b in plain)
     assert all(b.packed.input_ids.shape[0] < b.input_ids.shape[0] for b in packed[:1])

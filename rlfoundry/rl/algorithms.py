@@ -130,8 +130,12 @@ def kl_penalty(logp_NT: Tensor, ref_logp_NT: Tensor, kind: str = "k3") -> Tensor
 def entropy_from_logits(logits_NTV: Tensor) -> Tensor:
     """Per-token entropy [N, T] of softmax(logits) in fp32 (computed in fp64 from fp64 logits, as
     `token_logprobs` is, so that an entropy bonus in exact mode stays fp64 until the end)."""
-    logp = logits_NTV.to(at_least_fp32(logits_NTV.dtype)).log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1).float()
+    return entropy_from_logprobs(logits_NTV.to(at_least_fp32(logits_NTV.dtype)).log_softmax(-1))
+
+
+def entropy_from_logprobs(logp_NTV: Tensor) -> Tensor:
+    """Per-token entropy [N, T], -sum p log p, from log-probabilities over the vocabulary (fp32 out)."""
+    return -(logp_NTV.exp() * logp_NTV).sum(-1).float()
 
 
 def scaled_log_softmax(logits_NTV: Tensor, temperature: float = 1.0) -> Tensor:

@@ -25,8 +25,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from rlfoundry.rl.algorithms import (aggregate, entropy_from_logits, gspo_loss, kl_penalty, ppo_clip_loss,
-                                     scaled_log_softmax, tis_weights, token_logprobs)
+from rlfoundry.rl.algorithms import (aggregate, entropy_from_logits, entropy_from_logprobs, gspo_loss, kl_penalty,
+                                     ppo_clip_loss, scaled_log_softmax, tis_weights, token_logprobs)
 from rlfoundry.rl.sample import Sample
 
 
@@ -193,7 +193,10 @@ def sequence_logprobs(model, batch: RLBatch, temperature: float) -> tuple[Tensor
         logits = logits[:, :-1]
         return token_logprobs(logits, targets, temperature), lambda: entropy_from_logits(logits)
     rows, pos = where
-    logp = scaled_log_softmax(logits, temperature)[rows, pos, targets].float()
+    logp_all = scaled_log_softmax(logits, temperature)
+    logp = logp_all[rows, pos, targets].float()
+    if temperature in (0.0, 1.0):  # logp_all is the raw log-softmax: the entropy reuses it
+        return logp, lambda: entropy_from_logprobs(logp_all)[rows, pos]
     return logp, lambda: entropy_from_logits(logits)[rows, pos]
 
 
