@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlfoundry.model import Glm4MoeForCausalLM, load_pretrained, save_pretrained, to_hf_state_dict
-from rlfoundry.rollout.client import DistributedWeightSender, SGLangClient
+from rlfoundry.rollout.client import DistributedWeightSender, RolloutError, SGLangClient
 from rlfoundry.rollout.launch import free_port, wait_healthy
 
 
@@ -39,6 +39,14 @@ def _greedy(model, prompt, n):
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     return ids[len(prompt):]
+
+
+def _raised(fn, *args):
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - returned for the test to inspect
+        return e
+    return None
 
 
 def _assert_logprobs(client, model, prompt):
@@ -85,6 +93,16 @@ def test_broadcast_and_disk_updates(servers, tiny_checkpoint, tmp_path):
     sender.send([("model.norm.weight", torch.full_like(norm, 0.25))], version="step-2b", flattened=False)
     trainer.model.norm.weight.data.fill_(0.25)
     _assert_logprobs(servers[0], trainer, prompt)
+    # an engine that refuses an update before joining its broadcast: an error, not a hang
+    other = DistributedWeightSender.__new__(DistributedWeightSender)
+    other.__dict__.update(sender.__dict__, group_name="no-such-group")
+    done: dict = {}
+    t = threading.Thread(target=lambda: done.update(error=_raised(other.send, [("model.norm.weight", norm)])))
+    t.start()
+    t.join(60)
+    assert not t.is_alive() and "no-such-group" in str(done["error"])
+    with pytest.raises(RolloutError, match="failed in an earlier update"):  # its streams may be out of step
+        other.send([("model.norm.weight", norm)])
     # then from disk back to the original
     save_pretrained(base, tmp_path / "back")
     for c in servers:

@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from abc import ABC, abstractmethod
@@ -149,6 +150,7 @@ class DistributedWeightSender:
         import torch.distributed as dist
 
         self.clients, self.group_name = clients, group_name
+        self.failed: Exception | None = None
         world = 1 + len(clients)
         errors: list[Exception] = []
 
@@ -202,15 +204,27 @@ class DistributedWeightSender:
             except Exception as e:  # noqa: BLE001
                 errors.append(e)
 
+        if self.failed is not None:
+            raise RolloutError(f"the weight-update group failed in an earlier update ({self.failed}); an engine "
+                               "may still hold bytes of it: create a new DistributedWeightSender")
         threads = [threading.Thread(target=request, args=(c,)) for c in self.clients]
         for t in threads:
             t.start()
-        for t in buffers:
-            self.group.broadcast(t, 0).wait()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        try:
+            for t in buffers:
+                work = self.group.broadcast(t, 0)
+                while not work.is_completed():
+                    if errors:  # an engine refused the update before joining the broadcast (an unknown
+                        raise errors[0]  # group, a server without load_format): it never will
+                    time.sleep(0.0005)
+                work.wait()
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
+        except Exception as e:
+            self.failed = e  # the group's streams may be out of step now: no later update may use it
+            raise
 
 
 class VLLMClient(RolloutClient):
