@@ -216,7 +216,7 @@ class DistributedWeightSender:
                 while not work.is_completed():
                     if errors:  # an engine refused the update before joining the broadcast (an unknown
                         raise errors[0]  # group, a server without load_format): it never will
-                    time.sleep(0.0005)
+                    time.sleep(0.00005)
                 work.wait()
             for t in threads:
                 t.join()
