@@ -182,6 +182,9 @@ class DistributedWeightSender:
         one update. `flattened` (SGLang's load_format "flattened_bucket"): the tensors of each dtype
         go as one flat buffer — one broadcast per dtype instead of one per tensor (for the tiny model
         1 instead of 93: a full sync to one engine server 21 - 26 ms against 32 - 40 here)."""
+        if self.failed is not None:
+            raise RolloutError(f"the weight-update group failed in an earlier update ({self.failed}); an engine "
+                               "may still hold bytes of it: create a new DistributedWeightSender")
         tensors = [(n, t.detach().contiguous()) for n, t in named_tensors]
         meta = {"names": [n for n, _ in tensors], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in tensors],
                 "shapes": [list(t.shape) for _, t in tensors], "group_name": self.group_name,
@@ -204,9 +207,6 @@ class DistributedWeightSender:
             except Exception as e:  # noqa: BLE001
                 errors.append(e)
 
-        if self.failed is not None:
-            raise RolloutError(f"the weight-update group failed in an earlier update ({self.failed}); an engine "
-                               "may still hold bytes of it: create a new DistributedWeightSender")
         threads = [threading.Thread(target=request, args=(c,)) for c in self.clients]
         for t in threads:
             t.start()
