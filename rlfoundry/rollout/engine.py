@@ -179,11 +179,22 @@ def sample(logits_BV: Tensor, params: list[SamplingParams], streams: list[Random
             probs = _filter_probs(probs, torch.tensor([p.top_k for p in sub]),
                                   torch.tensor([p.top_p for p in sub], dtype=torch.float32),
                                   torch.tensor([p.min_p for p in sub], dtype=torch.float32))
-        u = torch.tensor([streams[r].next() for r in rows], dtype=probs.dtype)
-        cdf = probs.cumsum(-1)
-        picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=probs.shape[-1] - 1)
-        ids[rows] = picked.flatten()
+        ids[rows] = draw(probs, [streams[r] for r in rows])
     return ids, logprobs_BV.gather(1, ids[:, None]).flatten().float()
+
+
+def draw(probs_BV: Tensor, streams: list[RandomStream]) -> Tensor:
+    """Token ids [B], one per row of (not necessarily normalised) probabilities, by inverting the
+    row's cumulative distribution at the next uniform of its stream."""
+    u_B = torch.tensor([s.next() for s in streams], dtype=probs_BV.dtype)
+    cdf = probs_BV.cumsum(-1)
+    picked = torch.searchsorted(cdf, (u_B * cdf[:, -1])[:, None], right=True)
+    return picked.clamp(max=probs_BV.shape[-1] - 1).flatten()
+
+
+def _draw_one(probs_V: Tensor, rng: RandomStream) -> int:
+    """`draw` for one distribution [V] (speculative decoding's drafts and corrections)."""
+    return int(draw(probs_V[None], [rng])[0])
 
 
 class Engine:
@@ -593,11 +604,11 @@ class Engine:
                     accepted += 1
                     continue
                 residual = (p - q).clamp(min=0)
-                new_token = self._draw(residual if residual.sum() > 0 else p, rngs[b])
+                new_token = _draw_one(residual if residual.sum() > 0 else p, rngs[b])
                 break
             if new_token is None:  # every draft kept: a bonus token from the last position
                 new_token = int(p_logits[b, k].argmax()) if pr.temperature == 0 else \
-                    self._draw(self._target_probs(logprobs_all[b, k], pr), rngs[b])
+                    _draw_one(self._target_probs(logprobs_all[b, k], pr), rngs[b])
             tokens = drafts_Bk[b, :accepted].tolist() + [new_token]
             lps = [float(logprobs_all[b, i, t]) for i, t in enumerate(tokens)]
             # the cache keeps the pending token and the accepted drafts; the MTP cache what it had
@@ -627,12 +638,6 @@ class Engine:
             probs = _filter_probs(probs, torch.tensor([p.top_k]), torch.tensor([p.top_p]), torch.tensor([p.min_p]))
         return (probs / probs.sum())[0]
 
-    @staticmethod
-    def _draw(probs_V: Tensor, rng: RandomStream) -> int:
-        cdf = probs_V.cumsum(-1)
-        u = torch.tensor([rng.next()], dtype=cdf.dtype) * cdf[-1]
-        return int(torch.searchsorted(cdf, u, right=True).clamp(max=probs_V.shape[-1] - 1))
-
     def _draft(self, logits_BV: Tensor, params: list[SamplingParams],
                rngs: list[RandomStream]) -> tuple[Tensor, Tensor]:
         """Draft tokens [B] from MTP logits, and the draft distributions q [B, V] (for rejection)."""
@@ -643,7 +648,7 @@ class Engine:
         for b, p in enumerate(params):
             if p.temperature > 0:
                 q[b] = self._target_probs(q[b].log(), p)
-                d[b] = self._draw(q[b], rngs[b])
+                d[b] = _draw_one(q[b], rngs[b])
         return d, q
 
     def _compact(self) -> None:
