@@ -77,6 +77,13 @@ def _padded(rows: list[list], width: int, fill, dtype: torch.dtype) -> Tensor:
     return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=dtype)
 
 
+def _no_route(samples: list[Sample]) -> list | None:
+    """The [L_moe, K] zeros that stand for a position without replayed routes (shaped like the
+    first sample's that has some); None when no sample has any."""
+    first = next((s.routed_experts for s in samples if s.routed_experts), None)
+    return None if first is None else [[0] * len(first[0][0])] * len(first[0])
+
+
 def pack_prompts(chunk: list[Sample], T: int, pad_id: int = 0, routing_replay: bool = False) -> PackedRows:
     """Rows of one prompt and the responses of the consecutive samples sharing it (see the module
     docstring); `T` is the longest sample of the RLBatch whose layout `pos_ST` indexes."""
@@ -86,9 +93,8 @@ def pack_prompts(chunk: list[Sample], T: int, pad_id: int = 0, routing_replay: b
             runs[-1].append(i)
         else:
             runs.append([i])
-    first_routes = next((s.routed_experts for s in chunk if routing_replay and s.routed_experts), None)
-    replay = first_routes is not None
-    no_route = [[0] * len(first_routes[0][0])] * len(first_routes[0]) if replay else None  # [L_moe, K] zeros
+    no_route = _no_route(chunk) if routing_replay else None
+    replay = no_route is not None
 
     def _routes(s: Sample, a: int, b: int) -> list:
         """Replayed routes of positions a..b-1 of `s`; zeros where it has none."""
@@ -139,13 +145,9 @@ def make_batches(samples: list[Sample], advantages: list[float], micro_batch_siz
         elp = _padded([[0.0] * len(s.prompt_ids) + list(s.logprobs[:len(s.response_ids)]) for s in chunk], T, 0.0,
                       torch.float32)
         routed = None
-        if routing_replay and not share_prompts:
-            for b, s in enumerate(chunk):
-                if s.routed_experts is not None:
-                    r = torch.tensor(s.routed_experts)
-                    if routed is None:
-                        routed = torch.zeros(B, T, *r.shape[1:], dtype=torch.long)
-                    routed[b, :r.shape[0]] = r
+        no_route = _no_route(chunk) if routing_replay and not share_prompts else None
+        if no_route is not None:
+            routed = _padded([list(s.routed_experts or []) for s in chunk], T, no_route, torch.long)
         if aggregation == "token-mean":
             weight = float(resp.sum()) / max(total_tokens, 1)
         else:
