@@ -93,10 +93,10 @@ class TrainerWorker:
         routed = [[list(range(K))] * moe_layers] * (8 + T) if r.routing_replay and moe_layers else None
         self.model.train()
         n = max(2, min(cfg.algorithm.micro_batch_size, r.prompts_per_step * r.n_samples_per_prompt))
-        shapes = [(n, min(r.n_samples_per_prompt, n // 2))]  # (samples, samples a group)
-        while shapes[-1][0] > 2:
-            m = max(2, shapes[-1][0] // 2)
-            shapes.append((m, max(1, min(r.n_samples_per_prompt, m // 2))))
+        sizes = [n]
+        while sizes[-1] > 2:
+            sizes.append(max(2, sizes[-1] // 2))
+        shapes = [(m, min(r.n_samples_per_prompt, m // 2)) for m in sizes]  # (samples, samples a group)
         if cfg.algorithm.share_prompts:
             g = min(r.n_samples_per_prompt, n)
             shapes.append((g, g))  # one group: one packed row
