@@ -3,7 +3,7 @@
 - `token_cross_entropy`: next-token cross-entropy with a loss mask, averaged over the masked tokens.
 - `mtp_loss`: the multi-token-prediction loss of the MTP layer (DeepSeek-V3, arXiv 2412.19437,
   sec. 2.2; GLM-4.5 weights it 0.3, later 0.1): the layer at position t sees h_t and token t+1 and
-  predicts token t+2.
+  predicts token t+2; optionally also chained, as speculative decoding's later drafts use it.
 - `balance_loss`: the sequence-level auxiliary balance loss summed over MoE layers (weight 1e-4 in
   GLM-4.5); see `rlfoundry.model.sequence_balance_loss` for the per-layer formula.
 - `mtp_weight`: the step schedule of the MTP loss weight.
@@ -28,16 +28,33 @@ def token_cross_entropy(logits_BTV: Tensor, input_ids_BT: Tensor, loss_mask_BT: 
 
 
 def mtp_loss(model: Glm4MoeForCausalLM, out: CausalLMOutput, input_ids_BT: Tensor,
-             loss_mask_BT: Tensor | None = None, position_ids_BT: Tensor | None = None) -> Tensor:
+             loss_mask_BT: Tensor | None = None, position_ids_BT: Tensor | None = None,
+             chain: int = 1) -> Tensor:
     """Cross-entropy of the MTP layer predicting token t+2 from (h_t, token t+1), over the positions
-    whose token t+2 is a target."""
-    if input_ids_BT.shape[1] < 3:
+    whose token t+2 is a target.
+
+    With `chain` = c > 1 the layer also runs as speculative decoding's later drafts run it: step j
+    (j = 2..c) sees at position t the layer's own normed hidden state from step j-1 and token t+j,
+    at position t+j-1 (as the engine's MTP cache places it), and predicts token t+j+1; the loss is
+    the mean of the c steps' cross-entropies. Deviation from DeepSeek-V3's sequential MTP modules
+    (one module per depth, each fed the previous module's hidden state): one layer serves every
+    depth, and in this parallel form step j's keys at earlier positions are step j's own inputs,
+    where the engine's cache holds the first step's (the main model's hidden states)."""
+    T = input_ids_BT.shape[1]
+    if T < 3:
         return out.logits.sum() * 0.0
-    pos = None if position_ids_BT is None else position_ids_BT[:, :-1]
-    mtp = model.mtp_forward(out.hidden[:, :-1], input_ids_BT[:, 1:], position_ids=pos)
-    # mtp.logits[:, t] predicts input_ids[:, t + 2]
-    mask = None if loss_mask_BT is None else loss_mask_BT[:, 1:]
-    return token_cross_entropy(mtp.logits, input_ids_BT[:, 1:], mask)
+    pos_BT = torch.arange(T, device=input_ids_BT.device).expand_as(input_ids_BT) \
+        if position_ids_BT is None else position_ids_BT
+    hidden, losses = out.hidden, []
+    for j in range(1, chain + 1):
+        n = T - j  # positions t = 0 .. T-j-1; logits[:, t] predicts input_ids[:, t + j + 1]
+        if n < 2:
+            break
+        mtp = model.mtp_forward(hidden[:, :n], input_ids_BT[:, j:], position_ids=pos_BT[:, j - 1: j - 1 + n])
+        mask = None if loss_mask_BT is None else loss_mask_BT[:, j:]
+        losses.append(token_cross_entropy(mtp.logits, input_ids_BT[:, j:], mask))
+        hidden = mtp.hidden
+    return sum(losses) / len(losses)
 
 
 def balance_loss(out: CausalLMOutput, mask_BT: Tensor | None = None) -> Tensor:

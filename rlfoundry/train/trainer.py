@@ -42,6 +42,9 @@ class TrainConfig:
     """Clip the global gradient norm to this (0: no clipping)."""
     mtp_schedule: list = field(default_factory=lambda: [(0, 0.3)])
     """[(from_step, weight), ...] of the MTP loss (the report: 0.3, later 0.1)."""
+    mtp_chain: int = 1
+    """Steps of the MTP loss: 1 trains the layer on (h_t, token t+1) -> token t+2; c > 1 also feeds
+    it its own hidden state c-1 times, as speculative decoding's drafts 2..c do (`mtp_loss`)."""
     balance_loss_weight: float = 1e-4
     """Weight of the sequence-level auxiliary balance loss."""
     bias_update_rate: float = 1e-3
@@ -61,6 +64,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in ("muon", "adamw"):
             raise ValueError(f"TrainConfig.optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
+        if self.mtp_chain < 1:
+            raise ValueError(f"TrainConfig.mtp_chain must be at least 1, got {self.mtp_chain!r}")
         for name in ("lr", "total_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)!r}")
@@ -121,7 +126,7 @@ class Trainer:
         loss, metrics = ce, {"loss": ce.item()}
         w = mtp_weight(self.step, cfg.mtp_schedule) if model.config.num_nextn_predict_layers else 0.0
         if w > 0:
-            mtp = mtp_loss(model, out, b.input_ids, b.loss_mask, b.position_ids)
+            mtp = mtp_loss(model, out, b.input_ids, b.loss_mask, b.position_ids, chain=cfg.mtp_chain)
             loss = loss + w * mtp
             metrics["mtp_loss"] = mtp.item()
         if cfg.balance_loss_weight > 0 and out.router_scores:
