@@ -70,6 +70,33 @@ def test_mtp_with_cache_equals_full_mtp_forward():
     assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
 
 
+def test_cached_rope_tables_equal_computed_ones_bit_for_bit():
+    """A cache from `for_model` looks cos/sin up in tables; they hold the very bits `rope_cos_sin`
+    computes for the same positions (fp32, fp64 and bf16; batch-1 and wider shapes), and a cached
+    forward gives the same logits with or without them."""
+    from rlfoundry.model.glm4_moe import at_least_fp32, rope_cos_sin
+    cfg = small_config()
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        cache = KVCache.for_model(cfg, num_slots=2, max_len=300, dtype=dtype)
+        for shape in ([1, 1], [3, 1], [2, 37]):
+            pos = torch.randint(0, 300, shape)
+            want = rope_cos_sin(pos, cfg, dtype)
+            got = tuple(t[pos].to(dtype) for t in cache.rope)
+            assert cache.rope[0].dtype == at_least_fp32(dtype)
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+    model = random_model(cfg, seed=4)
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    logits = []
+    for tables in (True, False):
+        cache = KVCache.for_model(cfg, num_slots=2, max_len=16)
+        if not tables:
+            cache.rope = None
+        with torch.no_grad():
+            logits.append(torch.cat([model(ids[:, :7], cache=cache).logits] +
+                                    [model(ids[:, t:t + 1], cache=cache).logits for t in range(7, 10)], 1))
+    assert torch.equal(*logits)
+
+
 def test_cache_overflow_is_an_error():
     cfg = small_config()
     model = random_model(cfg)

@@ -31,6 +31,29 @@ def test_mtp_loss_predicts_two_ahead():
     assert balance_loss(out).item() > 0
 
 
+def test_chained_mtp_loss_feeds_the_layer_its_own_hidden_state():
+    """chain=3: step j sees the previous step's hidden state at t and token t+j, at position t+j-1,
+    and predicts token t+j+1; the loss is the mean of the three steps' cross-entropies."""
+    cfg = small_config()
+    model = random_model(cfg, seed=2)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # row 0: only tokens 5.. are targets
+    out = model(ids)
+    loss = mtp_loss(model, out, ids, mask, chain=3)
+    ce = torch.nn.functional.cross_entropy
+    h, T, steps = out.hidden, ids.shape[1], []
+    for j in (1, 2, 3):
+        n = T - j
+        m = model.mtp_forward(h[:, :n], ids[:, j:], position_ids=torch.arange(j - 1, j - 1 + n).expand(2, n))
+        nll = ce(m.logits[:, :-1].flatten(0, 1), ids[:, j + 1:].flatten(), reduction="none")  # t predicts t+j+1
+        w = mask[:, j + 1:].flatten().float()
+        steps.append((nll * w).sum() / w.sum())
+        h = m.hidden
+    assert torch.isclose(loss, sum(steps) / 3, atol=1e-6)
+    assert torch.isclose(mtp_loss(model, out, ids, mask, chain=1), steps[0], atol=1e-6)
+
+
 def test_mtp_weight_schedule():
     schedule = [(0, 0.3), (1000, 0.1)]
     assert mtp_weight(0, schedule) == 0.3 and mtp_weight(999, schedule) == 0.3 and mtp_weight(1000, schedule) == 0.1
