@@ -52,6 +52,17 @@ def test_chained_mtp_loss_feeds_the_layer_its_own_hidden_state():
         h = m.hidden
     assert torch.isclose(loss, sum(steps) / 3, atol=1e-6)
     assert torch.isclose(mtp_loss(model, out, ids, mask, chain=1), steps[0], atol=1e-6)
+    # distill: the main model's distribution of token t+j+1 (its logits at t+j) as the target
+    h, soft = out.hidden, []
+    for j in (1, 2):
+        n = T - j
+        m = model.mtp_forward(h[:, :n], ids[:, j:], position_ids=torch.arange(j - 1, j - 1 + n).expand(2, n))
+        p = out.logits[:, j: T - 1].softmax(-1)
+        nll = -(p * m.logits[:, :-1].log_softmax(-1)).sum(-1).flatten()
+        w = mask[:, j + 1:].flatten().float()
+        soft.append((nll * w).sum() / w.sum())
+        h = m.hidden
+    assert torch.isclose(mtp_loss(model, out, ids, mask, chain=2, distill=True), sum(soft) / 2, atol=1e-6)
 
 
 def test_mtp_weight_schedule():

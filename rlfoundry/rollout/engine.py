@@ -405,7 +405,7 @@ class Engine:
         (`start` or `run` in another thread)."""
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         reqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        while not all(r.done.is_set() for r in reqs) and self._loop_thread is None:  # a loop may start meanwhile
+        while not all(r.done.is_set() for r in reqs) and not self.looping:  # a loop may start meanwhile
             if self._paused:
                 raise RuntimeError("the engine is paused; nothing would finish")
             self.step()
@@ -515,7 +515,8 @@ class Engine:
                 rows.append(b)
                 seqs.append(seq)
                 params.append(r.params)
-        self._accept(seqs, *sample(last[rows], params, [s.rng for s in seqs]))
+        ids, lps = sample(last[rows], params, [s.rng for s in seqs])
+        self._accept(seqs, ids.tolist(), lps.tolist())
         if self.spec_steps:
             for seq in seqs:
                 if seq.output_ids:
@@ -538,7 +539,8 @@ class Engine:
                 seq.routed.append(out.routed_experts[b].to(torch.int16))
             if self.spec_steps:
                 seq.mtp_h = torch.cat([seq.mtp_h, out.hidden[b]])
-        self._accept(seqs, *sample(out.logits[:, -1], [s.req.params for s in seqs], [s.rng for s in seqs]))
+        ids, lps = sample(out.logits[:, -1], [s.req.params for s in seqs], [s.rng for s in seqs])
+        self._accept(seqs, ids.tolist(), lps.tolist())
         if self.spec_steps:
             for seq in seqs:
                 seq.mtp_ids.append(seq.output_ids[-1])
@@ -558,14 +560,21 @@ class Engine:
         # 1. catch the MTP cache up with the pairs of the last step; its last position drafts d1
         n_new = [len(s.mtp_ids) for s in seqs]
         T = max(n_new)
-        h = torch.zeros(B, T, model.config.hidden_size, dtype=seqs[0].mtp_h.dtype, device=device)
-        ids = torch.zeros(B, T, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            h[b, : n_new[b]] = s.mtp_h
-            ids[b, : n_new[b]] = torch.tensor(s.mtp_ids)
-        out = model.mtp_forward(h, ids.to(device), cache=self.mtp_cache, slots=slots, input_lens=torch.tensor(n_new))
-        last = torch.tensor(n_new) - 1
-        logits, g = out.logits[torch.arange(B), last], out.hidden[torch.arange(B), last]
+        if min(n_new) == T:  # the same number for every row (always at batch 1): no padding
+            h = torch.stack([s.mtp_h for s in seqs])
+            out = model.mtp_forward(h, torch.tensor([s.mtp_ids for s in seqs], device=device),
+                                    cache=self.mtp_cache, slots=slots)
+            logits, g = out.logits[:, -1], out.hidden[:, -1]
+        else:
+            h = torch.zeros(B, T, model.config.hidden_size, dtype=seqs[0].mtp_h.dtype, device=device)
+            ids = torch.zeros(B, T, dtype=torch.long)
+            for b, s in enumerate(seqs):
+                h[b, : n_new[b]] = s.mtp_h
+                ids[b, : n_new[b]] = torch.tensor(s.mtp_ids)
+            out = model.mtp_forward(h, ids.to(device), cache=self.mtp_cache, slots=slots,
+                                    input_lens=torch.tensor(n_new))
+            last = torch.tensor(n_new) - 1
+            logits, g = out.logits[torch.arange(B), last], out.hidden[torch.arange(B), last]
         drafts, q_probs = [], []
         for i in range(k):
             d, q = self._draft(logits, params, rngs)
@@ -576,55 +585,58 @@ class Engine:
                 logits, g = out.logits[:, -1], out.hidden[:, -1]
         drafts_Bk = torch.stack(drafts, 1)
         # 2. verify: the pending token and the k drafts in one forward of the main model
-        L = self.cache.lens[:B].clone()
+        L = self.cache.lens[:B].tolist()
         pending = torch.tensor([[s.output_ids[-1]] for s in seqs])
         ver = model(torch.cat([pending, drafts_Bk], 1).to(device), cache=self.cache, slots=slots)
         p_logits = ver.logits.float()                                     # [B, k+1, V]
         temps = torch.tensor([p.temperature for p in params])
         scaled = p_logits / torch.where(temps == 0, 1.0, temps)[:, None, None]
         logprobs_all = scaled.log_softmax(-1)
+        # greedy rows: the main model's choice at each position, and its log-prob
+        target_Bk1 = p_logits.argmax(-1)
+        target_lp = logprobs_all.gather(-1, target_Bk1[..., None])[..., 0].tolist()
+        target, drafts_l = target_Bk1.tolist(), drafts_Bk.tolist()
         # 3. accept or reject each sequence's drafts
-        emits = []
+        emits, new_lens = [], []
         for b, seq in enumerate(seqs):
             pr = params[b]
-            accepted = 0
-            new_token = None
-            for i in range(k):
-                d = int(drafts_Bk[b, i])
-                if pr.temperature == 0:
-                    target = int(p_logits[b, i].argmax())
-                    if target == d:
+            if pr.temperature == 0:  # keep the drafts that equal the main model's choice, then its choice
+                accepted = 0
+                while accepted < k and drafts_l[b][accepted] == target[b][accepted]:
+                    accepted += 1
+                tokens, lps = target[b][: accepted + 1], target_lp[b][: accepted + 1]
+            else:
+                accepted = 0
+                new_token = None
+                for i in range(k):
+                    d = drafts_l[b][i]
+                    p = self._target_probs(logprobs_all[b, i], pr)
+                    q = q_probs[i][b]
+                    if rngs[b].next() * q[d] <= p[d]:   # accept with prob min(1, p/q)
                         accepted += 1
                         continue
-                    new_token = target
+                    residual = (p - q).clamp(min=0)
+                    new_token = _draw_one(residual if residual.sum() > 0 else p, rngs[b])
                     break
-                p = self._target_probs(logprobs_all[b, i], pr)
-                q = q_probs[i][b]
-                if rngs[b].next() * q[d] <= p[d]:   # accept with prob min(1, p/q)
-                    accepted += 1
-                    continue
-                residual = (p - q).clamp(min=0)
-                new_token = _draw_one(residual if residual.sum() > 0 else p, rngs[b])
-                break
-            if new_token is None:  # every draft kept: a bonus token from the last position
-                new_token = int(p_logits[b, k].argmax()) if pr.temperature == 0 else \
-                    _draw_one(self._target_probs(logprobs_all[b, k], pr), rngs[b])
-            tokens = drafts_Bk[b, :accepted].tolist() + [new_token]
-            lps = [float(logprobs_all[b, i, t]) for i, t in enumerate(tokens)]
+                if new_token is None:  # every draft kept: a bonus token from the last position
+                    new_token = _draw_one(self._target_probs(logprobs_all[b, k], pr), rngs[b])
+                tokens = drafts_l[b][:accepted] + [new_token]
+                lps = logprobs_all[b, torch.arange(accepted + 1), torch.tensor(tokens)].tolist()
             # the cache keeps the pending token and the accepted drafts; the MTP cache what it had
-            self.cache.lens[b] = L[b] + accepted + 1
-            self.mtp_cache.lens[b] = L[b]
+            new_lens.append(L[b] + accepted + 1)
             seq.mtp_h = ver.hidden[b, : accepted + 1]
             seq.mtp_ids = tokens[:]
             if pr.return_routed_experts:
                 seq.routed.append(ver.routed_experts[b, : accepted + 1].to(torch.int16))
             emits.append((seq, tokens, lps))
+        self.cache.lens[:B] = torch.tensor(new_lens)
+        self.mtp_cache.lens[:B] = torch.tensor(L)
         # only now finish sequences (each sequence's cache lengths are set above)
         for seq, tokens, lps in emits:
             for t, lp in zip(tokens, lps):
                 if seq.slot < 0:
                     break
-                self._accept([seq], torch.tensor([t]), torch.tensor([lp]))
+                self._accept([seq], [t], [lp])
         st = self.stats
         st["spec_verify_steps"] += B
         st["spec_emitted_tokens"] += sum(len(t) for _, t, _ in emits)
@@ -642,6 +654,8 @@ class Engine:
                rngs: list[RandomStream]) -> tuple[Tensor, Tensor]:
         """Draft tokens [B] from MTP logits, and the draft distributions q [B, V] (for rejection)."""
         logits = logits_BV.float()
+        if all(p.temperature == 0 for p in params):  # greedy: the choice alone (acceptance compares ids)
+            return logits.argmax(-1), None
         temps = torch.tensor([p.temperature for p in params])
         q = (logits / torch.where(temps == 0, 1.0, temps)[:, None]).softmax(-1)
         d = logits.argmax(-1)
@@ -669,9 +683,9 @@ class Engine:
                 s.slot = i
         self._running = sorted((s for s in self._running if s.slot >= 0), key=lambda s: s.slot)
 
-    def _accept(self, seqs: list[_Seq], ids: Tensor, logprobs: Tensor) -> None:
+    def _accept(self, seqs: list[_Seq], ids: list[int], logprobs: list[float]) -> None:
         self.stats["generated_tokens"] += len(seqs)
-        for seq, t, lp in zip(seqs, ids.tolist(), logprobs.tolist()):
+        for seq, t, lp in zip(seqs, ids, logprobs):
             p = seq.req.params
             if p.max_new_tokens == 0:
                 self._finish(seq, "length", None)

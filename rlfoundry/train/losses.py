@@ -29,7 +29,7 @@ def token_cross_entropy(logits_BTV: Tensor, input_ids_BT: Tensor, loss_mask_BT: 
 
 def mtp_loss(model: Glm4MoeForCausalLM, out: CausalLMOutput, input_ids_BT: Tensor,
              loss_mask_BT: Tensor | None = None, position_ids_BT: Tensor | None = None,
-             chain: int = 1) -> Tensor:
+             chain: int = 1, distill: bool = False) -> Tensor:
     """Cross-entropy of the MTP layer predicting token t+2 from (h_t, token t+1), over the positions
     whose token t+2 is a target.
 
@@ -39,7 +39,13 @@ def mtp_loss(model: Glm4MoeForCausalLM, out: CausalLMOutput, input_ids_BT: Tenso
     the mean of the c steps' cross-entropies. Deviation from DeepSeek-V3's sequential MTP modules
     (one module per depth, each fed the previous module's hidden state): one layer serves every
     depth, and in this parallel form step j's keys at earlier positions are step j's own inputs,
-    where the engine's cache holds the first step's (the main model's hidden states)."""
+    where the engine's cache holds the first step's (the main model's hidden states).
+
+    With `distill`, the targets are the main model's own next-token distributions at those
+    positions (soft cross-entropy against `out.logits`, detached) instead of the data's tokens:
+    speculative decoding keeps a draft when it matches the main model, right or wrong, so the
+    drafter learns what the model will say (DistillSpec, Zhou et al. 2023, arXiv 2310.08461, with
+    the forward KL on the training data rather than on the model's own samples)."""
     T = input_ids_BT.shape[1]
     if T < 3:
         return out.logits.sum() * 0.0
@@ -52,7 +58,13 @@ def mtp_loss(model: Glm4MoeForCausalLM, out: CausalLMOutput, input_ids_BT: Tenso
             break
         mtp = model.mtp_forward(hidden[:, :n], input_ids_BT[:, j:], position_ids=pos_BT[:, j - 1: j - 1 + n])
         mask = None if loss_mask_BT is None else loss_mask_BT[:, j:]
-        losses.append(token_cross_entropy(mtp.logits, input_ids_BT[:, j:], mask))
+        if distill:  # mtp.logits[:, t] against the main model's distribution of token t+j+1
+            target = out.logits[:, j: j + n - 1].detach().float().softmax(-1)
+            nll = -(target * mtp.logits[:, :-1].float().log_softmax(-1)).sum(-1)
+            w = torch.ones_like(nll) if mask is None else mask[:, 1:].float()
+            losses.append((nll * w).sum() / w.sum().clamp(min=1))
+        else:
+            losses.append(token_cross_entropy(mtp.logits, input_ids_BT[:, j:], mask))
         hidden = mtp.hidden
     return sum(losses) / len(losses)
 

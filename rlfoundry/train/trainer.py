@@ -45,6 +45,9 @@ class TrainConfig:
     mtp_chain: int = 1
     """Steps of the MTP loss: 1 trains the layer on (h_t, token t+1) -> token t+2; c > 1 also feeds
     it its own hidden state c-1 times, as speculative decoding's drafts 2..c do (`mtp_loss`)."""
+    mtp_distill: bool = False
+    """Train the MTP layer towards the main model's own next-token distributions instead of the
+    data's tokens (a drafter for speculative decoding; `mtp_loss`)."""
     balance_loss_weight: float = 1e-4
     """Weight of the sequence-level auxiliary balance loss."""
     bias_update_rate: float = 1e-3
@@ -126,7 +129,8 @@ class Trainer:
         loss, metrics = ce, {"loss": ce.item()}
         w = mtp_weight(self.step, cfg.mtp_schedule) if model.config.num_nextn_predict_layers else 0.0
         if w > 0:
-            mtp = mtp_loss(model, out, b.input_ids, b.loss_mask, b.position_ids, chain=cfg.mtp_chain)
+            mtp = mtp_loss(model, out, b.input_ids, b.loss_mask, b.position_ids,
+                           chain=cfg.mtp_chain, distill=cfg.mtp_distill)
             loss = loss + w * mtp
             metrics["mtp_loss"] = mtp.item()
         if cfg.balance_loss_weight > 0 and out.router_scores:
