@@ -30,6 +30,31 @@ def test_speculative_greedy_is_identical_to_plain_decoding():
     assert a.output_ids == b.output_ids and b.output_ids[-1] == stop
 
 
+def test_speculative_greedy_with_the_shipped_drafter_accepts_several_tokens_and_changes_nothing():
+    """The shipped model's trained MTP layer drafts well, so this is the test in which drafts are
+    accepted several at a time (a random model's rarely are): one prompt at a time and a batch of
+    prompts whose drafts are accepted to different depths, output and log-probs as plain decoding."""
+    from pathlib import Path
+
+    from rlfoundry.buffer import PromptDataset
+    from rlfoundry.data.tokenizer import load_tokenizer
+    from rlfoundry.model import load_pretrained
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "model"
+    model, tok = load_pretrained(path), load_tokenizer(path)
+    ds = PromptDataset.load("task:countdown:2", n_per_level=6, seed=10_000)
+    prompts = [ds.token_ids(i, tok) for i in range(len(ds))]
+    params = SamplingParams(temperature=0, max_new_tokens=48)
+    plain = Engine(model, max_batch=6).generate(prompts, params)
+    for batch in (1, 6):
+        engine = Engine(model, max_batch=batch, speculative_steps=3)
+        spec = engine.generate(prompts, params)
+        for a, b in zip(plain, spec):
+            assert a[0].output_ids == b[0].output_ids and a[0].finish_reason == b[0].finish_reason
+            assert max(abs(x - y) for x, y in zip(a[0].logprobs, b[0].logprobs)) <= 1e-5
+        assert engine.stats["spec_accept_length"] >= 2.5
+
+
 def test_speculative_sampling_keeps_the_target_distribution():
     V = 6
     model = random_model(small_config(vocab_size=V, max_position_embeddings=32), seed=4)
