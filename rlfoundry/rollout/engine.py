@@ -22,6 +22,7 @@ import random
 import threading
 import time
 import uuid
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +216,11 @@ class Engine:
         if speculative_steps and not cfg.num_nextn_predict_layers:
             raise ValueError("speculative_steps needs a model with an MTP layer (num_nextn_predict_layers >= 1)")
         self.spec_steps = speculative_steps
+        if speculative_steps and compile_decode:
+            warnings.warn("Engine: speculative_steps with compile_decode — drafting and verification run eager "
+                          "(only plain decode steps are compiled), so nearly every step runs eager; at batch 1 "
+                          "on the shipped model compiled plain decoding is faster than eager speculative decoding",
+                          stacklevel=2)
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
