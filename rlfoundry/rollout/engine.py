@@ -657,8 +657,9 @@ class Engine:
         return (probs / probs.sum())[0]
 
     def _draft(self, logits_BV: Tensor, params: list[SamplingParams],
-               rngs: list[RandomStream]) -> tuple[Tensor, Tensor]:
-        """Draft tokens [B] from MTP logits, and the draft distributions q [B, V] (for rejection)."""
+               rngs: list[RandomStream]) -> tuple[Tensor, Tensor | None]:
+        """Draft tokens [B] from MTP logits, and the draft distributions q [B, V] for rejection
+        sampling (None when every row is greedy: acceptance then compares ids only)."""
         logits = logits_BV.float()
         if all(p.temperature == 0 for p in params):  # greedy: the choice alone (acceptance compares ids)
             return logits.argmax(-1), None
