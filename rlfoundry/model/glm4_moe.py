@@ -162,7 +162,9 @@ class CacheStep:
         lens_B = torch.full((B,), T, device=device) if input_lens is None else input_lens.to(device)
         start_B = cache.lens[slots_B]
         arange_T = torch.arange(T, device=device)
-        valid_BT = None if input_lens is None else arange_T[None] < lens_B[:, None]
+        # rows all T long (as often in speculative decoding's MTP catch-up) need no validity mask
+        ragged = input_lens is not None and not bool((lens_B == T).all())
+        valid_BT = arange_T[None] < lens_B[:, None] if ragged else None
         end = int((start_B + lens_B).max())
         if end > cache.max_len:
             raise ValueError(f"KV cache overflow: a sequence needs {end} positions, the cache holds {cache.max_len}")

@@ -566,21 +566,14 @@ class Engine:
         # 1. catch the MTP cache up with the pairs of the last step; its last position drafts d1
         n_new = [len(s.mtp_ids) for s in seqs]
         T = max(n_new)
-        if min(n_new) == T:  # the same number for every row (always at batch 1): no padding
-            h = torch.stack([s.mtp_h for s in seqs])
-            out = model.mtp_forward(h, torch.tensor([s.mtp_ids for s in seqs], device=device),
-                                    cache=self.mtp_cache, slots=slots)
-            logits, g = out.logits[:, -1], out.hidden[:, -1]
-        else:
-            h = torch.zeros(B, T, model.config.hidden_size, dtype=seqs[0].mtp_h.dtype, device=device)
-            ids = torch.zeros(B, T, dtype=torch.long)
-            for b, s in enumerate(seqs):
-                h[b, : n_new[b]] = s.mtp_h
-                ids[b, : n_new[b]] = torch.tensor(s.mtp_ids)
-            out = model.mtp_forward(h, ids.to(device), cache=self.mtp_cache, slots=slots,
-                                    input_lens=torch.tensor(n_new))
-            last = torch.tensor(n_new) - 1
-            logits, g = out.logits[torch.arange(B), last], out.hidden[torch.arange(B), last]
+        h = torch.zeros(B, T, model.config.hidden_size, dtype=seqs[0].mtp_h.dtype, device=device)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            h[b, : n_new[b]] = s.mtp_h
+            ids[b, : n_new[b]] = torch.tensor(s.mtp_ids)
+        out = model.mtp_forward(h, ids.to(device), cache=self.mtp_cache, slots=slots, input_lens=torch.tensor(n_new))
+        last = torch.tensor(n_new) - 1
+        logits, g = out.logits[torch.arange(B), last], out.hidden[torch.arange(B), last]
         drafts, q_probs = [], []
         for i in range(k):
             d, q = self._draft(logits, params, rngs)
