@@ -18,12 +18,15 @@ from torch import Tensor
 from rlfoundry.model import CausalLMOutput, Glm4MoeForCausalLM, sequence_balance_loss
 
 
-def token_cross_entropy(logits_BTV: Tensor, input_ids_BT: Tensor, loss_mask_BT: Tensor | None = None) -> Tensor:
+def token_cross_entropy(logits_BTV: Tensor, input_ids_BT: Tensor, loss_mask_BT: Tensor | None = None,
+                        target_probs_BTV: Tensor | None = None) -> Tensor:
     """Mean over masked positions of -log p(x_{t+1} | x_<=t). `loss_mask_BT[b, t]` says whether token
-    t is a target (position 0 never is); computed in fp32."""
+    t is a target (position 0 never is); computed in fp32. With `target_probs_BTV` [B, T-1, V],
+    position t's target is that distribution instead of token t+1 (soft cross-entropy)."""
     targets = input_ids_BT[:, 1:]
     mask = torch.ones_like(targets, dtype=torch.float32) if loss_mask_BT is None else loss_mask_BT[:, 1:].float()
-    nll = F.cross_entropy(logits_BTV[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="none")
+    target = targets.flatten() if target_probs_BTV is None else target_probs_BTV.float().flatten(0, 1)
+    nll = F.cross_entropy(logits_BTV[:, :-1].float().flatten(0, 1), target, reduction="none")
     return (nll * mask.flatten()).sum() / mask.sum().clamp(min=1)
 
 
@@ -58,13 +61,9 @@ def mtp_loss(model: Glm4MoeForCausalLM, out: CausalLMOutput, input_ids_BT: Tenso
             break
         mtp = model.mtp_forward(hidden[:, :n], input_ids_BT[:, j:], position_ids=pos_BT[:, j - 1: j - 1 + n])
         mask = None if loss_mask_BT is None else loss_mask_BT[:, j:]
-        if distill:  # mtp.logits[:, t] against the main model's distribution of token t+j+1
-            target = out.logits[:, j: j + n - 1].detach().float().softmax(-1)
-            nll = -(target * mtp.logits[:, :-1].float().log_softmax(-1)).sum(-1)
-            w = torch.ones_like(nll) if mask is None else mask[:, 1:].float()
-            losses.append((nll * w).sum() / w.sum().clamp(min=1))
-        else:
-            losses.append(token_cross_entropy(mtp.logits, input_ids_BT[:, j:], mask))
+        # distill: mtp.logits[:, t] against the main model's distribution of token t+j+1
+        target = out.logits[:, j: j + n - 1].detach().float().softmax(-1) if distill else None
+        losses.append(token_cross_entropy(mtp.logits, input_ids_BT[:, j:], mask, target))
         hidden = mtp.hidden
     return sum(losses) / len(losses)
 
