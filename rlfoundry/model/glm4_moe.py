@@ -728,8 +728,7 @@ class Glm4MoeForCausalLM(nn.Module):
         data-dependent Python control flow, so torch.compile traces it whole."""
         B, T = input_ids.shape
         x_BTD = self.model.embed_tokens(input_ids)
-        cos_BTD, sin_BTD = rope_cos_sin(position_ids, self.config, x_BTD.dtype) if cache_step is None \
-            else cache_step.rope(self.config, x_BTD.dtype)
+        cos_BTD, sin_BTD = self._rope(position_ids, cache_step, x_BTD.dtype)
         routings: list[Routing] = []
         for i, layer in enumerate(self.model.layers):
             replay = None
@@ -748,6 +747,12 @@ class Glm4MoeForCausalLM(nn.Module):
                 [r.scores_NE.view(B, T, -1) for r in routings] if return_router else None)
 
     # --------------------------------------------------------------------- multi-token prediction
+    def _rope(self, position_ids: Tensor, cache_step: CacheStep | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """RoPE cos/sin of the positions: from the KV cache's tables in a cached forward."""
+        if cache_step is None:
+            return rope_cos_sin(position_ids, self.config, dtype)
+        return cache_step.rope(self.config, dtype)
+
     def mtp_forward(
         self,
         hidden_BTD: Tensor,
@@ -759,18 +764,19 @@ class Glm4MoeForCausalLM(nn.Module):
         slots: Tensor | None = None,
         input_lens: Tensor | None = None,
         return_router: bool = False,
+        layers_fn=None,
     ) -> CausalLMOutput:
         """MTP layer `depth`: from the main model's hidden state at t and token t+1, logits for t+2.
 
         `hidden_BTD` is `CausalLMOutput.hidden` at positions t, `next_ids` [B, T] the tokens at
         t+1. Position ids (RoPE) are those of t. Returns logits and the MTP block's own hidden
         state (normed by shared_head.norm). With `cache` (one layer, its own), it decodes
-        incrementally as `forward` does — the draft loop of speculative decoding.
+        incrementally as `forward` does — the draft loop of speculative decoding. `layers_fn`
+        replaces `mtp_forward_layers` (the engine passes a torch.compile'd one for drafting).
         """
         if depth >= len(self.model.mtp_layers):
             raise ValueError(f"MTP depth {depth} requested, the model has "
                              f"num_nextn_predict_layers={len(self.model.mtp_layers)}")
-        mtp = self.model.mtp_layers[depth]
         B, T = next_ids.shape
         device = next_ids.device
         cache_step, mask_BTS = None, None
@@ -779,16 +785,26 @@ class Glm4MoeForCausalLM(nn.Module):
             position_ids, mask_BTS = cache_step.position_ids_BT, cache_step.mask()
         elif position_ids is None:
             position_ids = torch.arange(T, device=device).expand(B, T)
-        e_BTD = mtp.enorm(self.model.embed_tokens(next_ids))
-        x_BTD = mtp.eh_proj(torch.cat([e_BTD, mtp.hnorm(hidden_BTD)], dim=-1))
-        cos_sin = rope_cos_sin(position_ids, self.config, x_BTD.dtype) if cache_step is None \
-            else cache_step.rope(self.config, x_BTD.dtype)
-        x_BTD, routing = mtp(x_BTD, cos_sin, mask_BTS, cache_step, 0)
+        logits, h_BTD, routed, scores = (layers_fn or self.mtp_forward_layers)(
+            hidden_BTD, next_ids, position_ids, mask_BTS, cache_step, depth, return_router)
         if cache_step is not None:
             cache_step.advance()
+        return CausalLMOutput(logits, h_BTD, routed, scores)
+
+    def mtp_forward_layers(self, hidden_BTD: Tensor, next_ids: Tensor, position_ids: Tensor,
+                           mask_BTS: Tensor | None, cache_step: CacheStep | None, depth: int = 0,
+                           return_router: bool = False):
+        """The MTP block's computation (as `forward_layers` is the main model's): (logits, normed
+        hidden, routed expert ids [B, T, 1, K], router scores or None). Traceable whole by
+        torch.compile."""
+        mtp = self.model.mtp_layers[depth]
+        B, T = next_ids.shape
+        e_BTD = mtp.enorm(self.model.embed_tokens(next_ids))
+        x_BTD = mtp.eh_proj(torch.cat([e_BTD, mtp.hnorm(hidden_BTD)], dim=-1))
+        x_BTD, routing = mtp(x_BTD, self._rope(position_ids, cache_step, x_BTD.dtype), mask_BTS, cache_step, 0)
         h_BTD = mtp.shared_head.norm(x_BTD)
-        return CausalLMOutput(self.lm_head(h_BTD), h_BTD, routing.ids_NK.view(B, T, 1, -1),
-                              [routing.scores_NE.view(B, T, -1)] if return_router else None)
+        return (self.lm_head(h_BTD), h_BTD, routing.ids_NK.view(B, T, 1, -1),
+                [routing.scores_NE.view(B, T, -1)] if return_router else None)
 
     def moe_routers(self) -> list[Router]:
         """The routers of the main model's MoE blocks, in order (the MTP layers' come after)."""

@@ -22,7 +22,6 @@ import random
 import threading
 import time
 import uuid
-import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,18 +208,18 @@ class Engine:
         # kernels, far fewer dispatches). It compiles once per batch-size regime (`warmup` does all
         # of them up front, else the first steps of each); logits differ from eager by float
         # rounding only (see the README and benchmarks/bench_mismatch.py).
-        self._decode_layers = None
-        if compile_decode:
-            self._decode_layers = torch.compile(model.forward_layers, dynamic=True, fullgraph=True,
-                                                options={"cpp_wrapper": True})
+        # With speculative decoding, verification (k+1 tokens a row) goes through the same compiled
+        # function, and the MTP layer's draft steps through a compiled `mtp_forward_layers`.
+        self._decode_layers = self._mtp_layers = None
         if speculative_steps and not cfg.num_nextn_predict_layers:
             raise ValueError("speculative_steps needs a model with an MTP layer (num_nextn_predict_layers >= 1)")
         self.spec_steps = speculative_steps
-        if speculative_steps and compile_decode:
-            warnings.warn("Engine: speculative_steps with compile_decode — drafting and verification run eager "
-                          "(only plain decode steps are compiled), so nearly every step runs eager; at batch 1 "
-                          "on the shipped model compiled plain decoding is faster than eager speculative decoding",
-                          stacklevel=2)
+        if compile_decode:
+            self._decode_layers = torch.compile(model.forward_layers, dynamic=True, fullgraph=True,
+                                                options={"cpp_wrapper": True})
+            if speculative_steps:
+                self._mtp_layers = torch.compile(model.mtp_forward_layers, dynamic=True, fullgraph=True,
+                                                 options={"cpp_wrapper": True})
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
@@ -231,8 +230,9 @@ class Engine:
         self.mtp_cache = KVCache.for_model(cfg, max_batch, self.max_len, num_layers=1, dtype=dtype,
                                            device=model.model.embed_tokens.weight.device) if speculative_steps else None
         if compile_decode:  # the batch size varies, the cache's shape never does
-            for t in self.cache.k + self.cache.v:
-                torch._dynamo.mark_static(t)
+            for c in (self.cache, self.mtp_cache):
+                for t in (c.k + c.v if c is not None else []):
+                    torch._dynamo.mark_static(t)
         eos = cfg.eos_token_id if eos_token_ids is None else list(eos_token_ids)
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
         self.weight_version = weight_version
@@ -286,17 +286,20 @@ class Engine:
     def warmup(self) -> None:
         """With compile_decode: compile now, for every batch-size regime (batch 1; 2 and up; and,
         when max_batch reaches it, the size where the MoE layers switch to their sparse path), so
-        that no request waits for it (the server calls this before reporting healthy)."""
+        that no request waits for it (the server calls this before reporting healthy). With
+        speculative decoding, drafting and verification as well (one token and several a row)."""
         if self._decode_layers is None:
             return
         stats = dict(self.stats)
-        params = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True)
+        k = self.spec_steps
+        params = SamplingParams(temperature=0, max_new_tokens=2 + 2 * (k + 1) if k else 2, ignore_eos=True)
+        prompt = [0] * max(1, min(3, self.max_len - params.max_new_tokens - 1)) if k else [0]
         sizes = [1, 2]
         E = self.model.config.n_routed_experts
         if E and Experts.DENSE_MAX_ROWS // E + 1 <= self.max_batch:  # the first batch past the dense path
             sizes.append(Experts.DENSE_MAX_ROWS // E + 1)
         for B in sizes:
-            self.generate([[0]] * B, params)
+            self.generate([prompt] * B, params)
         self.stats = stats
 
     def _control(self, fn: Callable[[], Any]) -> Any:
@@ -571,7 +574,9 @@ class Engine:
         for b, s in enumerate(seqs):
             h[b, : n_new[b]] = s.mtp_h
             ids[b, : n_new[b]] = torch.tensor(s.mtp_ids)
-        out = model.mtp_forward(h, ids.to(device), cache=self.mtp_cache, slots=slots, input_lens=torch.tensor(n_new))
+        # (compiled only when no row is padding: a ragged cache write has a data-dependent shape)
+        out = model.mtp_forward(h, ids.to(device), cache=self.mtp_cache, slots=slots, input_lens=torch.tensor(n_new),
+                                layers_fn=self._mtp_layers if min(n_new) == T else None)
         last = torch.tensor(n_new) - 1
         logits, g = out.logits[torch.arange(B), last], out.hidden[torch.arange(B), last]
         drafts, q_probs = [], []
@@ -580,13 +585,15 @@ class Engine:
             drafts.append(d)
             q_probs.append(q)
             if i + 1 < k:
-                out = model.mtp_forward(g[:, None], d[:, None].to(device), cache=self.mtp_cache, slots=slots)
+                out = model.mtp_forward(g[:, None], d[:, None].to(device), cache=self.mtp_cache, slots=slots,
+                                        layers_fn=self._mtp_layers)
                 logits, g = out.logits[:, -1], out.hidden[:, -1]
         drafts_Bk = torch.stack(drafts, 1)
         # 2. verify: the pending token and the k drafts in one forward of the main model
         L = self.cache.lens[:B].tolist()
         pending = torch.tensor([[s.output_ids[-1]] for s in seqs])
-        ver = model(torch.cat([pending, drafts_Bk], 1).to(device), cache=self.cache, slots=slots)
+        ver = model(torch.cat([pending, drafts_Bk], 1).to(device), cache=self.cache, slots=slots,
+                    layers_fn=self._decode_layers)
         p_logits = ver.logits.float()                                     # [B, k+1, V]
         temps = torch.tensor([p.temperature for p in params])
         scaled = p_logits / torch.where(temps == 0, 1.0, temps)[:, None, None]
