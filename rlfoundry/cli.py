@@ -8,6 +8,16 @@ import sys
 from pathlib import Path
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _model_info(args: argparse.Namespace) -> int:
     from rlfoundry.model import PRESETS, ConfigError, ModelConfig
 
@@ -67,7 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(args.model, host=args.host, port=args.port, engines=args.engines, max_batch=args.max_batch,
                  max_len=args.max_len, dtype=args.dtype, served_model_name=args.served_model_name,
                  log_level=args.log_level, speculative_steps=args.speculative_steps, backend=backend,
-                 compile_decode=args.compile_decode)
+                 compile_decode=args.compile_decode, admit_quiet_ms=args.admit_quiet_ms)
 
 
 def _stage(args: argparse.Namespace) -> int:
@@ -167,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MTP speculative decoding: draft tokens per step (3 is GLM-4.5's setting; 0 is off)")
     p.add_argument("--compile-decode", action="store_true",
                    help="decode steps through torch.compile (faster; compiles at start-up for a minute or two)")
+    p.add_argument("--admit-quiet-ms", type=_non_negative_float, default=3.0,
+                   help="an idle engine starts arriving requests once none has come for this long (at most "
+                        "50 ms after the first), so a burst (an RL step's groups) runs as one batch; 0: at once")
     p.set_defaults(func=_serve)
     for stage, what in (("pretrain", "pre-training on packed token streams"),
                         ("midtrain", "mid-training: best-fit packing, optional RoPE base change"),

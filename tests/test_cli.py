@@ -49,9 +49,10 @@ def test_demo_runs_shortened(tmp_path, capsys):
         assert "log-prob mismatch" in out
 
 
-def test_compile_decode_reaches_the_engine_command():
+def test_compile_decode_and_admission_reach_the_engine_command():
     """`serve --compile-decode` / `rollout.compile_decode` start our engine servers with the flag;
-    vLLM compiles its own decode and gets nothing extra."""
+    vLLM compiles its own decode and gets nothing extra. `--admit-quiet-ms` (RL's deterministic
+    mode passes 0) likewise; a negative value is refused."""
     from rlfoundry.cli import build_parser
     from rlfoundry.rollout.launch import RlfoundryBackend, VLLMBackend
 
@@ -61,5 +62,10 @@ def test_compile_decode_reaches_the_engine_command():
     ours, _ = RlfoundryBackend().engine_command("m", 1234, 8, None, "float32", None, 0, compile_decode=True)
     assert "--compile-decode" in ours
     assert "--compile-decode" not in RlfoundryBackend().engine_command("m", 1234, 8, None, "float32", None, 0)[0]
+    ours, _ = RlfoundryBackend().engine_command("m", 1234, 8, None, "float32", None, 0, admit_quiet_ms=0.0)
+    assert ours[ours.index("--admit-quiet-ms") + 1] == "0.0"
+    assert build_parser().parse_args(["serve", "--model", "m"]).admit_quiet_ms == 3.0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--model", "m", "--admit-quiet-ms", "-1"])
     vllm, _ = VLLMBackend().engine_command("m", 1234, 8, None, "float32", None, 0, compile_decode=True)
     assert "--compile-decode" not in vllm

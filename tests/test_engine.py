@@ -367,6 +367,38 @@ def test_requests_arriving_during_a_step_join_the_next_one_together(model):
         engine.shutdown()
 
 
+def test_an_idle_engine_waits_for_a_burst_of_requests_to_end(model):
+    """admit_quiet_s: an idle loop starts requests once none has arrived for that long, so a burst
+    (here 6 requests 5 ms apart) is prefilled as one batch; a stream that never pauses is started
+    after ADMIT_MAX_WAIT_S at most; without it a request starts at once."""
+    prompts = _prompts(model.config, [4, 7, 2, 5, 3, 6])
+    params = SamplingParams(temperature=0, max_new_tokens=3)
+    with pytest.raises(ValueError, match="admit_quiet_s"):
+        Engine(model, admit_quiet_s=-1.0)
+
+    def burst(engine, gap_s, n):
+        prefills, run_prefill = [], engine._prefill
+        engine._prefill = lambda reqs: (prefills.append((time.monotonic(), len(reqs))), run_prefill(reqs))[1]
+        engine.start()
+        try:
+            t0, reqs = time.monotonic(), []
+            for i in range(n):
+                reqs.append(engine.add_request(prompts[i % len(prompts)], params))
+                time.sleep(gap_s)
+            for r in reqs:
+                assert r.done.wait(60)
+            return t0, prefills
+        finally:
+            engine.shutdown()
+
+    _, prefills = burst(Engine(model, max_batch=16, admit_quiet_s=0.05), 0.005, 6)
+    assert [n for _, n in prefills] == [6]
+    t0, prefills = burst(Engine(model, max_batch=64, admit_quiet_s=0.05), 0.01, 30)  # never quiet for 50 ms
+    assert len(prefills) > 1 and prefills[0][0] - t0 < Engine.ADMIT_MAX_WAIT_S + 0.03
+    t0, prefills = burst(Engine(model, max_batch=16), 0.0, 1)
+    assert prefills[0][0] - t0 < 0.02
+
+
 def test_compiled_decode_equals_eager_decoding(model):
     """compile_decode=True runs decode steps through torch.compile'd layers (with the cache write
     as one in-place custom op): the same greedy tokens as the eager engine, log-probs within 1e-5 of

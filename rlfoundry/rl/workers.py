@@ -236,9 +236,10 @@ class RolloutWorker:
         log = open(self.out / "engines.log", "ab")
         for _ in range(cfg.rollout.num_engines):
             port = free_port()
+            # deterministic mode sends one group at a time: no burst to wait for
             cmd, env = backend.engine_command(cfg.model, port, cfg.rollout.max_batch, None,
                                               "float64" if cfg.exact else "float32", None, 0,
-                                              cfg.rollout.compile_decode)
+                                              cfg.rollout.compile_decode, 0.0 if cfg.deterministic else None)
             self.procs.append(subprocess.Popen(_watched(cmd), env={**os.environ, **env, "OMP_NUM_THREADS": threads},
                                                stdout=log, stderr=log))
             self.engine_urls.append(f"http://127.0.0.1:{port}")

@@ -198,10 +198,20 @@ def _draw_one(probs_V: Tensor, rng: RandomStream) -> int:
 
 
 class Engine:
+    ADMIT_MAX_WAIT_S = 0.05
+    """The longest an idle loop waits for a burst of requests to end (see `admit_quiet_s`)."""
+
     def __init__(self, model: Glm4MoeForCausalLM, max_batch: int = 64, max_len: int | None = None,
                  eos_token_ids: Iterable[int] | None = None, seed: int = 0,
                  max_prefill_tokens: int = 8192, weight_version: str = "0", speculative_steps: int = 0,
-                 compile_decode: bool = False):
+                 compile_decode: bool = False, admit_quiet_s: float = 0.0):
+        """`admit_quiet_s` > 0: when the loop (`run`) is idle and requests arrive, it starts them
+        once none has arrived for that long (at most ADMIT_MAX_WAIT_S after the first), so that a
+        burst sent at once — an RL step's groups, each its own HTTP request — is prefilled and
+        decoded together rather than in waves. The engine server sets it (`--admit-quiet-ms`)."""
+        if admit_quiet_s < 0:
+            raise ValueError(f"admit_quiet_s must be >= 0, got {admit_quiet_s}")
+        self.admit_quiet_s = admit_quiet_s
         self.model = model.eval()
         cfg = model.config
         # Decode steps through a torch.compile'd `forward_layers` (inductor: fused element-wise
@@ -257,6 +267,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._loop_thread: int | None = None  # ident of the thread in `run`, if any
         self._stop = False
+        self._last_arrival = 0.0  # time.monotonic() of the last request queued
         self.stats = {"generated_tokens": 0, "prompt_tokens": 0, "steps": 0, "prefills": 0, "finished": 0,
                       "spec_verify_steps": 0, "spec_emitted_tokens": 0, "spec_accept_length": 0.0}
 
@@ -280,6 +291,7 @@ class Engine:
                 req.seqs.append(_Seq(req, i, RandomStream(seed)))
             self._requests[rid] = req
             self._waiting.append(req)
+            self._last_arrival = time.monotonic()
             self._wake.notify_all()
         return req
 
@@ -449,6 +461,8 @@ class Engine:
                         self._wake.wait()
                     if self._stop:
                         return
+                    if not self._running and self._waiting and not self._calls and self.admit_quiet_s > 0:
+                        self._await_quiet()
                     calls = list(self._calls)
                     self._calls.clear()
                 self._carry_out(calls)
@@ -461,6 +475,17 @@ class Engine:
                 calls = list(self._calls)
                 self._calls.clear()
             self._carry_out(calls)  # came in as the loop stopped: run them here
+
+    def _await_quiet(self) -> None:
+        """(`_submit` held.) The engine is idle and requests have come: wait while more keep
+        arriving, until none has for `admit_quiet_s` (at most ADMIT_MAX_WAIT_S in all)."""
+        deadline = time.monotonic() + self.ADMIT_MAX_WAIT_S
+        while not self._stop and not self._calls:
+            until = min(self._last_arrival + self.admit_quiet_s, deadline)
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.wait(left)
 
     def _carry_out(self, calls: list[tuple[Callable[[], Any], concurrent.futures.Future]]) -> None:
         """Run queued control calls, handing each caller its result or exception."""

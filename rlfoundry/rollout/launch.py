@@ -39,7 +39,8 @@ def wait_healthy(url: str, timeout: float, procs: list[subprocess.Popen] = ()) -
 
 
 def build_engine_app(model_path: str, max_batch: int, max_len: int | None, dtype: str, name: str | None,
-                     speculative_steps: int = 0, compile_decode: bool = False, start_engine: bool = True):
+                     speculative_steps: int = 0, compile_decode: bool = False, start_engine: bool = True,
+                     admit_quiet_ms: float = 3.0):
     import torch
 
     from rlfoundry.data.tokenizer import eos_token_ids, load_tokenizer
@@ -51,7 +52,7 @@ def build_engine_app(model_path: str, max_batch: int, max_len: int | None, dtype
     tokenizer = load_tokenizer(model_path)
     eos = eos_token_ids(tokenizer) if tokenizer is not None else None
     engine = Engine(model, max_batch=max_batch, max_len=max_len, eos_token_ids=eos, speculative_steps=speculative_steps,
-                    compile_decode=compile_decode)
+                    compile_decode=compile_decode, admit_quiet_s=admit_quiet_ms / 1e3)
     engine.warmup()
     return create_app(engine, tokenizer, model_path=str(model_path), served_model_name=name,
                       start_engine=start_engine), engine
@@ -65,9 +66,10 @@ class Backend:
 
     def engine_command(self, model: str, port: int, max_batch: int, max_len: int | None, dtype: str,
                        served_model_name: str | None, speculative_steps: int,
-                       compile_decode: bool = False) -> tuple[list[str], dict]:
+                       compile_decode: bool = False, admit_quiet_ms: float | None = None) -> tuple[list[str], dict]:
         """The server's command line and environment. `compile_decode` is our engine's compiled
-        decode step; vLLM compiles its own (unless given --enforce-eager) and ignores it."""
+        decode step; vLLM compiles its own (unless given --enforce-eager) and ignores it.
+        `admit_quiet_ms`: our server's `--admit-quiet-ms` (None: its default); vLLM ignores it."""
         raise NotImplementedError
 
     def client(self, url: str, served_model_name: str):
@@ -78,7 +80,7 @@ class RlfoundryBackend(Backend):
     name, supports_router = "rlfoundry", True
 
     def engine_command(self, model, port, max_batch, max_len, dtype, served_model_name, speculative_steps,
-                       compile_decode=False):
+                       compile_decode=False, admit_quiet_ms=None):
         cmd = [sys.executable, "-m", "rlfoundry.cli", "serve", "--model", model, "--host", "127.0.0.1",
                "--port", str(port), "--max-batch", str(max_batch), "--dtype", dtype, "--log-level", "error"]
         if max_len:
@@ -89,6 +91,8 @@ class RlfoundryBackend(Backend):
             cmd += ["--speculative-steps", str(speculative_steps)]
         if compile_decode:
             cmd += ["--compile-decode"]
+        if admit_quiet_ms is not None:
+            cmd += ["--admit-quiet-ms", str(admit_quiet_ms)]
         return cmd, {"PYTHONUNBUFFERED": "1"}
 
     def client(self, url, served_model_name):
@@ -115,7 +119,7 @@ class VLLMBackend(Backend):
         return str(local.absolute()) if local.exists() else sys.executable
 
     def engine_command(self, model, port, max_batch, max_len, dtype, served_model_name, speculative_steps,
-                       compile_decode=False):
+                       compile_decode=False, admit_quiet_ms=None):
         cmd = [self.python(), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
                "--port", str(port), "--dtype", dtype, "--max-num-seqs", str(max_batch),
                "--served-model-name", served_model_name or model, "--logprobs-mode", "processed_logprobs",
@@ -134,7 +138,7 @@ class VLLMBackend(Backend):
 
 
 def _serve_one(model, host, port, max_batch, max_len, dtype, served_model_name, log_level, speculative_steps,
-               compile_decode) -> int:
+               compile_decode, admit_quiet_ms) -> int:
     """One engine server: HTTP (uvicorn) in a background thread, the engine's loop on this main
     thread — the one that loaded the model. Run from another thread, the loop's torch ops start a
     second OpenMP thread team next to the main thread's, and with more threads than cores libgomp
@@ -145,7 +149,7 @@ def _serve_one(model, host, port, max_batch, max_len, dtype, served_model_name, 
     import uvicorn
 
     app, engine = build_engine_app(model, max_batch, max_len, dtype, served_model_name, speculative_steps,
-                                   compile_decode, start_engine=False)
+                                   compile_decode, start_engine=False, admit_quiet_ms=admit_quiet_ms)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
 
     def http_done():
@@ -171,7 +175,7 @@ def _serve_one(model, host, port, max_batch, max_len, dtype, served_model_name, 
 def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int = 1, max_batch: int = 64,
           max_len: int | None = None, dtype: str = "float32", served_model_name: str | None = None,
           log_level: str = "warning", speculative_steps: int = 0, backend: Backend | None = None,
-          compile_decode: bool = False) -> int:
+          compile_decode: bool = False, admit_quiet_ms: float = 3.0) -> int:
     """Serve `model`; with engines > 1, behind sglang-router. Returns the exit code."""
     backend = backend or RlfoundryBackend()
     if not (Path(model) / "config.json").exists():
@@ -195,7 +199,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
             return child.wait()
     if engines == 1:
         return _serve_one(model, host, port, max_batch, max_len, dtype, served_model_name, log_level,
-                          speculative_steps, compile_decode)
+                          speculative_steps, compile_decode, admit_quiet_ms)
 
     children: list[subprocess.Popen] = []
 
@@ -211,7 +215,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
 
     def start_engine(p_port: int) -> subprocess.Popen:
         cmd, env = backend.engine_command(model, p_port, max_batch, max_len, dtype, served_model_name,
-                                          speculative_steps, compile_decode)
+                                          speculative_steps, compile_decode, admit_quiet_ms)
         return subprocess.Popen(cmd, env={**os.environ, **env})
 
     signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(0)))
