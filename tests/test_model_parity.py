@@ -80,6 +80,23 @@ def test_dense_inference_experts_equal_the_sparse_path(n_tokens):
         assert torch.equal(moe.experts(x, routing), dense)
 
 
+def test_large_experts_decode_through_the_sparse_path(monkeypatch):
+    """Experts whose weights exceed Experts.DENSE_MAX_WEIGHTS (GLM-4.5's: 3.8G a layer) decode even
+    one token through the sparse path, which reads only the chosen experts' weights."""
+    from rlfoundry.model.glm4_moe import Experts
+
+    cfg = small_config()
+    moe = random_model(cfg).model.layers[-1].mlp
+    x = torch.randn(1, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        routing = moe.gate(x)
+        dense = moe.experts(x, routing)
+        monkeypatch.setattr(Experts, "DENSE_MAX_WEIGHTS", moe.experts.gate_up_proj.numel())
+        monkeypatch.setattr(Experts, "_forward_dense", lambda *a: pytest.fail("dense path taken"))
+        sparse = moe.experts(x, routing)
+    assert (dense - sparse).abs().max().item() <= 1e-6 * max(1.0, sparse.abs().max().item())
+
+
 def test_float64_model_trains_and_agrees_with_float32():
     """A model cast to fp64 (a precision reference, e.g. for measuring the train-inference
     mismatch) runs forward and backward; torch's grouped GEMM takes no fp64, so its experts run one
