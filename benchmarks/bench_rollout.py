@@ -117,7 +117,8 @@ def task_prompts_for(path: Path) -> list[list[int]]:
     tok = load_tokenizer(path)
     if tok is None or getattr(tok, "chat_template", None) is None:
         return []
-    sets = [PromptDataset.load(src, n_per_level=16, seed=10_000) for src in ("task:countdown:2", "task:arithmetic:3")]
+    sets = [PromptDataset.load(src, n_per_level=16, seed=10_000, held_out=True)
+            for src in ("task:countdown:2", "task:arithmetic:3")]
     return [ds.token_ids(i, tok) for ds in sets for i in range(len(ds))]
 
 

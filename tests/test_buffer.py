@@ -93,9 +93,11 @@ def test_a_crash_inside_a_transaction_leaves_nothing_half_written(tmp_path):
 
 
 def test_rl_task_prompts_are_not_the_pretraining_sft_or_held_out_problems(tmp_path):
-    """task:... RL prompts come from their own seed range: not the problems whose worked solutions
-    `rlfoundry pretrain` (seed 0) and `sft` (seed 1) trained the model on, nor the held-out ones."""
+    """task:... RL prompts come from their own seed range: other draws than the problems whose
+    worked solutions `rlfoundry pretrain` (seed 0) and `sft` (seed 1) trained the model on, and
+    never a held-out question (the held-out sets hold nothing else)."""
     from rlfoundry.data.tasks import get_task
+    from rlfoundry.data.tasks.base import is_held_out
     from rlfoundry.rl.config import load_rl_config
     from rlfoundry.rl.workers import BufferWorker
 
@@ -107,4 +109,7 @@ def test_rl_task_prompts_are_not_the_pretraining_sft_or_held_out_problems(tmp_pa
     for seed in (0, 1):  # pre-training, SFT
         trained = {p.question for p in task.problems(3000, 2, seed=seed)}
         assert sum(q in trained for q in rl) <= 60  # chance repeats only (level 2 is a small space: ~15%)
-    assert sum(q in set(held_out) for q in rl) <= 20
+    assert not set(rl) & set(held_out)
+    assert all(is_held_out(q) for q in held_out) and not any(is_held_out(q) for q in rl)
+    for seed in (0, 1):
+        assert not {p.question for p in task.problems(3000, 2, seed=seed)} & set(held_out)

@@ -22,6 +22,25 @@ def test_reference_solutions_score_one_and_wrong_answers_zero(name):
         task.problems(1, task.levels + 1)
 
 
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_held_out_questions_never_appear_in_training_draws(name):
+    """One question in HELD_OUT_ONE_IN (by hash) is held out: any number of training draws, of any
+    seed, shares no question with any held-out draw, and each share is about its expected size."""
+    from rlfoundry.data.tasks.base import HELD_OUT_ONE_IN, is_held_out
+
+    task = get_task(name)
+    for level in range(1, task.levels + 1):
+        train = {p.question for seed in (0, 1, 1000) for p in task.problems(500, level, seed=seed)}
+        held = task.problems(200, level, seed=10_000, held_out=True)
+        assert not train & {p.question for p in held}
+        assert all(is_held_out(p.question) for p in held) and not any(map(is_held_out, train))
+    import random
+
+    rng = random.Random(0)
+    drawn = [task.make(task.levels, rng).question for _ in range(2000)]
+    assert abs(sum(map(is_held_out, drawn)) / len(drawn) - 1 / HELD_OUT_ONE_IN) < 0.03
+
+
 def test_arithmetic_checks_by_value():
     task = get_task("arithmetic")
     p = task.problems(1, 2, seed=3)[0]

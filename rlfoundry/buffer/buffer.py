@@ -57,8 +57,9 @@ class PromptDataset:
     @classmethod
     def load(cls, source: str, *, prompt_key: str = "prompt", label_key: str = "label",
              metadata_key: str = "metadata", n_per_level: int = 1000, seed: int = 0,
-             skip_bad: bool = False, stats: DataStats | None = None) -> "PromptDataset":
-        """From a file or datasets directory, or `task:NAME[:LEVELS]` (n_per_level problems per level)."""
+             skip_bad: bool = False, stats: DataStats | None = None, held_out: bool = False) -> "PromptDataset":
+        """From a file or datasets directory, or `task:NAME[:LEVELS]` (n_per_level problems per level,
+        of the task's training share of questions, or with `held_out` of its held-out share)."""
         if source.startswith("task:"):
             from rlfoundry.data.tasks import get_task
 
@@ -68,7 +69,7 @@ class PromptDataset:
                 list(range(1, task.levels + 1))
             records = []
             for level in levels:
-                for p in task.problems(n_per_level, level, seed=seed):
+                for p in task.problems(n_per_level, level, seed=seed, held_out=held_out):
                     r = task.rl_record(p)
                     records.append(PromptRecord(r["prompt"], r["label"], r["metadata"] | {"question": p.question}))
             return cls(records, source)

@@ -27,9 +27,10 @@ import torch
 from rlfoundry.rl.sample import Sample, Status
 
 RL_TASK_SEED = 1000
-"""RL prompts from task:... sources are drawn with seed RL_TASK_SEED + seed: not the problems whose
-worked solutions the model was pre-trained (seed 0) and fine-tuned (seed 1) on by `rlfoundry
-pretrain` / `sft`, nor the held-out ones (10000 + seed)."""
+"""RL prompts from task:... sources are drawn with seed RL_TASK_SEED + seed: other draws than the
+problems whose worked solutions the model was pre-trained (seed 0) and fine-tuned (seed 1) on by
+`rlfoundry pretrain` / `sft` (chance repeats aside); like them, never a held-out question
+(`rlfoundry.data.tasks.base.is_held_out`)."""
 
 
 def _watched(cmd: list[str]) -> list[str]:
@@ -413,15 +414,16 @@ class BufferWorker:
         self.buffer.put_many(items)  # one transaction for the round
 
     def eval_requests(self) -> dict[str, list[dict]]:
-        """Held-out prompt sets: task:... sets drawn with seed 10000 + seed (RL training prompts use
-        RL_TASK_SEED + seed), as `rlfoundry eval` does; files are used as they are (first eval_n rows)."""
+        """Held-out prompt sets: task:... sets drawn from the task's held-out questions with seed
+        10000 + seed, as `rlfoundry eval` does (training prompts never hold them); files are used as
+        they are (first eval_n rows)."""
         from rlfoundry.buffer import PromptDataset
 
         d, out = self.cfg.data, {}
         for source in self.cfg.eval_sources:
             ds = PromptDataset.load(source, prompt_key=d.prompt_key, label_key=d.label_key,
                                     metadata_key=d.metadata_key, n_per_level=self.cfg.eval_n,
-                                    seed=10_000 + self.cfg.seed)
+                                    seed=10_000 + self.cfg.seed, held_out=True)
             out[source] = [{"group_id": -1, "prompt_idx": i, "prompt_ids": ds.token_ids(i, self.tokenizer,
                                                                                        d.apply_chat_template),
                             "label": ds[i].label, "metadata": ds[i].metadata, "seed": i, "version": -1}
