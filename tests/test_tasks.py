@@ -41,6 +41,21 @@ def test_held_out_questions_never_appear_in_training_draws(name):
     assert abs(sum(map(is_held_out, drawn)) / len(drawn) - 1 / HELD_OUT_ONE_IN) < 0.03
 
 
+def test_a_level_without_held_out_questions_is_an_error_not_a_hang():
+    from rlfoundry.data.tasks.base import Problem, Task, is_held_out
+
+    class OneQuestion(Task):
+        name, levels = "one", 1
+
+        def make(self, level, rng):
+            return Problem("one", level, "q0", "0", "<answer>0</answer>")
+
+    assert not is_held_out("q0")
+    assert len(OneQuestion().problems(3, 1)) == 3
+    with pytest.raises(ValueError, match="one: level 1 gave 0 of 2 held-out problems"):
+        OneQuestion().problems(2, 1, held_out=True)
+
+
 def test_arithmetic_checks_by_value():
     task = get_task("arithmetic")
     p = task.problems(1, 2, seed=3)[0]

@@ -52,10 +52,16 @@ class Task:
             raise ValueError(f"{self.name}: level must be in 1..{self.levels}, got {level}")
         rng = random.Random(f"{self.name}:{level}:{seed}")
         out: list[Problem] = []
-        while len(out) < n:
+        for draws in range(1, 100 * n + 10_000 + 1):
+            if len(out) == n:
+                break
             p = self.make(level, rng)
             if is_held_out(p.question) == held_out:
                 out.append(p)
+        if len(out) < n:  # a level with (almost) no questions in the asked share would loop forever
+            share = "held-out" if held_out else "training"
+            raise ValueError(f"{self.name}: level {level} gave {len(out)} of {n} {share} problems in {draws} draws; "
+                             f"its questions are too few for a {share} share (is_held_out: one in {HELD_OUT_ONE_IN})")
         return out
 
     @staticmethod
