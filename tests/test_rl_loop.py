@@ -49,8 +49,8 @@ def test_rl_end_to_end(tmp_path, capsys, monkeypatch):
         assert m["train/mismatch_max"] <= 5e-5 and m["train/mismatch_mean"] <= 2e-6
     for m in ms[1:]:
         assert 0.0 <= m["reward/mean"] <= 1.0
-        for phase in ("rollout", "train", "weight_sync"):
-            assert m[f"time/{phase}_s"] > 0
+        for phase in ("rollout", "train", "weight_sync"):  # a step with no reward signal trains nothing
+            assert m[f"time/{phase}_s"] > 0 or (phase == "train" and m["train/skipped"] == 1.0)
     assert (out / "curves.png").stat().st_size > 0 and (out / "hf" / "config.json").exists()
     assert len(list((out / "rollouts").glob("*.jsonl"))) == 3
     [wandb_run] = (out / "wandb").glob("offline-run-*/run-*.wandb")

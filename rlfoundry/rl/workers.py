@@ -134,8 +134,8 @@ class TrainerWorker:
             for g, row in zip(gs, a.tolist()):
                 samples += g
                 advs += row
-        if not samples:
-            return {"train/skipped": 1.0}
+        if not samples:  # no group with a reward signal this step: nothing to train on
+            return {"train/skipped": 1.0, "train/samples": 0, "time/train_s": time.perf_counter() - t0}
         temperature = cfg.rollout.temperature
         n_updates = min(algo.updates_per_rollout, len(samples))
         per_update = -(-len(samples) // n_updates)
