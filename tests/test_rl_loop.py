@@ -66,12 +66,14 @@ def test_rl_end_to_end(tmp_path, capsys, monkeypatch):
     assert [m.get("train/samples") for m in lines(replay)] == [m.get("train/samples") for m in ms[1:]]
     assert any(m.get("train/samples") for m in lines(replay))
     ro = tmp_path / "rollout_only"
-    assert main(["rl", "--out", str(ro), *SMALL, "steps=1", "debug=rollout_only"]) == 0
-    assert "train/loss" not in lines(ro)[-1] and "reward/mean" in lines(ro)[-1]
+    # (with a time limit that one step already uses up: it stops there, evaluated)
+    assert main(["rl", "--out", str(ro), *SMALL, "debug=rollout_only", "max_minutes=1e-4"]) == 0
+    assert [m["step"] for m in lines(ro)] == [0, 1] and lines(ro)[-1]["stopped/max_minutes"] == 1e-4
+    assert "train/loss" not in lines(ro)[-1] and "reward/mean" in lines(ro)[-1] and "eval/accuracy" in lines(ro)[-1]
 
 
 def test_bad_configs_name_the_field(tmp_path):
-    cases = {"nonsense=1": "unknown field", "rollout.temperature=0": "rollout.temperature",
+    cases = {"nonsense=1": "unknown field", "max_minutes=-1": "max_minutes", "rollout.temperature=0": "rollout.temperature",
              "model=/nope": "field 'model'", "algorithm.advantage=ppo": "algorithm.advantage",
              "rollout.n_samples_per_prompt=x": "rollout.n_samples_per_prompt",
              "reward.fn=no.such.fn": "reward.fn", "algorithm.policy_loss=gspo": None,

@@ -126,6 +126,11 @@ class RLConfig:
     """Hugging Face checkpoint directory of the policy (default: the shipped tiny model)."""
     steps: int = 30
     """Rollout steps."""
+    max_minutes: float = 0.0
+    """Also stop, with a final evaluation and checkpoint, once another step would end more than
+    this many minutes after the first step of this process began (judged by the mean step time so
+    far); 0: no limit. The number of steps then depends on the machine's speed; `--resume`
+    continues towards `steps`."""
     seed: int = 0
     """Seed of prompt order, sampling and training."""
     deterministic: bool = False
@@ -183,6 +188,8 @@ class RLConfig:
         for name in ("steps", "eval_n", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 bad(name, f"must be positive, got {getattr(self, name)!r}")
+        if not self.max_minutes >= 0:
+            bad("max_minutes", f"must be >= 0, got {self.max_minutes!r}")
         if self.algorithm.refill_rounds < 0:
             bad("algorithm.refill_rounds", f"must be >= 0, got {self.algorithm.refill_rounds!r}")
         if self.eval_samples < 0:

@@ -213,6 +213,7 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
         with Progress(TextColumn("[bold]rl"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("rl", total=cfg.steps, completed=start, info="")
+            t_first, done_here = time.perf_counter(), 0
             for step in range(start, cfg.steps):
                 m = {"step": step + 1}
                 t_step = time.perf_counter()
@@ -238,6 +239,12 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                     if rollout is not None:
                         m["time/weight_sync_s"] = _sync(ray, cfg, trainer, rollout, out, version)
                 last = step + 1 == cfg.steps
+                if cfg.max_minutes and not last:  # would one more step end past the limit?
+                    done_here += 1
+                    elapsed = time.perf_counter() - t_first
+                    if elapsed + elapsed / done_here > 60 * cfg.max_minutes:
+                        last = True
+                        m["stopped/max_minutes"] = cfg.max_minutes
                 if eval_sets and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
                     last_eval = evaluate(step + 1)
                     m.update(last_eval)
@@ -253,6 +260,9 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                 if "train/mismatch_max" in m:
                     info += f"  mismatch {m['train/mismatch_max']:.1e}"
                 progress.update(task, completed=step + 1, info=info)
+                if "stopped/max_minutes" in m:
+                    console.print(f"max_minutes={cfg.max_minutes:g} reached: stopped after step {step + 1} of {cfg.steps}")
+                    break
         logger.close()
         _plot(logger.metrics, out / "curves.png")
         result = {"before": before, "after": last_eval, "metrics": logger.metrics,
