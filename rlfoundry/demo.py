@@ -24,8 +24,9 @@ def run_demo(out: Path, seed: int = 0, overrides: list[str] | None = None) -> in
     if (out / "metrics.jsonl").exists():  # the demo always starts fresh
         shutil.rmtree(out)
     cfg = load_rl_config(str(CONFIG), [f"seed={seed}", *(overrides or [])])
-    console.print(f"[bold]rlfoundry demo[/bold]: RL ({cfg.algorithm.advantage}, {cfg.steps} steps x "
-                  f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.n_samples_per_prompt} samples) on "
+    limit = f" within {cfg.max_minutes:g} min" if cfg.max_minutes else ""
+    console.print(f"[bold]rlfoundry demo[/bold]: RL ({cfg.algorithm.advantage}, {cfg.rollout.prompts_per_step} prompts x "
+                  f"{cfg.rollout.n_samples_per_prompt} samples a step, up to {cfg.steps} steps{limit}) on "
                   f"{cfg.model} -> {out}")
     t0 = time.perf_counter()
     result = run_rl(cfg, out, console=console)
