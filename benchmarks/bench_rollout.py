@@ -112,12 +112,13 @@ def task_prompts_for(path: Path) -> list[list[int]]:
     """32 held-out task questions in the checkpoint's chat template, built as RL's held-out eval
     builds them (empty without a tokenizer and chat template)."""
     from rlfoundry.buffer import PromptDataset
+    from rlfoundry.data.tasks.base import HELD_OUT_SEED
     from rlfoundry.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(path)
     if tok is None or getattr(tok, "chat_template", None) is None:
         return []
-    sets = [PromptDataset.load(src, n_per_level=16, seed=10_000, held_out=True)
+    sets = [PromptDataset.load(src, n_per_level=16, seed=HELD_OUT_SEED, held_out=True)
             for src in ("task:countdown:2", "task:arithmetic:3")]
     return [ds.token_ids(i, tok) for ds in sets for i in range(len(ds))]
 

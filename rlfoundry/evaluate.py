@@ -6,6 +6,7 @@ from pathlib import Path
 
 
 from rlfoundry.data.tasks import get_task
+from rlfoundry.data.tasks.base import HELD_OUT_SEED
 from rlfoundry.data.tokenizer import eos_token_ids, load_tokenizer
 from rlfoundry.model import load_pretrained
 from rlfoundry.rollout.engine import Engine, SamplingParams
@@ -23,7 +24,7 @@ def evaluate(model_path: str | Path, task_name: str, levels: list[int] | None = 
         engine = Engine(load_pretrained(model_path), max_batch=64, eos_token_ids=eos_token_ids(tokenizer))
     per_level = {}
     for level in levels or range(1, task.levels + 1):
-        problems = task.problems(n, level, seed=10_000 + seed, held_out=True)
+        problems = task.problems(n, level, seed=HELD_OUT_SEED + seed, held_out=True)
         prompts = [tokenizer.encode(tokenizer.apply_chat_template(task.sft_messages(p)[:1], add_generation_prompt=True,
                                                                   tokenize=False), add_special_tokens=False)
                    for p in problems]

@@ -213,7 +213,7 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
         with Progress(TextColumn("[bold]rl"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("rl", total=cfg.steps, completed=start, info="")
-            t_first, done_here = time.perf_counter(), 0
+            t_first = time.perf_counter()
             for step in range(start, cfg.steps):
                 m = {"step": step + 1}
                 t_step = time.perf_counter()
@@ -240,9 +240,8 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                         m["time/weight_sync_s"] = _sync(ray, cfg, trainer, rollout, out, version)
                 last = step + 1 == cfg.steps
                 if cfg.max_minutes and not last:  # would one more step end past the limit?
-                    done_here += 1
                     elapsed = time.perf_counter() - t_first
-                    if elapsed + elapsed / done_here > 60 * cfg.max_minutes:
+                    if elapsed + elapsed / (step + 1 - start) > 60 * cfg.max_minutes:
                         last = True
                         m["stopped/max_minutes"] = cfg.max_minutes
                 if eval_sets and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):

@@ -415,15 +415,16 @@ class BufferWorker:
 
     def eval_requests(self) -> dict[str, list[dict]]:
         """Held-out prompt sets: task:... sets drawn from the task's held-out questions with seed
-        10000 + seed, as `rlfoundry eval` does (training prompts never hold them); files are used as
-        they are (first eval_n rows)."""
+        HELD_OUT_SEED + seed, as `rlfoundry eval` does (training prompts never hold them); files are
+        used as they are (first eval_n rows)."""
         from rlfoundry.buffer import PromptDataset
+        from rlfoundry.data.tasks.base import HELD_OUT_SEED
 
         d, out = self.cfg.data, {}
         for source in self.cfg.eval_sources:
             ds = PromptDataset.load(source, prompt_key=d.prompt_key, label_key=d.label_key,
                                     metadata_key=d.metadata_key, n_per_level=self.cfg.eval_n,
-                                    seed=10_000 + self.cfg.seed, held_out=True)
+                                    seed=HELD_OUT_SEED + self.cfg.seed, held_out=True)
             out[source] = [{"group_id": -1, "prompt_idx": i, "prompt_ids": ds.token_ids(i, self.tokenizer,
                                                                                        d.apply_chat_template),
                             "label": ds[i].label, "metadata": ds[i].metadata, "seed": i, "version": -1}

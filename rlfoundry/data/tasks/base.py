@@ -16,6 +16,11 @@ do not keep sets apart where a level has few distinct questions (Countdown level
 a 100-problem held-out draw had been among the 3000 pre-training problems, 11% among the RL prompts)."""
 
 
+HELD_OUT_SEED = 10_000
+"""Held-out sets (`rlfoundry eval`, RL's evaluation, the benchmarks' task prompts) draw with seed
+HELD_OUT_SEED + their own seed."""
+
+
 def is_held_out(question: str) -> bool:
     """Whether a question belongs to the held-out share (stable across runs and machines)."""
     return zlib.crc32(question.encode()) % HELD_OUT_ONE_IN == 0
