@@ -400,10 +400,10 @@ def test_an_idle_engine_waits_for_a_burst_of_requests_to_end(model):
 
 
 def test_compiled_decode_equals_eager_decoding(model):
-    """compile_decode=True runs decode steps through torch.compile'd layers (with the cache write
-    as one in-place custom op): the same greedy tokens as the eager engine, log-probs within 1e-5 of
+    """compile_decode=True runs decode steps through torch.compile'd layers: the same greedy tokens as the eager engine, log-probs within 1e-5 of
     the trainer's full forward, through a batch that shrinks to one sequence (the two compiled
-    regimes); weights updated in place are the ones the compiled steps then use."""
+    regimes), for greedy rows (reduced inside the graph) and sampled ones; weights updated in place
+    are the ones the compiled steps then use."""
     cfg = model.config
     prompts = _prompts(cfg, [3, 11, 6, 1], seed=4)
     params = [SamplingParams(temperature=0, max_new_tokens=n) for n in (12, 5, 9, 16)]
@@ -414,6 +414,14 @@ def test_compiled_decode_equals_eager_decoding(model):
     for p, (o,), (e,) in zip(prompts, outs, Engine(model, max_batch=4).generate(prompts, params)):
         assert o.output_ids == e.output_ids
         lp, _ = trainer_logprobs(model, p, o.output_ids)
+        assert (lp - torch.tensor(o.logprobs)).abs().max().item() <= 1e-5
+    # greedy decode steps reduce the logits inside the compiled graph; a batch with sampled rows
+    # takes the compiled layers and then `sample`: log-probs under temperature, mixed with greedy rows
+    mixed = [SamplingParams(temperature=0.7, max_new_tokens=10, seed=3), params[1],
+             SamplingParams(temperature=1.0, max_new_tokens=7, seed=4), params[3]]
+    for p, sp, (o,) in zip(prompts, mixed, compiled.generate(prompts, mixed)):
+        assert len(o.output_ids) == sp.max_new_tokens or o.finish_reason == "stop"
+        lp, _ = trainer_logprobs(model, p, o.output_ids, sp.temperature)
         assert (lp - torch.tensor(o.logprobs)).abs().max().item() <= 1e-5
     other = random_model(cfg, seed=5)
     compiled.update_weights(other.state_dict())

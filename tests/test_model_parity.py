@@ -232,21 +232,25 @@ def test_fp64_model_agrees_with_itself_compiled():
     assert (eager - compiled).abs().max() < 1e-11
 
 
-def test_decode_attention_equals_sdpa():
-    """The compiled decode steps' attention (one query per row, cached keys of ragged length, GQA)
-    agrees with SDPA's, including rows that see only part of the keys."""
+@pytest.mark.parametrize("T", [1, 4])
+def test_decode_attention_equals_sdpa(T):
+    """The compiled cached forwards' attention (T new queries per row — a decode step, a
+    speculative verification — over cached keys of ragged length, GQA) agrees with SDPA's,
+    including rows that see only part of the keys."""
     from rlfoundry.model.glm4_moe import decode_attention
 
     torch.manual_seed(0)
     B, H, G, S, D = 5, 8, 2, 37, 16
-    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, G, S, D), torch.randn(B, G, S, D)
-    lens = torch.tensor([1, 5, 37, 20, 36])
-    mask_B1S = (torch.arange(S)[None] < lens[:, None])[:, None]
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1S[:, None], scale=D ** -0.5, enable_gqa=True)
-    out = decode_attention(q, k, v, mask_B1S, D ** -0.5)
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, G, S, D), torch.randn(B, G, S, D)
+    lens = torch.tensor([1, 5, 37, 20, 36]) - (T - 1)  # keys before the row's first new query
+    pos_BT = (lens - 1).clamp(min=0)[:, None] + torch.arange(T)
+    mask_BTS = torch.arange(S)[None, None] <= pos_BT[:, :, None]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTS[:, None], scale=D ** -0.5, enable_gqa=True)
+    out = decode_attention(q, k, v, mask_BTS, D ** -0.5)
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
-    assert torch.equal(out[0], v[0, :, :1].repeat_interleave(H // G, 0))  # a single key: its value
+    # the first row's first query sees a single key: its value
+    assert torch.equal(out[0, :, 0], v[0, :, 0].repeat_interleave(H // G, 0))
 
 
 def test_bf16_autocast_runs_expert_gemms_in_bf16_and_attention_in_fp32(monkeypatch):

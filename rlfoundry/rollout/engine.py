@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from rlfoundry.model import Glm4MoeForCausalLM, KVCache
-from rlfoundry.model.glm4_moe import Experts, at_least_fp32
+from rlfoundry.model.glm4_moe import CacheStep, Experts, at_least_fp32
 from rlfoundry.model.hf_io import read_tensors, update_from_tensors
 
 
@@ -197,6 +197,42 @@ def _draw_one(probs_V: Tensor, rng: RandomStream) -> int:
     return int(draw(probs_V[None], [rng])[0])
 
 
+def greedy_drafts(model: Glm4MoeForCausalLM, hidden_BTD: Tensor, next_ids_BT: Tensor, step: CacheStep,
+                  k: int) -> Tensor:
+    """k greedy draft tokens [B, k] from the MTP layer: one forward over the T pairs (hidden state,
+    next token) that catch its cache up in `step` (every row T real tokens), whose last position
+    drafts the first token, then k - 1 one-token steps, each fed the layer's own output hidden
+    state and its draft (as `Engine._decode_speculative` drafts). One function, so that
+    torch.compile makes one graph of the chain: a compiled call's fixed cost (dynamo's guards,
+    the wrapper) is paid once per cycle instead of k times. The cache's lengths are not advanced
+    (the engine sets them after verification)."""
+    logits, h, _, _ = model.mtp_forward_layers(hidden_BTD, next_ids_BT, step.position_ids_BT, step.mask(), step)
+    draft_B = logits[:, -1].argmax(-1)
+    drafts, pos_B1 = [draft_B], step.position_ids_BT[:, -1:]
+    for i in range(1, k):
+        pos_B1 = pos_B1 + 1
+        s = CacheStep(step.cache, step.slots_B, pos_B1, None, step.num_keys + i, step.slot_range)
+        logits, h, _, _ = model.mtp_forward_layers(h[:, -1:], draft_B[:, None], pos_B1, s.mask(), s)
+        draft_B = logits[:, -1].argmax(-1)
+        drafts.append(draft_B)
+    return torch.stack(drafts, 1)
+
+
+def greedy_forward(model: Glm4MoeForCausalLM, ids_BT: Tensor, step: CacheStep
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """A cached forward of the main model (`step` places the tokens in its cache, whose lengths are
+    not advanced) reduced to what greedy decoding reads: the model's choice at each position
+    [B, T], its log-prob (the raw log-softmax in fp32, or fp64 for an fp64 model, returned in
+    fp32, as `sample` gives them), the normed hidden states (the MTP layer's
+    inputs) and the routed expert ids. Compiled as one graph with the reductions, so that the
+    [B, T, V] logits never leave it: a greedy decode step (T = 1) and speculative verification
+    (T = k + 1)."""
+    logits, h, routed, _ = model.forward_layers(ids_BT, step.position_ids_BT, step.mask(), step)
+    logprobs = logits.to(at_least_fp32(logits.dtype)).log_softmax(-1)  # as `sample` computes them
+    choice = logits.argmax(-1)
+    return choice, logprobs.gather(-1, choice[..., None])[..., 0].float(), h, routed
+
+
 class Engine:
     ADMIT_MAX_WAIT_S = 0.05
     """The longest an idle loop waits for a burst of requests to end (see `admit_quiet_s`)."""
@@ -218,18 +254,29 @@ class Engine:
         # kernels, far fewer dispatches). It compiles once per batch-size regime (`warmup` does all
         # of them up front, else the first steps of each); logits differ from eager by float
         # rounding only (see the README and benchmarks/bench_mismatch.py).
-        # With speculative decoding, verification (k+1 tokens a row) goes through the same compiled
-        # function, and the MTP layer's draft steps through a compiled `mtp_forward_layers`.
-        self._decode_layers = self._mtp_layers = None
+        # When every row is greedy, a step goes through a compiled `greedy_forward` instead, which
+        # also takes the argmax and its log-prob inside the graph. With speculative decoding,
+        # verification (k+1 tokens a row) goes through the same compiled functions, and the MTP
+        # layer's drafts through a compiled `mtp_forward_layers` — or, greedy and with no row
+        # padded, the whole draft chain through one compiled `greedy_drafts`.
+        self._decode_layers = self._mtp_layers = self._greedy_drafts = self._greedy_forward = None
         if speculative_steps and not cfg.num_nextn_predict_layers:
             raise ValueError("speculative_steps needs a model with an MTP layer (num_nextn_predict_layers >= 1)")
         self.spec_steps = speculative_steps
         if compile_decode:
+            # Every compiled function keeps a graph per batch-size regime, token-count regime and
+            # model shape (for all the engines of the process); under fullgraph=True, dynamo's
+            # default limit of 8 graphs a function is a hard failure, not a fallback.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
             self._decode_layers = torch.compile(model.forward_layers, dynamic=True, fullgraph=True,
                                                 options={"cpp_wrapper": True})
+            self._greedy_forward = torch.compile(greedy_forward, dynamic=True, fullgraph=True,
+                                                 options={"cpp_wrapper": True})
             if speculative_steps:
                 self._mtp_layers = torch.compile(model.mtp_forward_layers, dynamic=True, fullgraph=True,
                                                  options={"cpp_wrapper": True})
+                self._greedy_drafts = torch.compile(greedy_drafts, dynamic=True, fullgraph=True,
+                                                    options={"cpp_wrapper": True})
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
@@ -298,20 +345,23 @@ class Engine:
     def warmup(self) -> None:
         """With compile_decode: compile now, for every batch-size regime (batch 1; 2 and up; and,
         when max_batch reaches it, the size where the MoE layers switch to their sparse path), so
-        that no request waits for it (the server calls this before reporting healthy). With
-        speculative decoding, drafting and verification as well (one token and several a row)."""
+        that no request waits for it (the server calls this before reporting healthy), greedy and
+        sampled (greedy steps take their own graphs, `greedy_forward`). With speculative decoding,
+        drafting and verification as well (one token and several a row)."""
         if self._decode_layers is None:
             return
         stats = dict(self.stats)
         k = self.spec_steps
-        params = SamplingParams(temperature=0, max_new_tokens=2 + 2 * (k + 1) if k else 2, ignore_eos=True)
-        prompt = [0] * max(1, min(3, self.max_len - params.max_new_tokens - 1)) if k else [0]
+        new = 2 + 2 * (k + 1) if k else 2
+        prompt = [0] * max(1, min(3, self.max_len - new - 1)) if k else [0]
         sizes = [1, 2]
         E = self.model.config.n_routed_experts
         if E and Experts.DENSE_MAX_ROWS // E + 1 <= self.max_batch:  # the first batch past the dense path
             sizes.append(Experts.DENSE_MAX_ROWS // E + 1)
-        for B in sizes:
-            self.generate([prompt] * B, params)
+        for temperature in (0.0, 1.0):  # greedy batches reduce inside their own graphs
+            params = SamplingParams(temperature=temperature, max_new_tokens=new, ignore_eos=True, seed=0)
+            for B in sizes:
+                self.generate([prompt] * B, params)
         self.stats = stats
 
     def _control(self, fn: Callable[[], Any]) -> Any:
@@ -566,14 +616,22 @@ class Engine:
         seqs = list(self._running)
         ids = torch.tensor([[s.output_ids[-1]] for s in seqs])
         device = self.model.model.embed_tokens.weight.device
-        out = self.model(ids.to(device), cache=self.cache, slots=torch.arange(len(seqs), device=device),
-                         layers_fn=self._decode_layers)
+        slots = torch.arange(len(seqs), device=device)
+        if self._greedy_forward is not None and all(s.req.params.temperature == 0 for s in seqs):
+            # compiled and greedy: the choices and their log-probs computed in the graph
+            step = CacheStep.make(self.cache, len(seqs), 1, slots, None, device)
+            choice_B1, lp_B1, hidden, routed = self._greedy_forward(self.model, ids.to(device), step)
+            step.advance()
+            ids, lps = choice_B1[:, 0], lp_B1[:, 0]
+        else:
+            out = self.model(ids.to(device), cache=self.cache, slots=slots, layers_fn=self._decode_layers)
+            hidden, routed = out.hidden, out.routed_experts
+            ids, lps = sample(out.logits[:, -1], [s.req.params for s in seqs], [s.rng for s in seqs])
         for b, seq in enumerate(seqs):
             if seq.req.params.return_routed_experts:
-                seq.routed.append(out.routed_experts[b].to(torch.int16))
+                seq.routed.append(routed[b].to(torch.int16))
             if self.spec_steps:
-                seq.mtp_h = torch.cat([seq.mtp_h, out.hidden[b]])
-        ids, lps = sample(out.logits[:, -1], [s.req.params for s in seqs], [s.rng for s in seqs])
+                seq.mtp_h = torch.cat([seq.mtp_h, hidden[b]])
         self._accept(seqs, ids.tolist(), lps.tolist())
         if self.spec_steps:
             for seq in seqs:
@@ -599,33 +657,45 @@ class Engine:
         for b, s in enumerate(seqs):
             h[b, : n_new[b]] = s.mtp_h
             ids[b, : n_new[b]] = torch.tensor(s.mtp_ids)
-        # (compiled only when no row is padding: a ragged cache write has a data-dependent shape)
-        out = model.mtp_forward(h, ids.to(device), cache=self.mtp_cache, slots=slots, input_lens=torch.tensor(n_new),
-                                layers_fn=self._mtp_layers if min(n_new) == T else None)
-        last = torch.tensor(n_new) - 1
-        logits, g = out.logits[torch.arange(B), last], out.hidden[torch.arange(B), last]
-        drafts, q_probs = [], []
-        for i in range(k):
-            d, q = self._draft(logits, params, rngs)
-            drafts.append(d)
-            q_probs.append(q)
-            if i + 1 < k:
-                out = model.mtp_forward(g[:, None], d[:, None].to(device), cache=self.mtp_cache, slots=slots,
-                                        layers_fn=self._mtp_layers)
-                logits, g = out.logits[:, -1], out.hidden[:, -1]
-        drafts_Bk = torch.stack(drafts, 1)
+        fused = self._greedy_drafts is not None and k == self.spec_steps and all(p.temperature == 0 for p in params)
+        if fused and min(n_new) == T:
+            # compiled, greedy, no row padding: the whole draft chain in one compiled call
+            step = CacheStep.make(self.mtp_cache, B, T, slots, None, device)
+            drafts_Bk = self._greedy_drafts(model, h, ids.to(device), step, k).cpu()
+        else:
+            # (compiled only when no row is padding: a ragged cache write has a data-dependent shape)
+            out = model.mtp_forward(h, ids.to(device), cache=self.mtp_cache, slots=slots,
+                                    input_lens=torch.tensor(n_new), layers_fn=self._mtp_layers if min(n_new) == T else None)
+            last = torch.tensor(n_new) - 1
+            logits, g = out.logits[torch.arange(B), last], out.hidden[torch.arange(B), last]
+            drafts, q_probs = [], []
+            for i in range(k):
+                d, q = self._draft(logits, params, rngs)
+                drafts.append(d)
+                q_probs.append(q)
+                if i + 1 < k:
+                    out = model.mtp_forward(g[:, None], d[:, None].to(device), cache=self.mtp_cache, slots=slots,
+                                            layers_fn=self._mtp_layers)
+                    logits, g = out.logits[:, -1], out.hidden[:, -1]
+            drafts_Bk = torch.stack(drafts, 1)
         # 2. verify: the pending token and the k drafts in one forward of the main model
         L = self.cache.lens[:B].tolist()
         pending = torch.tensor([[s.output_ids[-1]] for s in seqs])
-        ver = model(torch.cat([pending, drafts_Bk], 1).to(device), cache=self.cache, slots=slots,
-                    layers_fn=self._decode_layers)
-        p_logits = ver.logits.float()                                     # [B, k+1, V]
-        temps = torch.tensor([p.temperature for p in params])
-        scaled = p_logits / torch.where(temps == 0, 1.0, temps)[:, None, None]
-        logprobs_all = scaled.log_softmax(-1)
-        # greedy rows: the main model's choice at each position, and its log-prob
-        target_Bk1 = p_logits.argmax(-1)
-        target_lp = logprobs_all.gather(-1, target_Bk1[..., None])[..., 0].tolist()
+        verify_ids = torch.cat([pending, drafts_Bk], 1).to(device)
+        if fused:  # compiled and greedy: the choices and their log-probs computed in the graph
+            step = CacheStep.make(self.cache, B, k + 1, slots, None, device)
+            target_Bk1, target_lp_Bk1, ver_hidden, ver_routed = self._greedy_forward(model, verify_ids, step)
+            target_lp = target_lp_Bk1.tolist()
+        else:
+            ver = model(verify_ids, cache=self.cache, slots=slots, layers_fn=self._decode_layers)
+            ver_hidden, ver_routed = ver.hidden, ver.routed_experts
+            p_logits = ver.logits.float()                                     # [B, k+1, V]
+            temps = torch.tensor([p.temperature for p in params])
+            scaled = p_logits / torch.where(temps == 0, 1.0, temps)[:, None, None]
+            logprobs_all = scaled.log_softmax(-1)
+            # greedy rows: the main model's choice at each position, and its log-prob
+            target_Bk1 = p_logits.argmax(-1)
+            target_lp = logprobs_all.gather(-1, target_Bk1[..., None])[..., 0].tolist()
         target, drafts_l = target_Bk1.tolist(), drafts_Bk.tolist()
         # 3. accept or reject each sequence's drafts
         emits, new_lens = [], []
@@ -655,10 +725,10 @@ class Engine:
                 lps = logprobs_all[b, torch.arange(accepted + 1), torch.tensor(tokens)].tolist()
             # the cache keeps the pending token and the accepted drafts; the MTP cache what it had
             new_lens.append(L[b] + accepted + 1)
-            seq.mtp_h = ver.hidden[b, : accepted + 1]
+            seq.mtp_h = ver_hidden[b, : accepted + 1]
             seq.mtp_ids = tokens[:]
             if pr.return_routed_experts:
-                seq.routed.append(ver.routed_experts[b, : accepted + 1].to(torch.int16))
+                seq.routed.append(ver_routed[b, : accepted + 1].to(torch.int16))
             emits.append((seq, tokens, lps))
         self.cache.lens[:B] = torch.tensor(new_lens)
         self.mtp_cache.lens[:B] = torch.tensor(L)
