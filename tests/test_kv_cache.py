@@ -108,3 +108,22 @@ def test_cache_overflow_is_an_error():
     else:
         raise AssertionError("no error")
     assert cache.lens.tolist() == [0]
+
+
+def test_cache_step_rows_equals_make_for_slots_in_order():
+    """`CacheStep.rows` (the engine's per-cycle shortcut, given the lengths it holds) places the
+    tokens exactly as `make` does for slots 0..B-1, and refuses to overflow alike."""
+    import pytest
+
+    from rlfoundry.model.glm4_moe import CacheStep
+
+    cache = KVCache.for_model(small_config(), num_slots=4, max_len=16)
+    cache.lens[:3] = torch.tensor([5, 0, 9])
+    for T in (1, 4):
+        ref = CacheStep.make(cache, 3, T, torch.arange(3), None, torch.device("cpu"))
+        got = CacheStep.rows(cache, [5, 0, 9], T, torch.device("cpu"))
+        assert torch.equal(got.position_ids_BT, ref.position_ids_BT) and torch.equal(got.slots_B, ref.slots_B)
+        assert (got.valid_BT, got.num_keys, got.slot_range) == (ref.valid_BT, ref.num_keys, ref.slot_range)
+        assert torch.equal(got.mask(), ref.mask())
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        CacheStep.rows(cache, [5, 0, 9], 8, torch.device("cpu"))

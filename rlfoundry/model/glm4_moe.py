@@ -173,6 +173,17 @@ class CacheStep:
         return cls(cache, slots_B, start_B[:, None] + arange_T, valid_BT, max(end, 1),
                    (first, first + B) if dense else None)
 
+    @classmethod
+    def rows(cls, cache: KVCache, starts: list[int], T: int, device: torch.device) -> "CacheStep":
+        """`make` for slots 0..B-1 in order, T real tokens each, continuing at `starts` (those
+        slots' cache lengths, which the caller already holds): three tensor ops instead of ten and
+        no read-back, for the engine's per-cycle steps."""
+        B, end = len(starts), max(starts) + T
+        if end > cache.max_len:
+            raise ValueError(f"KV cache overflow: a sequence needs {end} positions, the cache holds {cache.max_len}")
+        position_ids_BT = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
+        return cls(cache, torch.arange(B, device=device), position_ids_BT, None, max(end, 1), (0, B))
+
     def mask(self) -> Tensor:
         """[B, T, S]: key j is visible to the query at position p iff j <= p."""
         S = self.num_keys

@@ -619,9 +619,10 @@ class Engine:
         slots = torch.arange(len(seqs), device=device)
         if self._greedy_forward is not None and all(s.req.params.temperature == 0 for s in seqs):
             # compiled and greedy: the choices and their log-probs computed in the graph
-            step = CacheStep.make(self.cache, len(seqs), 1, slots, None, device)
+            B = len(seqs)
+            step = CacheStep.rows(self.cache, self.cache.lens[:B].tolist(), 1, device)
             choice_B1, lp_B1, hidden, routed = self._greedy_forward(self.model, ids.to(device), step)
-            step.advance()
+            self.cache.lens[:B] += 1
             ids, lps = choice_B1[:, 0], lp_B1[:, 0]
         else:
             out = self.model(ids.to(device), cache=self.cache, slots=slots, layers_fn=self._decode_layers)
@@ -652,15 +653,19 @@ class Engine:
         # 1. catch the MTP cache up with the pairs of the last step; its last position drafts d1
         n_new = [len(s.mtp_ids) for s in seqs]
         T = max(n_new)
-        h = torch.zeros(B, T, model.config.hidden_size, dtype=seqs[0].mtp_h.dtype, device=device)
-        ids = torch.zeros(B, T, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            h[b, : n_new[b]] = s.mtp_h
-            ids[b, : n_new[b]] = torch.tensor(s.mtp_ids)
         fused = self._greedy_drafts is not None and k == self.spec_steps and all(p.temperature == 0 for p in params)
+        if min(n_new) == T:
+            h = torch.stack([s.mtp_h for s in seqs]).to(device)
+            ids = torch.tensor([s.mtp_ids for s in seqs])
+        else:
+            h = torch.zeros(B, T, model.config.hidden_size, dtype=seqs[0].mtp_h.dtype, device=device)
+            ids = torch.zeros(B, T, dtype=torch.long)
+            for b, s in enumerate(seqs):
+                h[b, : n_new[b]] = s.mtp_h
+                ids[b, : n_new[b]] = torch.tensor(s.mtp_ids)
         if fused and min(n_new) == T:
             # compiled, greedy, no row padding: the whole draft chain in one compiled call
-            step = CacheStep.make(self.mtp_cache, B, T, slots, None, device)
+            step = CacheStep.rows(self.mtp_cache, self.mtp_cache.lens[:B].tolist(), T, device)
             drafts_Bk = self._greedy_drafts(model, h, ids.to(device), step, k).cpu()
         else:
             # (compiled only when no row is padding: a ragged cache write has a data-dependent shape)
@@ -683,7 +688,7 @@ class Engine:
         pending = torch.tensor([[s.output_ids[-1]] for s in seqs])
         verify_ids = torch.cat([pending, drafts_Bk], 1).to(device)
         if fused:  # compiled and greedy: the choices and their log-probs computed in the graph
-            step = CacheStep.make(self.cache, B, k + 1, slots, None, device)
+            step = CacheStep.rows(self.cache, L, k + 1, device)
             target_Bk1, target_lp_Bk1, ver_hidden, ver_routed = self._greedy_forward(model, verify_ids, step)
             target_lp = target_lp_Bk1.tolist()
         else:
