@@ -218,19 +218,19 @@ def greedy_drafts(model: Glm4MoeForCausalLM, hidden_BTD: Tensor, next_ids_BT: Te
     return torch.stack(drafts, 1)
 
 
-def greedy_forward(model: Glm4MoeForCausalLM, ids_BT: Tensor, step: CacheStep
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """A cached forward of the main model (`step` places the tokens in its cache, whose lengths are
-    not advanced) reduced to what greedy decoding reads: the model's choice at each position
-    [B, T], its log-prob (the raw log-softmax in fp32, or fp64 for an fp64 model, returned in
-    fp32, as `sample` gives them), the normed hidden states (the MTP layer's
-    inputs) and the routed expert ids. Compiled as one graph with the reductions, so that the
-    [B, T, V] logits never leave it: a greedy decode step (T = 1) and speculative verification
-    (T = k + 1)."""
+def decode_forward(model: Glm4MoeForCausalLM, ids_BT: Tensor, step: CacheStep
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """A cached forward of the main model over a decode step's token (T = 1) or speculative
+    verification's k + 1 (`step` places them in its cache, whose lengths are not advanced): the
+    logits [B, T, V], the greedy choice at each position [B, T] with its log-prob (the raw
+    log-softmax in fp32, or fp64 for an fp64 model, returned in fp32, as `sample` gives them),
+    the normed hidden states (the MTP layer's inputs) and the routed expert ids. The engine
+    compiles it as one graph with the reductions, so that an all-greedy step reads two small
+    tensors and never touches the logits; a step with sampled rows samples from the logits."""
     logits, h, routed, _ = model.forward_layers(ids_BT, step.position_ids_BT, step.mask(), step)
     logprobs = logits.to(at_least_fp32(logits.dtype)).log_softmax(-1)  # as `sample` computes them
     choice = logits.argmax(-1)
-    return choice, logprobs.gather(-1, choice[..., None])[..., 0].float(), h, routed
+    return logits, choice, logprobs.gather(-1, choice[..., None])[..., 0].float(), h, routed
 
 
 class Engine:
@@ -250,16 +250,15 @@ class Engine:
         self.admit_quiet_s = admit_quiet_s
         self.model = model.eval()
         cfg = model.config
-        # Decode steps through a torch.compile'd `forward_layers` (inductor: fused element-wise
-        # kernels, far fewer dispatches). It compiles once per batch-size regime (`warmup` does all
-        # of them up front, else the first steps of each); logits differ from eager by float
-        # rounding only (see the README and benchmarks/bench_mismatch.py).
-        # When every row is greedy, a step goes through a compiled `greedy_forward` instead, which
-        # also takes the argmax and its log-prob inside the graph. With speculative decoding,
-        # verification (k+1 tokens a row) goes through the same compiled functions, and the MTP
-        # layer's drafts through a compiled `mtp_forward_layers` — or, greedy and with no row
-        # padded, the whole draft chain through one compiled `greedy_drafts`.
-        self._decode_layers = self._mtp_layers = self._greedy_drafts = self._greedy_forward = None
+        # Decode steps through a torch.compile'd `decode_forward` (inductor: fused element-wise
+        # kernels, far fewer dispatches; the greedy choice and its log-prob reduced inside the
+        # graph). It compiles once per batch-size regime (`warmup` does all of them up front, else
+        # the first steps of each); logits differ from eager by float rounding only (see the README
+        # and benchmarks/bench_mismatch.py). With speculative decoding, verification (k+1 tokens a
+        # row) goes through the same compiled function, and the MTP layer's drafts through a
+        # compiled `mtp_forward_layers` — or, greedy and with no row padded, the whole draft chain
+        # through one compiled `greedy_drafts`. Prefill stays eager.
+        self._forward = self._mtp_layers = self._greedy_drafts = None
         if speculative_steps and not cfg.num_nextn_predict_layers:
             raise ValueError("speculative_steps needs a model with an MTP layer (num_nextn_predict_layers >= 1)")
         self.spec_steps = speculative_steps
@@ -268,10 +267,7 @@ class Engine:
             # model shape (for all the engines of the process); under fullgraph=True, dynamo's
             # default limit of 8 graphs a function is a hard failure, not a fallback.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-            self._decode_layers = torch.compile(model.forward_layers, dynamic=True, fullgraph=True,
-                                                options={"cpp_wrapper": True})
-            self._greedy_forward = torch.compile(greedy_forward, dynamic=True, fullgraph=True,
-                                                 options={"cpp_wrapper": True})
+            self._forward = torch.compile(decode_forward, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
             if speculative_steps:
                 self._mtp_layers = torch.compile(model.mtp_forward_layers, dynamic=True, fullgraph=True,
                                                  options={"cpp_wrapper": True})
@@ -345,10 +341,10 @@ class Engine:
     def warmup(self) -> None:
         """With compile_decode: compile now, for every batch-size regime (batch 1; 2 and up; and,
         when max_batch reaches it, the size where the MoE layers switch to their sparse path), so
-        that no request waits for it (the server calls this before reporting healthy), greedy and
-        sampled (greedy steps take their own graphs, `greedy_forward`). With speculative decoding,
-        drafting and verification as well (one token and several a row)."""
-        if self._decode_layers is None:
+        that no request waits for it (the server calls this before reporting healthy). With
+        speculative decoding, drafting and verification as well (one token and several a row;
+        greedy drafting, `greedy_drafts`, and sampled, `mtp_forward_layers`)."""
+        if self._forward is None:
             return
         stats = dict(self.stats)
         k = self.spec_steps
@@ -358,7 +354,7 @@ class Engine:
         E = self.model.config.n_routed_experts
         if E and Experts.DENSE_MAX_ROWS // E + 1 <= self.max_batch:  # the first batch past the dense path
             sizes.append(Experts.DENSE_MAX_ROWS // E + 1)
-        for temperature in (0.0, 1.0):  # greedy batches reduce inside their own graphs
+        for temperature in (0.0, 1.0) if k else (0.0,):
             params = SamplingParams(temperature=temperature, max_new_tokens=new, ignore_eos=True, seed=0)
             for B in sizes:
                 self.generate([prompt] * B, params)
@@ -616,18 +612,18 @@ class Engine:
         seqs = list(self._running)
         ids = torch.tensor([[s.output_ids[-1]] for s in seqs])
         device = self.model.model.embed_tokens.weight.device
-        slots = torch.arange(len(seqs), device=device)
-        if self._greedy_forward is not None and all(s.req.params.temperature == 0 for s in seqs):
-            # compiled and greedy: the choices and their log-probs computed in the graph
-            B = len(seqs)
+        params, B = [s.req.params for s in seqs], len(seqs)
+        if self._forward is not None:  # running[i].slot == i
             step = CacheStep.rows(self.cache, self.cache.lens[:B].tolist(), 1, device)
-            choice_B1, lp_B1, hidden, routed = self._greedy_forward(self.model, ids.to(device), step)
+            logits, choice_B1, lp_B1, hidden, routed = self._forward(self.model, ids.to(device), step)
             self.cache.lens[:B] += 1
+        else:
+            out = self.model(ids.to(device), cache=self.cache, slots=torch.arange(B, device=device))
+            logits, hidden, routed, choice_B1 = out.logits, out.hidden, out.routed_experts, None
+        if choice_B1 is not None and all(p.temperature == 0 for p in params):  # reduced in the graph
             ids, lps = choice_B1[:, 0], lp_B1[:, 0]
         else:
-            out = self.model(ids.to(device), cache=self.cache, slots=slots, layers_fn=self._decode_layers)
-            hidden, routed = out.hidden, out.routed_experts
-            ids, lps = sample(out.logits[:, -1], [s.req.params for s in seqs], [s.rng for s in seqs])
+            ids, lps = sample(logits[:, -1], params, [s.rng for s in seqs])
         for b, seq in enumerate(seqs):
             if seq.req.params.return_routed_experts:
                 seq.routed.append(routed[b].to(torch.int16))
@@ -687,14 +683,16 @@ class Engine:
         L = self.cache.lens[:B].tolist()
         pending = torch.tensor([[s.output_ids[-1]] for s in seqs])
         verify_ids = torch.cat([pending, drafts_Bk], 1).to(device)
-        if fused:  # compiled and greedy: the choices and their log-probs computed in the graph
+        if self._forward is not None:  # compiled (the cache lengths are set below)
             step = CacheStep.rows(self.cache, L, k + 1, device)
-            target_Bk1, target_lp_Bk1, ver_hidden, ver_routed = self._greedy_forward(model, verify_ids, step)
+            v_logits, target_Bk1, target_lp_Bk1, ver_hidden, ver_routed = self._forward(model, verify_ids, step)
+        else:
+            ver = model(verify_ids, cache=self.cache, slots=slots)
+            v_logits, ver_hidden, ver_routed, target_Bk1 = ver.logits, ver.hidden, ver.routed_experts, None
+        if target_Bk1 is not None and all(p.temperature == 0 for p in params):  # reduced in the graph
             target_lp = target_lp_Bk1.tolist()
         else:
-            ver = model(verify_ids, cache=self.cache, slots=slots, layers_fn=self._decode_layers)
-            ver_hidden, ver_routed = ver.hidden, ver.routed_experts
-            p_logits = ver.logits.float()                                     # [B, k+1, V]
+            p_logits = v_logits.float()                                       # [B, k+1, V]
             temps = torch.tensor([p.temperature for p in params])
             scaled = p_logits / torch.where(temps == 0, 1.0, temps)[:, None, None]
             logprobs_all = scaled.log_softmax(-1)
