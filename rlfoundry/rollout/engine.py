@@ -649,7 +649,8 @@ class Engine:
         # 1. catch the MTP cache up with the pairs of the last step; its last position drafts d1
         n_new = [len(s.mtp_ids) for s in seqs]
         T = max(n_new)
-        fused = self._greedy_drafts is not None and k == self.spec_steps and all(p.temperature == 0 for p in params)
+        greedy_chain = (self._greedy_drafts is not None and k == self.spec_steps
+                        and all(p.temperature == 0 for p in params))
         if min(n_new) == T:
             h = torch.stack([s.mtp_h for s in seqs]).to(device)
             ids = torch.tensor([s.mtp_ids for s in seqs])
@@ -659,14 +660,14 @@ class Engine:
             for b, s in enumerate(seqs):
                 h[b, : n_new[b]] = s.mtp_h
                 ids[b, : n_new[b]] = torch.tensor(s.mtp_ids)
-        if fused and min(n_new) == T:
+        if greedy_chain and min(n_new) == T:
             # compiled, greedy, no row padding: the whole draft chain in one compiled call
             step = CacheStep.rows(self.mtp_cache, self.mtp_cache.lens[:B].tolist(), T, device)
             drafts_Bk = self._greedy_drafts(model, h, ids.to(device), step, k).cpu()
         else:
             # (compiled only when no row is padding: a ragged cache write has a data-dependent shape)
-            out = model.mtp_forward(h, ids.to(device), cache=self.mtp_cache, slots=slots,
-                                    input_lens=torch.tensor(n_new), layers_fn=self._mtp_layers if min(n_new) == T else None)
+            out = model.mtp_forward(h, ids.to(device), cache=self.mtp_cache, slots=slots, input_lens=torch.tensor(n_new),
+                                    layers_fn=self._mtp_layers if min(n_new) == T else None)
             last = torch.tensor(n_new) - 1
             logits, g = out.logits[torch.arange(B), last], out.hidden[torch.arange(B), last]
             drafts, q_probs = [], []
