@@ -77,3 +77,9 @@ def test_countdown_accepts_any_valid_expression_and_rejects_cheats():
     assert task.score("<answer>4 * 3 - 2</answer>", alt) == 1.0
     assert task.score("<answer>2 * 5</answer>", alt) == 0.0       # 5 is not given
     assert Countdown.solvable([2, 3, 4], 10) and not Countdown.solvable([1, 1], 50)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:  # a response Python's parser warns about
+        warnings.simplefilter("always")                   # scores 0, quietly
+        assert task.score("<answer>3if 4</answer>", alt) == 0.0
+    assert not seen

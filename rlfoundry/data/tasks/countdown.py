@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import itertools
 import random
+import warnings
 from collections import Counter
 
 from .base import Problem, Task
@@ -16,7 +17,9 @@ def _eval(expr: str) -> tuple[int, list[int]] | None:
     """Value and the integer literals of an expression of +, -, * and parentheses; None if it is
     anything else (nothing is executed: the tree is walked by hand)."""
     try:
-        tree = ast.parse(expr, mode="eval").body
+        with warnings.catch_warnings():  # a response like "3if" warns before it fails to parse
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(expr, mode="eval").body
     except SyntaxError:
         return None
     nums: list[int] = []
