@@ -649,9 +649,9 @@ class Engine:
         # 1. catch the MTP cache up with the pairs of the last step; its last position drafts d1
         n_new = [len(s.mtp_ids) for s in seqs]
         T = max(n_new)
-        greedy_chain = (self._greedy_drafts is not None and k == self.spec_steps
-                        and all(p.temperature == 0 for p in params))
-        if min(n_new) == T:
+        uniform = min(n_new) == T  # no row padded
+        all_greedy = all(p.temperature == 0 for p in params)
+        if uniform:
             h = torch.stack([s.mtp_h for s in seqs]).to(device)
             ids = torch.tensor([s.mtp_ids for s in seqs])
         else:
@@ -660,14 +660,14 @@ class Engine:
             for b, s in enumerate(seqs):
                 h[b, : n_new[b]] = s.mtp_h
                 ids[b, : n_new[b]] = torch.tensor(s.mtp_ids)
-        if greedy_chain and min(n_new) == T:
+        if self._greedy_drafts is not None and all_greedy and uniform and k == self.spec_steps:
             # compiled, greedy, no row padding: the whole draft chain in one compiled call
             step = CacheStep.rows(self.mtp_cache, self.mtp_cache.lens[:B].tolist(), T, device)
             drafts_Bk = self._greedy_drafts(model, h, ids.to(device), step, k).cpu()
         else:
             # (compiled only when no row is padding: a ragged cache write has a data-dependent shape)
             out = model.mtp_forward(h, ids.to(device), cache=self.mtp_cache, slots=slots, input_lens=torch.tensor(n_new),
-                                    layers_fn=self._mtp_layers if min(n_new) == T else None)
+                                    layers_fn=self._mtp_layers if uniform else None)
             last = torch.tensor(n_new) - 1
             logits, g = out.logits[torch.arange(B), last], out.hidden[torch.arange(B), last]
             drafts, q_probs = [], []
@@ -679,7 +679,7 @@ class Engine:
                     out = model.mtp_forward(g[:, None], d[:, None].to(device), cache=self.mtp_cache, slots=slots,
                                             layers_fn=self._mtp_layers)
                     logits, g = out.logits[:, -1], out.hidden[:, -1]
-            drafts_Bk = torch.stack(drafts, 1)
+            drafts_Bk = torch.stack(drafts, 1).cpu()
         # 2. verify: the pending token and the k drafts in one forward of the main model
         L = self.cache.lens[:B].tolist()
         pending = torch.tensor([[s.output_ids[-1]] for s in seqs])
@@ -690,7 +690,7 @@ class Engine:
         else:
             ver = model(verify_ids, cache=self.cache, slots=slots)
             v_logits, ver_hidden, ver_routed, target_Bk1 = ver.logits, ver.hidden, ver.routed_experts, None
-        if target_Bk1 is not None and all(p.temperature == 0 for p in params):  # reduced in the graph
+        if target_Bk1 is not None and all_greedy:  # reduced in the graph
             target_lp = target_lp_Bk1.tolist()
         else:
             p_logits = v_logits.float()                                       # [B, k+1, V]
