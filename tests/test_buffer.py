@@ -112,3 +112,55 @@ def test_rl_task_prompts_are_not_the_pretraining_sft_or_held_out_problems(tmp_pa
         assert not trained & set(held_out)
     assert not set(rl) & set(held_out)
     assert all(is_held_out(q) for q in held_out) and not any(is_held_out(q) for q in rl)
+
+
+def test_pass_rate_aware_draws_skip_prompts_whose_latest_group_was_uniform(tmp_path):
+    """skip_solved / skip_unsolved pass over prompts whose latest group was all correct / all wrong
+    (judged by the latest group only), deterministically; after dataset_len skips in a row the next
+    prompt is served whatever its record, so a draw always completes."""
+    def run(path, skip):
+        b = Buffer(path, seed=3)
+        first = b.draw(0, "s", dataset_len=10, n=10)
+        outcome = {}
+        for k, (gid, idx) in enumerate(first):  # 3 solved, 3 unsolved, 4 mixed
+            rewards = [1.0, 1.0] if k < 3 else [0.0, 0.0] if k < 6 else [1.0, 0.0]
+            outcome[idx] = "solved" if k < 3 else "unsolved" if k < 6 else "mixed"
+            b.put(gid, group(gid, rewards))
+        return b, outcome, [idx for _, idx in b.draw(1, "s", 10, 4, *skip)]
+
+    b, outcome, served = run(tmp_path / "a.sqlite", (1.0, 1.0))
+    assert sorted(outcome[i] for i in served) == ["mixed"] * 4
+    order = b._order("s", 1, 10)  # epoch 1's order: everything before its last mixed prompt was skipped
+    skipped = order.index(served[-1]) + 1 - 4
+    assert b.skipped(1) == skipped > 0 and b.skipped(0) == 0 and b.counts()["prompts_skipped"] == skipped
+    assert run(tmp_path / "b.sqlite", (1.0, 1.0))[2] == served  # a function of seed and stored results
+    _, outcome, served = run(tmp_path / "c.sqlite", (1.0, 0.0))  # only the solved ones are passed over
+    assert "solved" not in {outcome[i] for i in served} and len(served) == 4
+    _, _, plain = run(tmp_path / "d.sqlite", (0.0, 0.0))  # off: the plain epoch order
+    assert plain == order[:4]
+    # a mixed prompt's next group decides its next draw: the latest record, not the history
+    gid, idx = b.draw(2, "s", 10, 1, 1.0, 1.0)[0]
+    assert outcome[idx] == "mixed"
+    b.put(gid, group(gid, [1.0, 1.0]))
+    rest = []
+    for step in range(3, 12):
+        rest += [i for _, i in b.draw(step, "s", 10, 1, 1.0, 1.0)]
+    assert idx not in rest[:3]  # the other 3 mixed prompts first (epoch 2 continues from the cursor)
+    # every prompt uniform: each draw serves anyway after 10 skips in a row
+    b2 = Buffer(tmp_path / "e.sqlite", seed=0)
+    for gid, _ in b2.draw(0, "s", 5, 5):
+        b2.put(gid, group(gid, [1.0, 1.0]))
+    assert len(b2.draw(1, "s", 5, 3, 1.0, 1.0)) == 3
+
+
+def test_buffer_files_of_earlier_versions_gain_the_latest_group_columns(tmp_path):
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("CREATE TABLE prompts (stage TEXT NOT NULL, idx INTEGER NOT NULL, served INTEGER NOT NULL "
+                     "DEFAULT 0, samples INTEGER NOT NULL DEFAULT 0, passed REAL NOT NULL DEFAULT 0, "
+                     "PRIMARY KEY (stage, idx)); INSERT INTO prompts VALUES ('s', 0, 1, 2, 1);")
+    db.close()
+    b = Buffer(path)
+    assert b.pass_rate("s", 0) == 0.5
+    assert b.db.execute("SELECT last_samples, last_passed FROM prompts").fetchall() == [(0, 0.0)]
+    assert len(b.draw(0, "s", 3, 3, 1.0, 1.0)) == 3

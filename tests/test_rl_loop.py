@@ -78,7 +78,8 @@ def test_bad_configs_name_the_field(tmp_path):
              "rollout.n_samples_per_prompt=x": "rollout.n_samples_per_prompt",
              "reward.fn=no.such.fn": "reward.fn", "algorithm.policy_loss=gspo": None,
              "data.curriculum=[{source: /missing.jsonl}]": "data.curriculum[0].source",
-             "debug=train_only": "debug_rollouts_from", "eval_samples=-1": "eval_samples"}
+             "debug=train_only": "debug_rollouts_from", "eval_samples=-1": "eval_samples",
+             "data.skip_solved=1.5": "data.skip_solved", "data.skip_unsolved=-0.1": "data.skip_unsolved"}
     for override, field in cases.items():
         if field is None:
             load_rl_config(None, [override])

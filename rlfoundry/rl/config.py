@@ -37,6 +37,11 @@ class DataConfig:
     """Problems per level for task:... sources."""
     skip_bad_rows: bool = False
     """Skip (and count) invalid prompt rows instead of stopping at the first."""
+    skip_solved: float = 0.0
+    """Probability of passing over a drawn prompt whose latest group was all correct (no GRPO
+    signal; it waits for its next epoch). See Buffer.draw."""
+    skip_unsolved: float = 0.0
+    """Probability of passing over a drawn prompt whose latest group was all wrong."""
 
 
 @dataclass
@@ -190,6 +195,9 @@ class RLConfig:
                 bad(name, f"must be positive, got {getattr(self, name)!r}")
         if not self.max_minutes >= 0:
             bad("max_minutes", f"must be >= 0, got {self.max_minutes!r}")
+        for name in ("skip_solved", "skip_unsolved"):
+            if not 0.0 <= getattr(self.data, name) <= 1.0:
+                bad(f"data.{name}", f"must be a probability in [0, 1], got {getattr(self.data, name)!r}")
         if self.algorithm.refill_rounds < 0:
             bad("algorithm.refill_rounds", f"must be >= 0, got {self.algorithm.refill_rounds!r}")
         if self.eval_samples < 0:

@@ -388,7 +388,8 @@ class BufferWorker:
 
     def _draw(self, step: int, n: int, version: int) -> list[dict]:
         stage = self.stage_at(step)
-        drawn = self.buffer.draw(step, f"stage{stage}", len(self.stages[stage]), n)
+        drawn = self.buffer.draw(step, f"stage{stage}", len(self.stages[stage]), n, self.cfg.data.skip_solved,
+                                 self.cfg.data.skip_unsolved)
         return self._requests(step, drawn, version)
 
     def _requests(self, step: int, drawn: list[tuple[int, int]], version: int) -> list[dict]:
@@ -445,7 +446,8 @@ class BufferWorker:
                 f.writelines(s.to_json() + "\n" for s in samples)
         counts = {"groups_kept": self.buffer.count_groups(step, ("generated", "trained")),
                   "groups_filtered": self.buffer.count_groups(step, ("filtered",)),
-                  "rollout/refill_rounds": max(self.buffer.draws(step) - 1, 0)}
+                  "rollout/refill_rounds": max(self.buffer.draws(step) - 1, 0),
+                  "rollout/prompts_skipped": self.buffer.skipped(step)}
         rewards = [s.reward for s in samples if s.reward is not None]
         if not rewards:
             return counts
