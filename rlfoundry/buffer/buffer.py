@@ -180,21 +180,22 @@ class Buffer:
                            "ON CONFLICT (stage, idx) DO UPDATE SET served = served + 1", (stage, idx))
                 out.append((gid, idx))
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"cursor:{stage}", str(k)))
-            db.execute("INSERT INTO meta VALUES (?, '1') ON CONFLICT (key) DO UPDATE SET value = "
-                       "CAST(value AS INTEGER) + 1", (f"draws:{rollout_id}",))
+            _add(db, f"draws:{rollout_id}", 1)
             if skipped:
-                db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = "
-                           "CAST(value AS INTEGER) + ?", (f"skipped:{rollout_id}", str(skipped), skipped))
+                _add(db, f"skipped:{rollout_id}", skipped)
         return out
 
     def draws(self, rollout_id: int) -> int:
         """How many times prompts were drawn for rollout `rollout_id` (1 + its refill rounds)."""
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (f"draws:{rollout_id}",)).fetchone()
-        return int(row[0]) if row else 0
+        return self._count(f"draws:{rollout_id}")
 
     def skipped(self, rollout_id: int) -> int:
         """How many prompts the draws of rollout `rollout_id` passed over (skip_solved / skip_unsolved)."""
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (f"skipped:{rollout_id}",)).fetchone()
+        return self._count(f"skipped:{rollout_id}")
+
+    def _count(self, key: str) -> int:
+        """A counter of the meta table (kept by `_add`); 0 if never added to."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return int(row[0]) if row else 0
 
     def count_groups(self, rollout_id: int, states: tuple[str, ...]) -> int:
@@ -287,6 +288,12 @@ class Buffer:
         c["by_status"] = statuses
         c["rollouts"] = self.db.execute("SELECT COUNT(DISTINCT rollout_id) FROM groups").fetchone()[0]
         return c
+
+
+def _add(db: sqlite3.Connection, key: str, n: int) -> None:
+    """Add n to the counter `key` of the meta table (inside the caller's transaction)."""
+    db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + ?",
+               (key, str(n), n))
 
 
 def hash_seed(*parts) -> int:
