@@ -3,7 +3,9 @@ buffer, broadcast weight sync): metrics, on-policy exactness, the buffer's count
 config errors, and sync-mode reproducibility — two deterministic runs agree, and a run killed with
 SIGKILL and resumed ends exactly like an uninterrupted one."""
 
+import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -70,6 +72,30 @@ def test_rl_end_to_end(tmp_path, capsys, monkeypatch):
     assert main(["rl", "--out", str(ro), *SMALL, "debug=rollout_only", "max_minutes=1e-4"]) == 0
     assert [m["step"] for m in lines(ro)] == [0, 1] and lines(ro)[-1]["stopped/max_minutes"] == 1e-4
     assert "train/loss" not in lines(ro)[-1] and "reward/mean" in lines(ro)[-1] and "eval/accuracy" in lines(ro)[-1]
+
+
+def test_time_limited_schedule_ends_at_the_last_step_that_fits():
+    """Under max_minutes the learning-rate decay ends where the time runs out: at a mean step time
+    of 2 s, with 100 s used of 8 minutes after 50 steps, 190 more steps fit (this one included)."""
+    from rlfoundry.rl.loop import _horizon
+    from rlfoundry.train.trainer import Trainer
+
+    cfg = load_rl_config(None, ["max_minutes=8", "train.total_steps=500"])
+    assert _horizon(cfg, 50, 50, 100.0) == 240
+    assert _horizon(cfg, 50, 0, 0.0) is None  # nothing timed yet: the schedule's own total_steps
+    assert _horizon(cfg, 50, 50, 10.0) == 500  # a fast machine: total_steps comes first
+    assert _horizon(cfg, 239, 239, 479.0) == 240  # out of time: this step is the last
+    two = load_rl_config(None, ["max_minutes=8", "train.total_steps=500", "algorithm.updates_per_rollout=2"])
+    assert _horizon(two, 100, 50, 100.0) == 100 + 2 * 190  # counted in optimizer steps
+    assert _horizon(load_rl_config(None, ["train.total_steps=500"]), 50, 50, 100.0) is None
+    from rlfoundry.model import Glm4MoeForCausalLM, ModelConfig
+
+    trainer = Trainer(Glm4MoeForCausalLM(ModelConfig.from_preset("tiny")), cfg.train)
+    trainer.cfg = dataclasses.replace(cfg.train, lr=1e-4, final_lr=1e-5, warmup_steps=0)
+    mid = trainer.lr_at(120)
+    trainer.horizon = 240
+    assert trainer.lr_at(120) == pytest.approx(5.5e-5) and trainer.lr_at(240) == pytest.approx(1e-5)
+    assert mid == pytest.approx(1e-5 + 0.5 * 9e-5 * (1 + math.cos(math.pi * 120 / 500)))
 
 
 def test_bad_configs_name_the_field(tmp_path):

@@ -134,8 +134,9 @@ class RLConfig:
     max_minutes: float = 0.0
     """Also stop, with a final evaluation and checkpoint, once another step would end more than
     this many minutes after the first step of this process began (judged by the mean step time so
-    far); 0: no limit. The number of steps then depends on the machine's speed; `--resume`
-    continues towards `steps`."""
+    far); 0: no limit. The number of steps then depends on the machine's speed, and so does the
+    learning-rate schedule: it ends (reaches train.final_lr) at the last step expected to fit, when
+    that comes before train.total_steps. `--resume` continues towards `steps`."""
     seed: int = 0
     """Seed of prompt order, sampling and training."""
     deterministic: bool = False

@@ -214,6 +214,7 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("rl", total=cfg.steps, completed=start, info="")
             t_first = time.perf_counter()
+            train_step = ray.get(trainer.step.remote()) if trainer is not None else 0
             for step in range(start, cfg.steps):
                 m = {"step": step + 1}
                 t_step = time.perf_counter()
@@ -232,7 +233,10 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                 m.update(ray.get(buffer.step_stats.remote(
                     step, str(out / "rollouts" / f"step_{step:06d}.jsonl") if cfg.save_rollouts else None)))
                 if trainer is not None:
-                    m.update(ray.get(trainer.train.remote(buffer.training_groups.remote(step))))  # buffer -> trainer
+                    horizon = _horizon(cfg, train_step, step - start, time.perf_counter() - t_first)
+                    if horizon is not None:
+                        m["train/horizon"] = horizon
+                    m.update(ray.get(trainer.train.remote(buffer.training_groups.remote(step), horizon)))  # buffer -> trainer
                     train_step = ray.get(trainer.step.remote())
                     ray.get(buffer.mark_trained.remote(step, train_step))
                     version = step + 1
@@ -281,6 +285,18 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
         restore_sigterm()
         if stopped_by:  # Ray's get() turns the SystemExit into exit code 1: keep the signal's
             raise SystemExit(128 + stopped_by[0])
+
+
+def _horizon(cfg: RLConfig, train_step: int, steps_done: int, elapsed_s: float) -> int | None:
+    """The optimizer step at which the learning-rate schedule ends when max_minutes will stop the
+    run before train.total_steps: the steps that fit in the time left at the mean step time so far
+    (the same estimate as the stopping rule's), so that the decay completes on a slow machine as on
+    a fast one. None (the schedule's own total_steps) without max_minutes or before the first step
+    is timed. It follows the clock: a time-limited run is not replayable step for step."""
+    if not cfg.max_minutes or steps_done == 0:
+        return None
+    left = max(1, int((60 * cfg.max_minutes - elapsed_s) / (elapsed_s / steps_done)))  # this one included
+    return min(cfg.train.total_steps, train_step + left * cfg.algorithm.updates_per_rollout)
 
 
 def _sync(ray, cfg: RLConfig, trainer, rollout, out: Path, version: int) -> float:

@@ -117,13 +117,16 @@ class TrainerWorker:
     def step(self) -> int:
         return self.trainer.step
 
-    def train(self, groups: list[list[dict]]) -> dict:
-        """One RL step (updates_per_rollout optimizer steps) on the groups; returns metrics."""
+    def train(self, groups: list[list[dict]], horizon: int | None = None) -> dict:
+        """One RL step (updates_per_rollout optimizer steps) on the groups; returns metrics.
+        `horizon`: the optimizer step at which the learning-rate schedule is to end, when the loop
+        expects the run to stop before train.total_steps (None: total_steps)."""
         from rlfoundry.rl.algorithms import group_advantages
         from rlfoundry.rl.policy import make_batches, policy_loss, sequence_logprobs
 
         cfg, algo = self.cfg, self.cfg.algorithm
         t0 = time.perf_counter()
+        self.trainer.horizon = horizon
         samples, advs = [], []
         by_size: dict[int, list[list[Sample]]] = {}
         for g in groups:

@@ -110,10 +110,13 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
                                                fused=fused or None)
         self.step = 0
+        self.horizon: int | None = None
+        """Steps of the schedule in place of cfg.total_steps when set: a caller that knows the run
+        will stop earlier (RL's loop under max_minutes) sets it so that the decay ends there."""
 
     def lr_at(self, step: int) -> float:
         c = self.cfg
-        return warmup_cosine(step, c.lr, c.final_lr, c.warmup_steps, c.total_steps)
+        return warmup_cosine(step, c.lr, c.final_lr, c.warmup_steps, self.horizon or c.total_steps)
 
     def autocast(self, device: torch.device):
         """The forward's precision context: bf16 autocast with `bf16`, else nothing. Every forward
