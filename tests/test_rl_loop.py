@@ -126,8 +126,9 @@ def test_exact_mode_end_to_end_has_zero_mismatch(tmp_path):
     assert all(m["train/mismatch_max"] == 0.0 for m in trained), [m["train/mismatch_max"] for m in trained]
 
 
-# with DAPO's dynamic-sampling refill: a kill may land between refill rounds
-REPRO = [*SMALL, "steps=4", "eval_every=0", "deterministic=true", "algorithm.refill_rounds=2"]
+# with DAPO's dynamic-sampling refill, the first draw oversampled: a kill may land between refill rounds
+REPRO = [*SMALL, "steps=4", "eval_every=0", "deterministic=true", "algorithm.refill_rounds=2",
+         "algorithm.oversample=true"]
 
 
 def _run(out: Path, extra=()) -> subprocess.Popen:
@@ -139,10 +140,15 @@ def test_deterministic_runs_repeat_and_resume_after_sigkill(tmp_path, capsys):
     a = tmp_path / "a"
     assert main(["rl", "--out", str(a), *REPRO]) == 0
     ms = lines(a)
-    for m in ms:  # refills keep drawing until all 6 groups have a signal or 2 extra rounds are done
-        assert m["groups_kept"] == 6 or m["rollout/refill_rounds"] == 2
+    for i, m in enumerate(ms):  # refills keep drawing until 6 groups have a signal or 2 extra rounds are done
+        assert m["groups_kept"] >= 6 or m["rollout/refill_rounds"] == 2
         assert 0 <= m["rollout/refill_rounds"] <= 2 and m.get("train/samples", 0) == 4 * m["groups_kept"]
-    assert any(m["rollout/refill_rounds"] > 0 for m in ms)
+        recent = ms[max(0, i - 4):i]  # the first draw: 6 prompts / the last 4 steps' fraction kept
+        drawn, kept = sum(r["groups_kept"] + r["groups_filtered"] for r in recent), sum(r["groups_kept"] for r in recent)
+        first = min(24, math.ceil(6 * drawn / max(kept, 1))) if drawn else 6
+        assert m["groups_kept"] + m["groups_filtered"] >= first
+        assert m["rollout/refill_rounds"] == 0 or m["groups_kept"] + m["groups_filtered"] > first
+    assert any(m["groups_kept"] + m["groups_filtered"] > 6 for m in ms)
     capsys.readouterr()
     assert main(["inspect", str(a)]) == 0
     c = json.loads(capsys.readouterr().out)
