@@ -377,10 +377,10 @@ class BufferWorker:
         algorithm.refill_rounds extra draws were made. Everything here is a function of the
         database, so a resumed run continues exactly as the uninterrupted one. Deviation: DAPO
         over-generates in fixed-size batches and drops the surplus; this draws exactly the number
-        missing, or with algorithm.oversample a first draw sized by the recent fraction kept, and
-        trains every kept group."""
+        missing, or with algorithm.oversample that number over the recent fraction kept, and trains
+        every kept group."""
         if not self.buffer.has_rollout(step):
-            return self._draw(step, self._first_draw(step), version)
+            return self._draw(step, self._draw_size(step, self.cfg.rollout.prompts_per_step), version)
         self.buffer.reset_pending(step)
         pending = self.buffer.pending(step)
         if pending:
@@ -389,18 +389,18 @@ class BufferWorker:
         drawn = max(self.buffer.draws(step), 1)  # runs from before draws were counted: one draw
         if missing <= 0 or drawn > self.cfg.algorithm.refill_rounds:
             return []
-        return self._draw(step, missing, version)
+        return self._draw(step, self._draw_size(step, missing), version)
 
-    def _first_draw(self, step: int) -> int:
-        """Prompts in rollout `step`'s first draw: prompts_per_step, or with algorithm.oversample
-        (and refills on) as many as the last 4 steps' fraction of groups kept predicts for it."""
-        n = self.cfg.rollout.prompts_per_step
+    def _draw_size(self, step: int, missing: int) -> int:
+        """Prompts to draw for `missing` groups of rollout `step`: `missing`, or with
+        algorithm.oversample (and refills on) as many as the last 4 steps' fraction of groups kept
+        predicts for it (at most 4 times as many)."""
         if not (self.cfg.algorithm.oversample and self.cfg.algorithm.refill_rounds):
-            return n
+            return missing
         recent = range(max(0, step - 4), step)
         drawn = sum(self.buffer.count_groups(s, ("generated", "trained", "filtered")) for s in recent)
         kept = sum(self.buffer.count_groups(s, ("generated", "trained")) for s in recent)
-        return n if not drawn else min(4 * n, math.ceil(n * drawn / max(kept, 1)))
+        return missing if not drawn else min(4 * missing, math.ceil(missing * drawn / max(kept, 1)))
 
     def _draw(self, step: int, n: int, version: int) -> list[dict]:
         stage = self.stage_at(step)
