@@ -164,3 +164,37 @@ def test_buffer_files_of_earlier_versions_gain_the_latest_group_columns(tmp_path
     assert b.pass_rate("s", 0) == 0.5
     assert b.db.execute("SELECT last_samples, last_passed FROM prompts").fetchall() == [(0, 0.0)]
     assert len(b.draw(0, "s", 3, 3, 1.0, 1.0)) == 3
+
+
+def test_oversampled_draws_follow_the_recent_fraction_kept(tmp_path):
+    """algorithm.oversample: each draw of a step is the groups missing over the last 4 steps'
+    fraction kept (at most 4x); every kept group is trained; without refills the one draw is the
+    oversampled one."""
+    from rlfoundry.rl.config import load_rl_config
+    from rlfoundry.rl.workers import BufferWorker
+
+    def worker(path, *extra):
+        cfg = load_rl_config(None, ["data.curriculum=[{source: 'task:countdown:2', steps: 0}]", "data.n_per_level=200",
+                                    "rollout.prompts_per_step=6", "algorithm.oversample=true", *extra])
+        return BufferWorker(cfg, str(path))
+
+    def store(w, reqs, n_kept):  # the first n_kept groups get a reward signal, the rest none
+        w.buffer.put_many([(r["group_id"], group(r["group_id"], [1.0, 0.0] if k < n_kept else [0.0, 0.0]),
+                            None if k < n_kept else "zero_variance") for k, r in enumerate(reqs)])
+
+    w = worker(tmp_path / "a", "algorithm.refill_rounds=2")
+    sizes = []
+    for step, kept in ((0, (2, 3, 1)), (1, (9,)), (2, (2, 0, 0))):
+        for n in kept:
+            reqs = w.requests(step, step)
+            sizes.append(len(reqs))
+            store(w, reqs, n)
+    assert sizes == [6, 4, 1,   # step 0: nothing to go by, so the missing ones: 6, then 4, then 1
+                     11,        # step 1: 11 drawn, 6 kept at step 0 -> 6 * 11 / 6
+                     9, 6, 6]   # step 2: 22 drawn, 15 kept -> 6 * 22 / 15 = 8.8, then 4 * 22 / 15 = 5.9 twice
+    assert len(w.training_groups(1)) == 9  # more than 6 kept: all of them trained
+    assert w.requests(2, 2) == []  # 2 extra rounds done, 2 groups kept: trained as they are
+    for n_kept, expected in ((3, 12), (1, 24)):  # no refills: the one draw, capped at 4x
+        plain = worker(tmp_path / f"plain{n_kept}", "algorithm.refill_rounds=0")
+        store(plain, plain.requests(0, 0), n_kept)
+        assert plain.requests(0, 0) == [] and len(plain.requests(1, 1)) == expected

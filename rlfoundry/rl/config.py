@@ -115,12 +115,13 @@ class AlgorithmConfig:
     kept, draw new prompts for the missing ones and generate them, at most this many extra rounds
     (0: train on the groups kept)."""
     oversample: bool = False
-    """With refill_rounds: each draw of a step is the number of groups still missing (at first
+    """Each draw of a step is the number of groups still missing (at first
     rollout.prompts_per_step) divided by the fraction of groups kept over the last 4 steps (at most
     4 times as many), so that one round of generation usually yields the step's groups where two
     or three rounds of ever fewer prompts would (each round costs a decode as long as its longest
-    response; rollout.max_batch should hold a round). Every kept group is trained, so a step may
-    train more than prompts_per_step groups."""
+    response; rollout.max_batch should hold a round); with refill_rounds 0, the one round comes
+    near prompts_per_step kept groups instead of short of them. Every kept group is trained, so a
+    step may train more than prompts_per_step groups."""
     updates_per_rollout: int = 1
     """Optimizer steps per rollout (mini-batches); > 1 makes later ones off-policy (clipped ratios)."""
     micro_batch_size: int = 32

@@ -393,9 +393,9 @@ class BufferWorker:
 
     def _draw_size(self, step: int, missing: int) -> int:
         """Prompts to draw for `missing` groups of rollout `step`: `missing`, or with
-        algorithm.oversample (and refills on) as many as the last 4 steps' fraction of groups kept
-        predicts for it (at most 4 times as many)."""
-        if not (self.cfg.algorithm.oversample and self.cfg.algorithm.refill_rounds):
+        algorithm.oversample as many as the last 4 steps' fraction of groups kept predicts for it
+        (at most 4 times as many)."""
+        if not self.cfg.algorithm.oversample:
             return missing
         recent = range(max(0, step - 4), step)
         drawn = sum(self.buffer.count_groups(s, ("generated", "trained", "filtered")) for s in recent)
