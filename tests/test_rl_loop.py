@@ -126,7 +126,7 @@ def test_exact_mode_end_to_end_has_zero_mismatch(tmp_path):
     assert all(m["train/mismatch_max"] == 0.0 for m in trained), [m["train/mismatch_max"] for m in trained]
 
 
-# with DAPO's dynamic-sampling refill, the first draw oversampled: a kill may land between refill rounds
+# with DAPO's dynamic-sampling refill, the draws oversampled: a kill may land between refill rounds
 REPRO = [*SMALL, "steps=4", "eval_every=0", "deterministic=true", "algorithm.refill_rounds=2",
          "algorithm.oversample=true"]
 

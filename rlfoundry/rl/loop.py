@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import threading
@@ -244,8 +245,7 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                         m["time/weight_sync_s"] = _sync(ray, cfg, trainer, rollout, out, version)
                 last = step + 1 == cfg.steps
                 if cfg.max_minutes and not last:  # would one more step end past the limit?
-                    elapsed = time.perf_counter() - t_first
-                    if elapsed + elapsed / (step + 1 - start) > 60 * cfg.max_minutes:
+                    if _steps_that_fit(cfg, step + 1 - start, time.perf_counter() - t_first) < 1:
                         last = True
                         m["stopped/max_minutes"] = cfg.max_minutes
                 if eval_sets and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
@@ -295,8 +295,14 @@ def _horizon(cfg: RLConfig, train_step: int, steps_done: int, elapsed_s: float) 
     is timed. It follows the clock: a time-limited run is not replayable step for step."""
     if not cfg.max_minutes or steps_done == 0:
         return None
-    left = max(1, int((60 * cfg.max_minutes - elapsed_s) / (elapsed_s / steps_done)))  # this one included
+    left = max(1, _steps_that_fit(cfg, steps_done, elapsed_s))  # this one included
     return min(cfg.train.total_steps, train_step + left * cfg.algorithm.updates_per_rollout)
+
+
+def _steps_that_fit(cfg: RLConfig, steps_done: int, elapsed_s: float) -> int:
+    """Steps that would still end within max_minutes at the mean step time so far (<= 0: none).
+    The stopping rule (stop when fewer than one fits) and `_horizon` both judge by it."""
+    return math.floor((60 * cfg.max_minutes - elapsed_s) / (elapsed_s / steps_done))
 
 
 def _sync(ray, cfg: RLConfig, trainer, rollout, out: Path, version: int) -> float:
