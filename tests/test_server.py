@@ -47,6 +47,30 @@ def test_generate_text_batch_and_n(client):
     assert len(outs) == 4 and len({tuple(o["output_ids"]) for o in outs}) > 1
 
 
+def test_batch_with_sampling_params_per_prompt_equals_one_request_each(client):
+    """SGLang's batch form: a list of sampling_params, one per prompt; outputs prompt by prompt,
+    each prompt's n samples together, each the same as its request alone."""
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    params = [{"max_new_tokens": 5, "n": 2, "sampling_seed": 3}, {"max_new_tokens": 3, "temperature": 0},
+              {"max_new_tokens": 4, "n": 3, "sampling_seed": 11, "temperature": 0.7}]
+    r = client.post("/generate", json={"input_ids": prompts, "sampling_params": params, "return_logprob": True})
+    assert r.status_code == 200, r.text
+    batch = r.json()
+    alone = []
+    for p, sp in zip(prompts, params):
+        one = client.post("/generate", json={"input_ids": p, "sampling_params": sp, "return_logprob": True}).json()
+        alone += one if isinstance(one, list) else [one]
+    assert [o["output_ids"] for o in batch] == [o["output_ids"] for o in alone]
+    assert [len(o["output_ids"]) for o in batch] == [5, 5, 3, 4, 4, 4]
+    for b, a in zip(batch, alone):
+        lb, la = (torch.tensor([e[0] for e in o["meta_info"]["output_token_logprobs"]]) for o in (b, a))
+        assert (lb - la).abs().max() <= 1e-5
+    r = client.post("/generate", json={"input_ids": prompts, "sampling_params": params[:2]})
+    assert r.status_code == 400 and "sampling_params" in r.json()["error"]["message"], r.text
+    r = client.post("/generate", json={"input_ids": [1, 2], "sampling_params": params[:1]})
+    assert r.status_code == 400 and "sampling_params" in r.json()["error"]["message"], r.text
+
+
 @pytest.mark.parametrize("payload,fragment", [
     ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens"),
     ({"input_ids": "abc"}, "input_ids"),

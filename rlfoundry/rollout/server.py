@@ -65,7 +65,8 @@ class SglSamplingParams(_Strict):
 class GenerateRequest(_Strict):
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
-    sampling_params: SglSamplingParams = Field(default_factory=SglSamplingParams)
+    sampling_params: SglSamplingParams | list[SglSamplingParams] = Field(default_factory=SglSamplingParams)
+    """One for all prompts, or (a batch) one per prompt, as in SGLang."""
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
@@ -280,15 +281,18 @@ def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_mode
         rids = body.rid if isinstance(body.rid, list) else [body.rid] * len(prompts)
         if len(rids) != len(prompts):
             raise RequestError("rid: one id per prompt")
-        params = sgl_params(sp)
-        params.return_routed_experts = body.return_routed_experts
+        if isinstance(sp, list) and (not batch or len(sp) != len(prompts)):
+            raise RequestError(f"sampling_params: a list needs a batch of prompts and one entry per prompt, got "
+                               f"{len(sp)} for {len(prompts) if batch else 'a single prompt'}")
+        params = [sgl_params(s) for s in sp] if isinstance(sp, list) else [sgl_params(sp)] * len(prompts)
+        for p in params:
+            p.return_routed_experts = body.return_routed_experts
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(run(p, params, r if r is None or len(prompts) == 1 else r)
-                                         for p, r in zip(prompts, rids)))
+        results = await asyncio.gather(*(run(p, ps, r) for p, ps, r in zip(prompts, params, rids)))
         items = []
-        for outs in results:
+        for outs, ps in zip(results, params):
             for o in outs:
-                meta = {"id": o.request_id if params.n == 1 else f"{o.request_id}-{o.index}",
+                meta = {"id": o.request_id if ps.n == 1 else f"{o.request_id}-{o.index}",
                         "finish_reason": finish_reason(o), "prompt_tokens": len(o.prompt_ids),
                         "completion_tokens": len(o.output_ids), "cached_tokens": 0,
                         "weight_version": o.weight_version, "e2e_latency": time.perf_counter() - t0}
@@ -300,7 +304,7 @@ def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_mode
                     meta["routed_experts"] = o.routed_experts.tolist()
                 items.append({"text": decode(o.output_ids), "output_ids": o.output_ids, "meta_info": meta})
         # a JSONResponse as it is: FastAPI would first walk every logprob entry in jsonable_encoder
-        return JSONResponse(items if batch or params.n > 1 else items[0])
+        return JSONResponse(items if batch or params[0].n > 1 else items[0])
 
     @app.get("/health")
     async def health():
