@@ -36,7 +36,7 @@ def no_times(ms: list[dict]) -> list[dict]:
 def test_rl_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.setenv("WANDB_MODE", "offline")  # W&B writes its run file locally, no account needed
-    assert main(["rl", "--out", str(out), *SMALL, "weight_sync=disk", "save_rollouts=true",
+    assert main(["rl", "--out", str(out), *SMALL, "weight_sync=disk", "save_rollouts=true", "rollout.max_len=96",
                  "wandb_project=rlfoundry-test", "eval_samples=3"]) == 0
     ms = lines(out)
     assert [m["step"] for m in ms] == [0, 1, 2, 3]
@@ -105,7 +105,9 @@ def test_bad_configs_name_the_field(tmp_path):
              "reward.fn=no.such.fn": "reward.fn", "algorithm.policy_loss=gspo": None,
              "data.curriculum=[{source: /missing.jsonl}]": "data.curriculum[0].source",
              "debug=train_only": "debug_rollouts_from", "eval_samples=-1": "eval_samples",
-             "data.skip_solved=1.5": "data.skip_solved", "data.skip_unsolved=-0.1": "data.skip_unsolved"}
+             "data.skip_solved=1.5": "data.skip_solved", "data.skip_unsolved=-0.1": "data.skip_unsolved",
+             "rollout.max_len=96": "rollout.max_len", "rollout.max_len=-1": "rollout.max_len",
+             "rollout.max_len=97": None}
     for override, field in cases.items():
         if field is None:
             load_rl_config(None, [override])

@@ -58,6 +58,12 @@ class RolloutConfig:
     top_p: float = 1.0
     max_batch: int = 256
     """Sequences an engine decodes at once."""
+    max_len: int = 0
+    """Each engine's context in tokens, prompt and response together: its KV cache holds max_batch
+    sequences of this many positions (and the MTP layer's cache as many). 0: the model's
+    max_position_embeddings (the shipped model: 2048, a 2.7 GB cache at max_batch 512, where the
+    demo's sequences stay under 100 tokens). A response stops at the context's end (truncated); a
+    prompt that fills it fails its group."""
     concurrency: int = 64
     """Requests in flight to the router."""
     generate_fn: str = ""
@@ -236,6 +242,9 @@ class RLConfig:
                      "concurrency"):
             if getattr(r, name) <= 0:
                 bad(f"rollout.{name}", f"must be positive, got {getattr(r, name)!r}")
+        if r.max_len < 0 or 0 < r.max_len <= r.max_new_tokens:
+            bad("rollout.max_len", f"must be 0 (the model's context) or more than rollout.max_new_tokens "
+                f"({r.max_new_tokens}), got {r.max_len!r}")
         if r.temperature <= 0:
             bad("rollout.temperature", f"must be > 0 for RL sampling, got {r.temperature}")
         if a.advantage not in ADVANTAGES:

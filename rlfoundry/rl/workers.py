@@ -242,7 +242,7 @@ class RolloutWorker:
         for _ in range(cfg.rollout.num_engines):
             port = free_port()
             # deterministic mode sends one group at a time: no burst to wait for
-            cmd, env = backend.engine_command(cfg.model, port, cfg.rollout.max_batch, None,
+            cmd, env = backend.engine_command(cfg.model, port, cfg.rollout.max_batch, cfg.rollout.max_len or None,
                                               "float64" if cfg.exact else "float32", None, 0,
                                               cfg.rollout.compile_decode, 0.0 if cfg.deterministic else None)
             self.procs.append(subprocess.Popen(_watched(cmd), env={**os.environ, **env, "OMP_NUM_THREADS": threads},
