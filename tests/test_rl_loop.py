@@ -107,7 +107,8 @@ def test_bad_configs_name_the_field(tmp_path):
              "debug=train_only": "debug_rollouts_from", "eval_samples=-1": "eval_samples",
              "data.skip_solved=1.5": "data.skip_solved", "data.skip_unsolved=-0.1": "data.skip_unsolved",
              "rollout.max_len=96": "rollout.max_len", "rollout.max_len=-1": "rollout.max_len",
-             "rollout.max_len=97": None}
+             "rollout.max_len=97": None, "rollout.engine_threads=-1": "rollout.engine_threads",
+             "rollout.engine_threads=1": None}
     for override, field in cases.items():
         if field is None:
             load_rl_config(None, [override])
@@ -119,13 +120,19 @@ def test_bad_configs_name_the_field(tmp_path):
 
 
 def test_exact_mode_end_to_end_has_zero_mismatch(tmp_path):
-    """exact: true through the real loop (engine server in fp64, broadcast weight sync of the fp32
-    weights, trainer in fp64): the trainer's log-probs equal the engine's in every step."""
+    """exact: true through the real loop (two engine servers in fp64 behind the router, broadcast
+    weight sync of the fp32 weights to both, trainer in fp64): the trainer's log-probs equal the
+    engines' in every step, whichever engine generated the group."""
     out = tmp_path / "run"
-    assert main(["rl", "--out", str(out), *SMALL, "exact=true", "eval_every=0", "checkpoint_every=3"]) == 0
+    assert main(["rl", "--out", str(out), *SMALL, "exact=true", "eval_every=0", "checkpoint_every=3",
+                 "rollout.num_engines=2"]) == 0
     trained = [m for m in lines(out)[1:] if "train/mismatch_max" in m]
     assert trained, "no step had a group with a reward signal"
     assert all(m["train/mismatch_max"] == 0.0 for m in trained), [m["train/mismatch_max"] for m in trained]
+    # two engines behind the router, both updated every step, the cores shared out between them
+    engines = json.loads((out / "engines.json").read_text())
+    assert len(engines) == 2 and len({e["url"] for e in engines}) == 2
+    assert [e["torch_threads"] for e in engines] == [max(1, (os.cpu_count() or 1) // 2)] * 2
 
 
 # with DAPO's dynamic-sampling refill, the draws oversampled: a kill may land between refill rounds

@@ -9,6 +9,7 @@ import time
 import urllib.request
 
 
+from rlfoundry.rollout.client import _get
 from rlfoundry.rollout.launch import free_port, wait_healthy
 
 
@@ -27,7 +28,8 @@ def test_openai_client_through_sglang_router(tiny_checkpoint, tmp_path):
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "rlfoundry.cli", "serve", "--model", str(tiny_checkpoint),
                              "--engines", "2", "--port", str(port), "--served-model-name", "tiny", "--max-len", "128"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"PYTHONUNBUFFERED": "1"})
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health", 180, [proc])
         deadline = time.time() + 30
@@ -35,6 +37,8 @@ def test_openai_client_through_sglang_router(tiny_checkpoint, tmp_path):
             time.sleep(0.2)
         engines = re.findall(r"engine pid=(\d+) url=(\S+)", (tmp_path / "serve.log").read_text())
         assert len(engines) == 2
+        for _, url in engines:  # the cores shared out between the two engines
+            assert _get(url + "/get_server_info", 10)["torch_threads"] == max(1, (os.cpu_count() or 1) // 2)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         for _ in range(4):  # round robin: both engines answer
             r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "2 + 2 ="}],

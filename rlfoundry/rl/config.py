@@ -48,6 +48,10 @@ class DataConfig:
 class RolloutConfig:
     num_engines: int = 1
     """Inference engines behind sglang-router."""
+    engine_threads: int = 0
+    """Torch (OpenMP) threads of each engine server; 0: the machine's cores shared out among the
+    engines (at least one each), so that engines generating at once never run more threads than
+    cores."""
     prompts_per_step: int = 32
     """Prompts per rollout step."""
     n_samples_per_prompt: int = 8
@@ -242,6 +246,9 @@ class RLConfig:
                      "concurrency"):
             if getattr(r, name) <= 0:
                 bad(f"rollout.{name}", f"must be positive, got {getattr(r, name)!r}")
+        if r.engine_threads < 0:
+            bad("rollout.engine_threads", f"must be 0 (the cores shared out among the engines) or positive, "
+                f"got {r.engine_threads!r}")
         if r.max_len < 0 or 0 < r.max_len <= r.max_new_tokens:
             bad("rollout.max_len", f"must be 0 (the model's context) or more than rollout.max_new_tokens "
                 f"({r.max_new_tokens}), got {r.max_len!r}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import json
 import math
 import os
 import subprocess
@@ -235,7 +236,7 @@ class RolloutWorker:
         self.reward_ctx = RewardContext(remote_url=cfg.reward.remote_url, timeout_s=cfg.reward.timeout_s,
                                         extra=cfg.reward.extra)
         backend = RlfoundryBackend()
-        threads = str(os.cpu_count() or 1)
+        threads = str(cfg.rollout.engine_threads or max(1, (os.cpu_count() or 1) // cfg.rollout.num_engines))
         self.procs: list[subprocess.Popen] = []
         self.engine_urls = []
         log = open(self.out / "engines.log", "ab")
@@ -267,6 +268,11 @@ class RolloutWorker:
         self.ctx = GenerateContext(self.client, self.tokenizer, self.eos, self.pool)
         self.generate_fn = load_function(cfg.rollout.generate_fn, "generate_fn") if cfg.rollout.generate_fn else None
         self.engines = [SGLangClient(u) for u in self.engine_urls]
+        # what each engine runs with, for the record (threads, batch, context)
+        info = [{"url": u, **{k: e.server_info().get(k) for k in ("torch_threads", "max_running_requests",
+                                                                  "context_length", "weight_version")}}
+                for u, e in zip(self.engine_urls, self.engines)]
+        (self.out / "engines.json").write_text(json.dumps(info, indent=1) + "\n")
 
     def urls(self) -> list[str]:
         return self.engine_urls

@@ -216,7 +216,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
     def start_engine(p_port: int) -> subprocess.Popen:
         cmd, env = backend.engine_command(model, p_port, max_batch, max_len, dtype, served_model_name,
                                           speculative_steps, compile_decode, admit_quiet_ms)
-        return subprocess.Popen(cmd, env={**os.environ, **env})
+        # the cores shared out among the engines (unless OMP_NUM_THREADS says otherwise): N engines
+        # of all the cores' threads each would run N times more threads than cores
+        threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // engines))} if engines > 1 else {}
+        return subprocess.Popen(cmd, env={**threads, **os.environ, **env})
 
     signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(0)))
     try:

@@ -338,6 +338,7 @@ def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_mode
                 "weight_version": engine.weight_version, "max_total_num_tokens": load["kv_capacity_tokens"],
                 "max_running_requests": engine.max_batch, "context_length": engine.max_len,
                 "max_req_input_len": engine.max_len - 1, "paused": engine.paused,
+                "torch_threads": torch.get_num_threads(),
                 "internal_states": [{"load": load, "stats": dict(engine.stats)}], **model_info()}
 
     @app.get("/get_load")
