@@ -121,11 +121,13 @@ def test_bad_configs_name_the_field(tmp_path):
 
 def test_exact_mode_end_to_end_has_zero_mismatch(tmp_path):
     """exact: true through the real loop (two engine servers in fp64 behind the router, broadcast
-    weight sync of the fp32 weights to both, trainer in fp64): the trainer's log-probs equal the
-    engines' in every step, whichever engine generated the group."""
+    weight sync of the fp32 weights to both, two data-parallel trainers in fp64): the trainers'
+    log-probs equal the engines' in every step, whichever engine generated a group and whichever
+    trainer trained it — the trainers' summed gradients keep their weights equal bit for bit (the
+    loop checks it at the end), the engines get rank 0's, and the checkpoint is saved by both."""
     out = tmp_path / "run"
     assert main(["rl", "--out", str(out), *SMALL, "exact=true", "eval_every=0", "checkpoint_every=3",
-                 "rollout.num_engines=2"]) == 0
+                 "rollout.num_engines=2", "num_trainers=2"]) == 0
     trained = [m for m in lines(out)[1:] if "train/mismatch_max" in m]
     assert trained, "no step had a group with a reward signal"
     assert all(m["train/mismatch_max"] == 0.0 for m in trained), [m["train/mismatch_max"] for m in trained]

@@ -158,3 +158,70 @@ def test_shared_prompt_packing_gives_the_per_sample_loss_and_gradients(routing_r
         assert max(abs(a - b) for a, b in zip(logp_a, logp_b)) < 1e-12
     assert sum(b.num_tokens for b in packed) < 0.8 * sum(b.num_tokens for b in plain)
     assert all(b.packed.input_ids.shape[0] < b.input_ids.shape[0] for b in packed[:1])
+
+
+def _data_parallel_rank(rank: int, world: int, groups: list, out: str) -> dict:
+    """One of `world` data-parallel trainers (in `spawn`'s process group) taking two RL steps."""
+    import torch
+    import torch.distributed as dist
+
+    from rlfoundry.rl.workers import TrainerWorker
+
+    cfg = load_rl_config(None, ["algorithm.micro_batch_size=8", "train.lr=1e-3", "train.final_lr=1e-3",
+                                f"num_trainers={world}"])
+    worker = TrainerWorker(cfg, out)
+    worker.rank, worker.world, worker.trainer.replicated = rank, world, world > 1  # what join_group sets
+    metrics = [worker.train(groups) for _ in range(2)]
+    digests: list = [None] * world
+    dist.all_gather_object(digests, worker.weights_digest())
+    return {"metrics": metrics, "digests": digests,
+            "state": {k: v.clone() for k, v in worker.model.state_dict().items()}}
+
+
+@pytest.mark.parametrize("world,n_groups,n", [(2, 5, 6), (3, 1, 2)], ids=["2-trainers", "3-trainers-2-samples"])
+def test_data_parallel_trainers_take_one_trainers_steps(tmp_path, world, n_groups, n):
+    """num_trainers=2: each trainer trains on about half of a step's tokens (a group cut in two
+    between them), the gradients are summed before the optimizer step: the two end with the same
+    weights bit for bit, and their steps are one trainer's on all the samples — the same loss,
+    gradient norm and mismatch up to float rounding, and the same weight change. The same with
+    three trainers and two samples, where one trainer has nothing to train on."""
+    import torch
+
+    from rlfoundry.model import load_pretrained
+    from rlfoundry.rl.workers import TrainerWorker
+    from rlfoundry.train.distributed import spawn
+
+    from rlfoundry.rl.config import DEFAULT_MODEL
+
+    groups = _own_samples(load_pretrained(DEFAULT_MODEL), groups=n_groups, n=n)
+    dp = spawn(_data_parallel_rank, world, groups, str(tmp_path / "dp"))
+    assert len(set(dp["digests"])) == 1
+    one = TrainerWorker(load_rl_config(None, ["algorithm.micro_batch_size=8", "train.lr=1e-3", "train.final_lr=1e-3"]),
+                        str(tmp_path / "one"))
+    base = {k: v.clone() for k, v in one.model.state_dict().items()}
+    ones = [one.train(groups) for _ in range(2)]
+    for a, b in zip(dp["metrics"], ones):
+        assert a["train/samples"] == b["train/samples"] == n_groups * n
+        for k in ("train/loss", "train/pg_loss", "train/logprob_mean", "train/entropy", "train/mismatch_mean"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4)
+        # (the first step's mismatch is itself fp32 rounding, which differs with the micro-batches)
+        assert a["train/mismatch_max"] == pytest.approx(b["train/mismatch_max"], rel=1e-5, abs=1e-5)
+    # the weight change: Adam's first steps move each weight by ~lr whatever its gradient's size, so
+    # gradients at rounding level may differ in sign between the two; the change as a whole agrees
+    delta_dp = torch.cat([(dp["state"][k] - base[k]).flatten() for k in base])
+    delta_one = torch.cat([(v - base[k]).flatten() for k, v in one.model.state_dict().items()])
+    assert delta_one.norm() > 0 and (delta_dp - delta_one).norm() / delta_one.norm() < 1e-2
+
+
+def test_shard_splits_a_step_by_tokens_into_contiguous_parts():
+    from rlfoundry.rl.workers import _shard
+
+    pairs = [(Sample([1] * 4, [2] * n), float(i)) for i, n in enumerate([1, 9, 3, 3, 6, 2, 8, 4])]
+    for world in (1, 2, 3, 5):
+        parts = [_shard(pairs, r, world) for r in range(world)]
+        assert [p for part in parts for p in part] == pairs  # every sample once, in order
+        sizes = [sum(len(s.tokens) for s, _ in part) for part in parts]
+        assert max(sizes) - min(sizes) <= max(len(s.tokens) for s, _ in pairs)
+    # fewer samples than trainers: some trainers get none (and still take part in the step)
+    assert sorted(len(_shard(pairs[:1], r, 3)) for r in range(3)) == [0, 0, 1]

@@ -131,6 +131,39 @@ def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
 
 
 @torch.no_grad()
+def all_reduce_grads_(parameters, divide_by: float = 1.0) -> None:
+    """Replicated data parallelism (every rank of the default process group holds the whole model):
+    sum the plain gradients over the ranks, then divide them by `divide_by`. One collective per
+    dtype over a flat buffer of all of them, not one per tensor. A parameter that got no gradient
+    on this rank counts as zeros where another rank's micro-batches reached it, and keeps no
+    gradient where no rank's did (so that the optimizer skips it, as it would in one process).
+    DTensor gradients (FSDP, expert parallelism) are left alone: their collectives reduced them.
+    A no-op without a process group of more than one rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    params = [p for p in parameters if p.requires_grad and not isinstance(p, DTensor)]
+    if not params:
+        return
+    device = params[0].device
+    seen = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+    dist.all_reduce(seen)
+    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+    for p, n in zip(params, seen.tolist()):
+        if n == 0:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        dist.all_reduce(flat)
+        if divide_by != 1.0:
+            flat.div_(divide_by)
+        for p, g in zip(group, flat.split([p.numel() for p in group])):
+            p.grad.copy_(g.view_as(p.grad))
+
+
+@torch.no_grad()
 def clip_grad_norm_(parameters, max_norm: float) -> Tensor:
     """Clip the global gradient norm of plain and DTensor parameters to `max_norm`; returns the norm
     before clipping. Sharded gradients contribute their local squares, summed over ranks once."""

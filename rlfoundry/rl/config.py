@@ -167,6 +167,12 @@ class RLConfig:
     (MKL picks kernels by shape), and decoding and training batch the same tokens differently.
     Costs ~1.3x the rollout and ~3x the training time of fp32 here (the demo: 4.6 vs 2.5 min).
     Combines with train.compile and rollout.compile_decode (compiled and eager fp64 agree to ~1e-14)."""
+    num_trainers: int = 1
+    """Data-parallel trainer processes (Ray actors in one torch.distributed group: gloo on CPU,
+    NCCL on GPUs). Each holds the whole model and optimizer and trains on about 1 / num_trainers
+    of every step's tokens; their gradients are summed before each optimizer step, which is then the
+    same on all of them and the same as one trainer's on all the samples, up to float rounding.
+    The cores are shared out among them (on one machine, each trainer one core of two)."""
     mode: str = "sync"
     """sync: colocated, generate -> reward -> train -> update weights, one after another."""
     ray_address: str = ""
@@ -209,7 +215,7 @@ class RLConfig:
 
         if not (Path(self.model) / "config.json").exists():
             bad("model", f"must be a checkpoint directory with config.json, got {self.model!r}")
-        for name in ("steps", "eval_n", "checkpoint_every"):
+        for name in ("steps", "eval_n", "checkpoint_every", "num_trainers"):
             if getattr(self, name) <= 0:
                 bad(name, f"must be positive, got {getattr(self, name)!r}")
         if not self.max_minutes >= 0:

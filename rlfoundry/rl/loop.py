@@ -145,6 +145,7 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
     ray = _ray()
     started_ray = not ray.is_initialized()
     buffer = trainer = rollout = None
+    trainers: list = []
     restore_sigterm, stopped_by = (lambda: None), []
     try:
         if started_ray:
@@ -165,13 +166,18 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                 fresh_copy = True
         opts = dict(num_cpus=0, max_concurrency=1)
         buffer = ray.remote(BufferWorker).options(**opts).remote(cfg, str(out), str(db) if db else None)
-        trainer = ray.remote(TrainerWorker).options(**opts).remote(cfg, str(out)) if cfg.debug != "rollout_only" else None
+        if cfg.debug != "rollout_only":  # data-parallel trainers join one process group; rank 0 leads
+            trainers = [ray.remote(TrainerWorker).options(**opts).remote(cfg, str(out)) for _ in range(cfg.num_trainers)]
+            if len(trainers) > 1:
+                address, port = ray.get(trainers[0].address.remote())
+                ray.get([t.join_group.remote(address, port, r, len(trainers)) for r, t in enumerate(trainers)])
+            trainer = trainers[0]
         rollout = ray.remote(RolloutWorker).options(**opts).remote(cfg, str(out)) if cfg.debug != "train_only" else None
         start = 0
         if fresh_copy:  # everything the other run trained is to be trained here
             ray.get(buffer.rollback.remote(-1))
         if resume and ckpt.exists():
-            extra = ray.get(trainer.load_checkpoint.remote(str(ckpt)))
+            extra = ray.get([t.load_checkpoint.remote(str(ckpt)) for t in trainers])[0]
             start = extra["rollout_step"]
             ray.get(buffer.rollback.remote(ray.get(trainer.step.remote())))
             console.print(f"resumed from {ckpt} at rollout step {start}")
@@ -237,7 +243,8 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                     horizon = _horizon(cfg, train_step, step - start, time.perf_counter() - t_first)
                     if horizon is not None:
                         m["train/horizon"] = horizon
-                    m.update(ray.get(trainer.train.remote(buffer.training_groups.remote(step), horizon)))  # buffer -> trainer
+                    groups = buffer.training_groups.remote(step)  # buffer -> trainers, a reference
+                    m.update(ray.get([t.train.remote(groups, horizon) for t in trainers])[0])
                     train_step = ray.get(trainer.step.remote())
                     ray.get(buffer.mark_trained.remote(step, train_step))
                     version = step + 1
@@ -253,7 +260,7 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                     m.update(last_eval)
                 if trainer is not None and (last or (step + 1) % cfg.checkpoint_every == 0):
                     t0 = time.perf_counter()
-                    ray.get(trainer.save_checkpoint.remote(str(ckpt), {"rollout_step": step + 1}))
+                    ray.get([t.save_checkpoint.remote(str(ckpt), {"rollout_step": step + 1}) for t in trainers])
                     m["time/checkpoint_s"] = time.perf_counter() - t0
                 m["time/step_s"] = time.perf_counter() - t_step
                 logger.log(m)
@@ -272,12 +279,15 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                   "buffer": ray.get(buffer.counts.remote())}
         if trainer is not None:
             ray.get(trainer.save_hf.remote(str(out / "hf")))
-            result["weights_digest"] = ray.get(trainer.weights_digest.remote())
+            digests = ray.get([t.weights_digest.remote() for t in trainers])
+            if len(set(digests)) > 1:  # every step is taken by all of them alike: this is a bug
+                raise RuntimeError(f"the data-parallel trainers' weights differ at the end: {digests}")
+            result["weights_digest"] = digests[0]
         return result
     finally:
         if rollout is not None:
             ray.get(rollout.shutdown.remote())
-        for actor in (buffer, trainer, rollout):
+        for actor in (buffer, rollout, *trainers):
             if actor is not None:
                 ray.kill(actor)
         if started_ray and ray.is_initialized():

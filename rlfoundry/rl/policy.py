@@ -129,10 +129,14 @@ def pack_prompts(chunk: list[Sample], T: int, pad_id: int = 0, routing_replay: b
 
 
 def make_batches(samples: list[Sample], advantages: list[float], micro_batch_size: int, aggregation: str,
-                 pad_id: int = 0, routing_replay: bool = False, share_prompts: bool = False) -> list[RLBatch]:
+                 pad_id: int = 0, routing_replay: bool = False, share_prompts: bool = False,
+                 of: tuple[int, int] | None = None) -> list[RLBatch]:
     """Pad samples into micro-batches of at most `micro_batch_size` (in the given order); with
-    `share_prompts`, also pack each micro-batch's shared prompts (`pack_prompts`)."""
-    total_tokens = sum(sum(s.loss_mask) for s in samples)
+    `share_prompts`, also pack each micro-batch's shared prompts (`pack_prompts`). Each micro-batch's
+    `weight` is its share of the step: of the step's loss tokens (token-mean) or samples. `of`:
+    (loss tokens, samples) of the whole step when `samples` are one data-parallel rank's part of it
+    (default: `samples` are the step)."""
+    total_tokens, total_samples = of or (sum(sum(s.loss_mask) for s in samples), len(samples))
     out = []
     for start in range(0, len(samples), micro_batch_size):
         chunk = samples[start:start + micro_batch_size]
@@ -151,7 +155,7 @@ def make_batches(samples: list[Sample], advantages: list[float], micro_batch_siz
         if aggregation == "token-mean":
             weight = float(resp.sum()) / max(total_tokens, 1)
         else:
-            weight = B / len(samples)
+            weight = B / total_samples
         packed = pack_prompts(chunk, T, pad_id, routing_replay) if share_prompts else None
         out.append(RLBatch(ids, attn, resp, elp, torch.tensor(advantages[start:start + B], dtype=torch.float32),
                            weight, routed_experts=routed, packed=packed))

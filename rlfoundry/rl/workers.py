@@ -40,19 +40,39 @@ def _watched(cmd: list[str]) -> list[str]:
     return [sys.executable, "-m", "rlfoundry.rollout.watchdog", str(os.getpid()), "--", *cmd]
 
 
-def _threads() -> None:
-    # Ray gives actors without CPUs one thread; colocated sync mode uses the whole machine per phase
-    torch.set_num_threads(os.cpu_count() or 1)
+def _threads(sharers: int = 1) -> None:
+    # Ray gives actors without CPUs one thread; colocated sync mode uses the whole machine per
+    # phase, shared out among the processes working in it at once (data-parallel trainers)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharers))
+
+
+def _shard(samples: list, rank: int, world: int) -> list:
+    """Rank `rank`'s part of a step's (sample, advantage) pairs for `world` data-parallel trainers:
+    a contiguous run (groups stay together but at the W - 1 cuts) holding about 1 / world of the
+    step's tokens — the samples whose middle token falls in its share of the step's token count."""
+    sizes = [len(s.prompt_ids) + len(s.response_ids) for s, _ in samples]
+    total, before, part = sum(sizes), 0, []
+    for s, n in zip(samples, sizes):
+        if total and (before + n / 2) * world // total == rank:
+            part.append(s)
+        before += n
+    return part
 
 
 # ============================================================================ training workshop
 class TrainerWorker:
+    """One trainer process. With cfg.num_trainers > 1 the loop starts that many, joins them in one
+    torch.distributed group (`join_group`) and calls `train` and the checkpoint methods on all of
+    them: replicated data parallelism (see `train`). Rank 0 alone sends weights to the engines and
+    saves the Hugging Face directory."""
+
     def __init__(self, cfg, out: str):
         from rlfoundry.model import load_pretrained
         from rlfoundry.model.glm4_moe import ComputeIn
         from rlfoundry.train.trainer import Trainer
 
-        _threads()
+        self.rank, self.world = 0, 1
+        _threads(cfg.num_trainers)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.seed)
@@ -116,13 +136,36 @@ class TrainerWorker:
             loss.backward()
         self.model.zero_grad(set_to_none=True)
 
+    def address(self) -> tuple[str, int]:
+        """Where the data-parallel group meets: this node's address and a free port on it."""
+        import ray
+
+        from rlfoundry.rollout.launch import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join_group(self, address: str, port: int, rank: int, world: int) -> None:
+        """Join the trainers' process group (gloo on CPU, NCCL on GPUs) as `rank` of `world`."""
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                init_method=f"tcp://{address}:{port}", rank=rank, world_size=world)
+        self.rank, self.world = rank, world
+        self.trainer.replicated = world > 1
+
     def step(self) -> int:
         return self.trainer.step
 
     def train(self, groups: list[list[dict]], horizon: int | None = None) -> dict:
         """One RL step (updates_per_rollout optimizer steps) on the groups; returns metrics.
         `horizon`: the optimizer step at which the learning-rate schedule is to end, when the loop
-        expects the run to stop before train.total_steps (None: total_steps)."""
+        expects the run to stop before train.total_steps (None: total_steps).
+
+        Data-parallel (num_trainers > 1): every trainer gets all the groups and computes their
+        advantages, then trains on its own part of each update's samples (`_shard`), each
+        micro-batch weighted as a share of the whole update; the gradients are summed over the
+        trainers before the optimizer step, so that every trainer takes the same step as one
+        trainer on all the samples would, up to float rounding. Metrics are over all of them."""
         from rlfoundry.rl.algorithms import group_advantages
         from rlfoundry.rl.policy import make_batches, policy_loss, sequence_logprobs
 
@@ -148,9 +191,13 @@ class TrainerWorker:
         worst = 0.0
         updates = []
         for u in range(n_updates):
-            part, part_adv = samples[u * per_update:(u + 1) * per_update], advs[u * per_update:(u + 1) * per_update]
-            updates.append(make_batches(part, part_adv, algo.micro_batch_size, algo.aggregation,
-                                        routing_replay=cfg.rollout.routing_replay, share_prompts=algo.share_prompts))
+            part = list(zip(samples[u * per_update:(u + 1) * per_update], advs[u * per_update:(u + 1) * per_update]))
+            whole = (sum(sum(s.loss_mask) for s, _ in part), len(part))
+            if self.world > 1:
+                part = _shard(part, self.rank, self.world)
+            updates.append(make_batches([s for s, _ in part], [a for _, a in part], algo.micro_batch_size,
+                                        algo.aggregation, routing_replay=cfg.rollout.routing_replay,
+                                        share_prompts=algo.share_prompts, of=whole))
         with torch.no_grad():  # before any update: the policy that generated the samples
             for b in [b for batches in updates for b in batches]:
                 with self.trainer.autocast(b.input_ids.device):  # as the loss computes (train.bf16)
@@ -169,6 +216,12 @@ class TrainerWorker:
             m = self.trainer.train_step(batches, loss_fn=loss_fn)
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + v / n_updates if k not in ("step", "tokens") else v
+        if self.world > 1:  # the largest over all trainers' samples
+            import torch.distributed as dist
+
+            t = torch.tensor(worst, dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            worst = float(t)
         metrics["mismatch_max"] = worst
         out = {f"train/{k}": v for k, v in metrics.items() if k != "step"}
         out["train/samples"] = len(samples)

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from rlfoundry.model import Glm4MoeForCausalLM, apply_loss_free_bias_update, expert_load
-from rlfoundry.model.parallelize import all_reduce_, clip_grad_norm_
+from rlfoundry.model.parallelize import all_reduce_, all_reduce_grads_, clip_grad_norm_
 from rlfoundry.train.losses import balance_loss, mtp_loss, mtp_weight, token_cross_entropy
 from rlfoundry.train.optim import MuonWithAdamW
 from rlfoundry.train.schedule import warmup_cosine
@@ -110,6 +111,11 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
                                                fused=fused or None)
         self.step = 0
+        self.replicated = False
+        """Replicated data parallelism: the model is whole on every rank of the default process
+        group, each rank trains on its own micro-batches, and `train_step` sums the gradients over
+        the ranks before clipping (see `train_step` for how they are weighted). False: one process,
+        or a model that `parallelize` sharded (FSDP reduces its own gradients)."""
         self.horizon: int | None = None
         """Steps of the schedule in place of cfg.total_steps when set: a caller that knows the run
         will stop earlier (RL's loop under max_minutes) sets it so that the decay ends there."""
@@ -146,7 +152,14 @@ class Trainer:
         """One optimizer step over `micro_batches` (gradient accumulation); returns its metrics.
         `loss_fn(micro_batch) -> (loss, metrics)` replaces the language-model loss (RL uses it);
         its metrics may carry "_routed" expert ids for the balance bias update and "_weight", the
-        micro-batch's share of the step's loss (default: equal shares)."""
+        micro-batch's share of the step's loss (default: equal shares).
+
+        Over several ranks, the step's gradient and metrics are those of the shares of all ranks'
+        micro-batches, normalised by the shares' sum: micro-batches weighted as shares of the whole
+        step over all ranks (RL's token-mean: a micro-batch's loss tokens over all ranks' loss
+        tokens) sum to 1 and the step is that of one process training them all, up to rounding;
+        shares of each rank's own step (the default) make it the mean of the ranks' steps. (FSDP
+        averages gradients itself: there the shares must be each rank's own.)"""
         model, cfg = self.model, self.cfg
         model.train()
         lr = self.lr_at(self.step)
@@ -155,10 +168,12 @@ class Trainer:
         sums: dict[str, float] = {}
         load = None
         n_tokens = 0
+        total_share = 0.0
         for b in micro_batches:
             with self.autocast(b.input_ids.device):
                 loss, metrics = (loss_fn or self._loss)(b)
             share = metrics.pop("_weight", 1.0 / len(micro_batches))
+            total_share += share
             (loss * share).backward()
             routed = metrics.pop("_routed", None)
             if routed is not None:
@@ -167,13 +182,23 @@ class Trainer:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * share
             n_tokens += getattr(b, "num_tokens", None) or b.input_ids.numel()
+        # the shares' sum over all ranks: 1 for shares of the whole step, the world size for each
+        # rank's own (and for FSDP's ranks, whose gradients FSDP averages)
+        total_share = float(all_reduce_(torch.tensor(total_share, dtype=torch.float64))) or 1.0
+        if self.replicated:
+            all_reduce_grads_(model.parameters(), divide_by=total_share)
         grad_norm = clip_grad_norm_(list(model.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # Data-parallel ranks (parallelize.py): metrics are means over ranks, tokens and the expert
-        # load sums, so that every rank applies the same bias update. No-ops in one process.
+        # Data-parallel ranks: metrics are share-weighted means over all ranks' micro-batches,
+        # tokens and the expert load sums, so that every rank applies the same bias update. No-ops
+        # in one process. (Every rank logs the same keys: a rank without micro-batches has none.)
         keys = sorted(sums)
-        means = all_reduce_(torch.tensor([sums[k] for k in keys], dtype=torch.float64), "mean")
+        if self.replicated and dist.is_initialized() and dist.get_world_size() > 1:
+            names: list = [None] * dist.get_world_size()
+            dist.all_gather_object(names, keys)
+            keys = sorted(set().union(*names))
+        means = all_reduce_(torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64)) / total_share
         sums = dict(zip(keys, means.tolist()))
         n_tokens = round(float(all_reduce_(torch.tensor(float(n_tokens), dtype=torch.float64))))
         if load is not None:
