@@ -162,7 +162,6 @@ def test_shared_prompt_packing_gives_the_per_sample_loss_and_gradients(routing_r
 
 def _data_parallel_rank(rank: int, world: int, groups: list, out: str) -> dict:
     """One of `world` data-parallel trainers (in `spawn`'s process group) taking two RL steps."""
-    import torch
     import torch.distributed as dist
 
     from rlfoundry.rl.workers import TrainerWorker
