@@ -108,6 +108,7 @@ def test_bad_configs_name_the_field(tmp_path):
              "data.skip_solved=1.5": "data.skip_solved", "data.skip_unsolved=-0.1": "data.skip_unsolved",
              "rollout.max_len=96": "rollout.max_len", "rollout.max_len=-1": "rollout.max_len",
              "rollout.max_len=97": None, "rollout.engine_threads=-1": "rollout.engine_threads",
+             "rollout.max_len=4096": "max_position_embeddings",
              "rollout.engine_threads=1": None}
     for override, field in cases.items():
         if field is None:

@@ -3,6 +3,7 @@ starts: unknown keys, wrong types, missing model or data and incompatible option
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,8 +67,8 @@ class RolloutConfig:
     """Each engine's context in tokens, prompt and response together: its KV cache holds max_batch
     sequences of this many positions (and the MTP layer's cache as many). 0: the model's
     max_position_embeddings (the shipped model: 2048, a 2.7 GB cache at max_batch 512, where the
-    demo's sequences stay under 100 tokens). A response stops at the context's end (truncated); a
-    prompt that fills it fails its group."""
+    demo's sequences stay under 100 tokens), also the most it may be. A response stops at the
+    context's end (truncated); a prompt that fills it fails its group."""
     concurrency: int = 64
     """Requests in flight to the router."""
     generate_fn: str = ""
@@ -258,6 +259,13 @@ class RLConfig:
         if r.max_len < 0 or 0 < r.max_len <= r.max_new_tokens:
             bad("rollout.max_len", f"must be 0 (the model's context) or more than rollout.max_new_tokens "
                 f"({r.max_new_tokens}), got {r.max_len!r}")
+        try:
+            context = json.loads((Path(self.model) / "config.json").read_text()).get("max_position_embeddings")
+        except (OSError, ValueError) as e:
+            bad("model", f"has an unreadable config.json ({e})")
+        if r.max_len and isinstance(context, int) and r.max_len > context:
+            bad("rollout.max_len", f"must be at most the model's max_position_embeddings ({context}), "
+                f"got {r.max_len!r}")
         if r.temperature <= 0:
             bad("rollout.temperature", f"must be > 0 for RL sampling, got {r.temperature}")
         if a.advantage not in ADVANTAGES:
