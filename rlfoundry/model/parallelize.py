@@ -122,9 +122,10 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
-    """Sum (or average) `t` over all ranks in place; a no-op without a process group."""
+    """Sum (or average, or take the largest of) `t` over all ranks in place; a no-op without a
+    process group."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         if op == "mean":
             t.div_(dist.get_world_size())
     return t

@@ -3,10 +3,10 @@ starts: unknown keys, wrong types, missing model or data and incompatible option
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlfoundry.model.config import ModelConfig
 from rlfoundry.rl.algorithms import ADVANTAGES, AGGREGATIONS, KL_KINDS
 from rlfoundry.train.stages import ConfigError, build_config, read_config_values
 from rlfoundry.train.trainer import TrainConfig
@@ -260,10 +260,10 @@ class RLConfig:
             bad("rollout.max_len", f"must be 0 (the model's context) or more than rollout.max_new_tokens "
                 f"({r.max_new_tokens}), got {r.max_len!r}")
         try:
-            context = json.loads((Path(self.model) / "config.json").read_text()).get("max_position_embeddings")
-        except (OSError, ValueError) as e:
-            bad("model", f"has an unreadable config.json ({e})")
-        if r.max_len and isinstance(context, int) and r.max_len > context:
+            context = ModelConfig.from_json_file(Path(self.model) / "config.json").max_position_embeddings
+        except ValueError as e:  # the model's own ConfigError, naming the file
+            bad("model", f"has no usable config.json: {e}")
+        if r.max_len > context:
             bad("rollout.max_len", f"must be at most the model's max_position_embeddings ({context}), "
                 f"got {r.max_len!r}")
         if r.temperature <= 0:

@@ -43,7 +43,9 @@ def _watched(cmd: list[str]) -> list[str]:
 def _threads(sharers: int = 1) -> None:
     # Ray gives actors without CPUs one thread; colocated sync mode uses the whole machine per
     # phase, shared out among the processes working in it at once (data-parallel trainers)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharers))
+    from rlfoundry.rollout.launch import threads_each
+
+    torch.set_num_threads(threads_each(sharers))
 
 
 def _shard(samples: list, rank: int, world: int) -> list:
@@ -166,6 +168,7 @@ class TrainerWorker:
         micro-batch weighted as a share of the whole update; the gradients are summed over the
         trainers before the optimizer step, so that every trainer takes the same step as one
         trainer on all the samples would, up to float rounding. Metrics are over all of them."""
+        from rlfoundry.model.parallelize import all_reduce_
         from rlfoundry.rl.algorithms import group_advantages
         from rlfoundry.rl.policy import make_batches, policy_loss, sequence_logprobs
 
@@ -216,13 +219,7 @@ class TrainerWorker:
             m = self.trainer.train_step(batches, loss_fn=loss_fn)
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + v / n_updates if k not in ("step", "tokens") else v
-        if self.world > 1:  # the largest over all trainers' samples
-            import torch.distributed as dist
-
-            t = torch.tensor(worst, dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            worst = float(t)
-        metrics["mismatch_max"] = worst
+        metrics["mismatch_max"] = float(all_reduce_(torch.tensor(worst, dtype=torch.float64), "max"))  # all trainers
         out = {f"train/{k}": v for k, v in metrics.items() if k != "step"}
         out["train/samples"] = len(samples)
         out["time/train_s"] = time.perf_counter() - t0
@@ -280,7 +277,7 @@ class RolloutWorker:
         from rlfoundry.data.tokenizer import eos_token_ids, load_tokenizer
         from rlfoundry.rewards import RewardContext, load_reward
         from rlfoundry.rollout.client import SGLangClient
-        from rlfoundry.rollout.launch import RlfoundryBackend, free_port, wait_healthy
+        from rlfoundry.rollout.launch import RlfoundryBackend, free_port, threads_each, wait_healthy
 
         self.cfg, self.out = cfg, Path(out)
         self.tokenizer = load_tokenizer(cfg.model)
@@ -289,7 +286,7 @@ class RolloutWorker:
         self.reward_ctx = RewardContext(remote_url=cfg.reward.remote_url, timeout_s=cfg.reward.timeout_s,
                                         extra=cfg.reward.extra)
         backend = RlfoundryBackend()
-        threads = str(cfg.rollout.engine_threads or max(1, (os.cpu_count() or 1) // cfg.rollout.num_engines))
+        threads = str(cfg.rollout.engine_threads or threads_each(cfg.rollout.num_engines))
         self.procs: list[subprocess.Popen] = []
         self.engine_urls = []
         log = open(self.out / "engines.log", "ab")

@@ -17,6 +17,12 @@ import urllib.request
 from pathlib import Path
 
 
+def threads_each(processes: int) -> int:
+    """Threads for each of `processes` processes computing at once: the machine's cores shared out
+    (at least one each), so that together they never run more threads than cores."""
+    return max(1, (os.cpu_count() or 1) // processes)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -218,7 +224,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
                                           speculative_steps, compile_decode, admit_quiet_ms)
         # the cores shared out among the engines (unless OMP_NUM_THREADS says otherwise): N engines
         # of all the cores' threads each would run N times more threads than cores
-        threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // engines))} if engines > 1 else {}
+        threads = {"OMP_NUM_THREADS": str(threads_each(engines))} if engines > 1 else {}
         return subprocess.Popen(cmd, env={**threads, **os.environ, **env})
 
     signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(0)))
