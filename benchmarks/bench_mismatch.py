@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=64)
     ap.add_argument("--compile-decode", action="store_true", help="the engine decodes through torch.compile")
     ap.add_argument("--exact", action="store_true", help="RL's exact mode: fp64 arithmetic on both sides")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="fp32, both models batch-invariant (RL's batch_invariant; one row per sample)")
     ap.add_argument("--no-share-prompts", action="store_true",
                     help="the trainer computes one row per sample (RL default: each group's prompt once)")
     args = ap.parse_args()
@@ -60,15 +62,20 @@ def main() -> None:
             for level, k in ((2, half), (3, args.prompts - half))]
     prompts = [ds.token_ids(i, tok) for ds in sets for i in range(len(ds))]
 
-    engine = Engine(load_pretrained(args.model, dtype=torch.float64 if args.exact else torch.float32), max_batch=64,
+    engine_model = load_pretrained(args.model, dtype=torch.float64 if args.exact else torch.float32)
+    if args.batch_invariant:
+        engine_model.set_batch_invariant()
+    engine = Engine(engine_model, max_batch=64,
                     eos_token_ids=eos_token_ids(tok), seed=0, compile_decode=args.compile_decode)
     outs = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, n=args.n))
     samples = [Sample(prompt_ids=list(p), response_ids=list(o.output_ids), logprobs=list(o.logprobs),
                       loss_mask=[1] * len(o.output_ids)) for p, group in zip(prompts, outs) for o in group]
     batches = make_batches(samples, [0.0] * len(samples), args.micro_batch, "token-mean",
-                           share_prompts=not args.no_share_prompts)
+                           share_prompts=not (args.no_share_prompts or args.batch_invariant))
 
     trainer = load_pretrained(args.model).train()
+    if args.batch_invariant:
+        trainer.set_batch_invariant()
     if args.exact:
         trainer = ComputeIn(trainer, torch.float64)
     ref = cast_model(load_pretrained(args.model), torch.float64).eval()

@@ -34,6 +34,7 @@ experts, K top-k, I expert / MLP width, V vocabulary, L layers.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -49,6 +50,80 @@ def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
     """The dtype that precision-sensitive steps (norms, router, RoPE tables, log-softmax) compute
     in: fp32 for fp32 / bf16 / fp16 models, fp64 for an fp64 model (`exact: true` in RL)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------- batch invariance
+# In fp32 a row's result can depend on how it was batched: the BLAS (MKL on CPU) picks other
+# kernels, with other summation orders, for matrix products with fewer than 12 rows (on this CPU:
+# 1 - 3 rows always, 5 - 7 and 9 - 11 with two threads; 4, 8 and >= 12 agree) or fewer than 12
+# columns, and fused attention splits a query's keys into blocks that depend on the sequence
+# length. So an engine decoding one token of 500 sequences and a trainer recomputing whole
+# sequences round differently: log-probs a few 1e-6 apart, occasionally 1e-5 or (an MoE routing
+# near-tie tipped) far more. `set_batch_invariant(model)` makes every row's arithmetic the same
+# whatever it is batched with (He & Thinking Machines, "Defeating Nondeterminism in LLM
+# Inference", 2025, did this with GPU kernels; here it is arranged around MKL's): matrix products
+# get at least `invariant_rows` rows, experts' row counts multiples of 4, the MoE sums its experts
+# in top-k order on every path, and attention is two plain matrix products whose summation over
+# keys only ever sees zeros appended (`invariant_attention`). Engine and trainer then agree bit for
+# bit in fp32 (RL's `batch_invariant`; tests/test_rl_trainer.py).
+
+
+def invariant_rows(M: int) -> int:
+    """The rows a matrix product is computed with so that each row's result is the one it gets in a
+    large batch: M itself from 12 on, else M rounded up to a multiple of 4 (zero rows appended)."""
+    return M if M >= 12 else -(-M // 4) * 4
+
+
+def _pad_rows(x_MA: Tensor, rows: int) -> Tensor:
+    return x_MA if rows == x_MA.shape[-2] else torch.cat(
+        [x_MA, x_MA.new_zeros(*x_MA.shape[:-2], rows - x_MA.shape[-2], x_MA.shape[-1])], dim=-2)
+
+
+def invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear with the rows padded to `invariant_rows`."""
+    x_MA = x.reshape(-1, x.shape[-1])
+    M = x_MA.shape[0]
+    y_MB = F.linear(_pad_rows(x_MA, invariant_rows(M)), weight, bias)[:M]
+    return y_MB.view(*x.shape[:-1], -1)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) that pads its rows to `invariant_rows` when the
+    model is batch-invariant."""
+    batch_invariant = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.batch_invariant:
+            return invariant_linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def invariant_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor, mask_BTS: Tensor | None,
+                        scale: float) -> Tensor:
+    """Softmax attention whose result for a query depends only on the keys it sees and their
+    positions, never on the batch, the other queries or the keys hidden from it: the scores are one
+    matrix product per key/value group (the group's query heads and the T queries as rows, padded
+    to `invariant_rows`); the softmax's numerator exp(s - max) is 0 on hidden keys, and numerator
+    times values and the denominator come out of one more product, with [V | 1] — so hidden keys
+    add exact zeros to a sum whose order MKL fixes by the key index (a `sum` over keys would not:
+    its vector lanes change with the row length). Visible keys must therefore sit at the same
+    index on both sides: a decode's cache holds a sequence's keys at positions 0..p, and so does a
+    trainer's row of one sample (not a packed row of several). `mask_BTS` None is causal."""
+    B, H, T, D = q_BHTD.shape
+    G, S = k_BGSD.shape[1], k_BGSD.shape[2]
+    M = H // G * T
+    if mask_BTS is None:
+        mask_BTS = torch.ones(T, S, dtype=torch.bool, device=q_BHTD.device).tril(S - T)[None]
+    if S < 12:  # the scores' product needs 12 columns too: hidden zero keys
+        k_BGSD, v_BGSD = (F.pad(t, (0, 0, 0, 12 - S)) for t in (k_BGSD, v_BGSD))
+        mask_BTS, S = F.pad(mask_BTS, (0, 12 - S), value=False), 12
+    q_BGMD = _pad_rows(q_BHTD.reshape(B, G, M, D), invariant_rows(M))
+    s_BGMS = (q_BGMD @ k_BGSD.transpose(-1, -2))[:, :, :M] * scale
+    s_BGMS = s_BGMS.view(B, G, H // G, T, S).masked_fill(~mask_BTS[:, None, None], float("-inf")).view(B, G, M, S)
+    e_BGMS = (s_BGMS - s_BGMS.amax(-1, keepdim=True)).exp()
+    v1_BGSE = torch.cat([v_BGSD, v_BGSD.new_ones(B, G, S, 1)], dim=-1)
+    o_BGME = (_pad_rows(e_BGMS, invariant_rows(M)) @ v1_BGSE)[:, :, :M]
+    return (o_BGME[..., :D] / o_BGME[..., D:]).view(B, H, T, D)
 
 
 class RMSNorm(nn.Module):
@@ -257,14 +332,16 @@ def _fp32_under_autocast(x: Tensor):
 
 
 class Attention(nn.Module):
+    batch_invariant = False
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         H, G, Dh, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-        self.q_proj = nn.Linear(D, H * Dh, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(D, G * Dh, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(D, G * Dh, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(H * Dh, D, bias=False)
+        self.q_proj = Linear(D, H * Dh, bias=cfg.attention_bias)
+        self.k_proj = Linear(D, G * Dh, bias=cfg.attention_bias)
+        self.v_proj = Linear(D, G * Dh, bias=cfg.attention_bias)
+        self.o_proj = Linear(H * Dh, D, bias=False)
         if cfg.use_qk_norm:
             self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps)
@@ -283,7 +360,9 @@ class Attention(nn.Module):
         q, k, v = q_BTHD.transpose(1, 2), k_BTGD.transpose(1, 2), v_BTGD.transpose(1, 2)
         if cache_step is not None:
             k, v = cache_step.update(layer, k, v)
-        if T <= DECODE_ATTENTION_MAX_T and cache_step is not None and torch.compiler.is_compiling():
+        if self.batch_invariant:
+            out_BHTD = invariant_attention(q, k, v, mask_BTS, Dh ** -0.5)
+        elif T <= DECODE_ATTENTION_MAX_T and cache_step is not None and torch.compiler.is_compiling():
             out_BHTD = decode_attention(q, k, v, mask_BTS, Dh ** -0.5)
         else:
             mask = None if mask_BTS is None else mask_BTS[:, None]
@@ -299,9 +378,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden, bias=False)
+        self.up_proj = Linear(dim, hidden, bias=False)
+        self.down_proj = Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -316,6 +395,8 @@ class Routing:
 
 
 class Router(nn.Module):
+    batch_invariant = False
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -327,7 +408,8 @@ class Router(nn.Module):
     def forward(self, x_ND: Tensor, replay_ids_NK: Tensor | None = None) -> Routing:
         cfg = self.cfg
         dt = at_least_fp32(x_ND.dtype)
-        scores_NE = F.linear(x_ND.to(dt), self.weight.to(dt)).sigmoid()
+        linear = invariant_linear if self.batch_invariant else F.linear
+        scores_NE = linear(x_ND.to(dt), self.weight.to(dt)).sigmoid()
         if replay_ids_NK is None:
             with torch.no_grad():
                 ids_NK = self._choose(scores_NE + self.e_score_correction_bias.to(dt))
@@ -554,6 +636,7 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
+    batch_invariant = False
     DENSE_MAX_ROWS = 1024
     """Without autograd, N tokens with N * E <= this go through every expert (`_forward_dense`)..."""
     DENSE_MAX_WEIGHTS = 1 << 24
@@ -569,7 +652,10 @@ class Experts(nn.Module):
         if N * E <= self.DENSE_MAX_ROWS and small and not torch.is_grad_enabled():
             return self._forward_dense(x_ND, routing)
         dt = _autocast_dtype(x_ND)  # the expert GEMMs honour autocast as nn.Linear does
-        rows = expert_rows(routing.ids_NK, routing.weights_NK, E, _row_bucket(x_ND, dt, N * K, E))
+        bucket = _row_bucket(x_ND, dt, N * K, E)
+        if self.batch_invariant:  # each expert's product gets a multiple of 4 rows (`invariant_rows`)
+            bucket = bucket * 4 // math.gcd(bucket, 4)
+        rows = expert_rows(routing.ids_NK, routing.weights_NK, E, bucket)
         x_RD = _Dispatch.apply(x_ND.to(dt), rows.token_R, rows.row_M, K)  # R >= N*K rows, grouped by expert
         gate_RI, up_RI = grouped_mm(x_RD, self.gate_up_proj.to(dt).transpose(1, 2), rows.offsets_E).chunk(2, dim=-1)
         y_RD = grouped_mm(F.silu(gate_RI) * up_RI, self.down_proj.to(dt).transpose(1, 2), rows.offsets_E)
@@ -581,11 +667,13 @@ class Experts(nn.Module):
         in two batched matmuls, combined with the gate weights (zero for experts not chosen).
         Sorting, dispatch and per-expert bookkeeping cost more than that work at small N; the
         result equals the sparse path's up to float rounding (~1e-7 relative)."""
-        E = self.gate_up_proj.shape[0]
-        gate_ENI, up_ENI = torch.matmul(x_ND, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
-        y_END = torch.bmm(F.silu(gate_ENI) * up_ENI, self.down_proj.transpose(1, 2))
-        w_NE = routing.weights_NK.new_zeros(x_ND.shape[0], E).scatter_(1, routing.ids_NK, routing.weights_NK)
-        return torch.einsum("ne,end->nd", w_NE, y_END.to(w_NE.dtype)).to(x_ND.dtype)
+        N = x_ND.shape[0]
+        x_MD = _pad_rows(x_ND, invariant_rows(N)) if self.batch_invariant else x_ND
+        gate_EMI, up_EMI = torch.matmul(x_MD, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+        y_EMD = torch.bmm(F.silu(gate_EMI) * up_EMI, self.down_proj.transpose(1, 2))
+        # the chosen experts' outputs in top-k order, weighted and summed as the sparse path does
+        y_NKD = y_EMD[routing.ids_NK, torch.arange(N, device=x_ND.device)[:, None]].to(routing.weights_NK.dtype)
+        return (y_NKD * routing.weights_NK[..., None]).sum(1).to(x_ND.dtype)
 
 
 class MoE(nn.Module):
@@ -631,7 +719,7 @@ class MTPLayer(DecoderLayer):
         super().__init__(cfg, moe=True)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -661,11 +749,20 @@ class Glm4MoeForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Glm4MoeModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
         self.init_weights()
+
+    def set_batch_invariant(self, on: bool = True) -> "Glm4MoeForCausalLM":
+        """Make every row's fp32 arithmetic independent of its batch (see `invariant_rows`); slower
+        attention (no fused kernel) and unfit for long sequences (scores are [B, H, T, S]). Eager
+        only: torch.compile's generated kernels sum in their own orders."""
+        for m in self.modules():
+            if isinstance(m, (Linear, Attention, Router, Experts)):
+                m.batch_invariant = on
+        return self
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
