@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--compile-decode", action="store_true", help="the engine decodes through torch.compile")
     ap.add_argument("--exact", action="store_true", help="RL's exact mode: fp64 arithmetic on both sides")
     ap.add_argument("--batch-invariant", action="store_true",
-                    help="fp32, both models batch-invariant (RL's batch_invariant; one row per sample)")
+                    help="fp32, both models batch-invariant (RL's batch_invariant)")
     ap.add_argument("--no-share-prompts", action="store_true",
                     help="the trainer computes one row per sample (RL default: each group's prompt once)")
     args = ap.parse_args()
@@ -71,7 +71,7 @@ def main() -> None:
     samples = [Sample(prompt_ids=list(p), response_ids=list(o.output_ids), logprobs=list(o.logprobs),
                       loss_mask=[1] * len(o.output_ids)) for p, group in zip(prompts, outs) for o in group]
     batches = make_batches(samples, [0.0] * len(samples), args.micro_batch, "token-mean",
-                           share_prompts=not (args.no_share_prompts or args.batch_invariant))
+                           share_prompts=not args.no_share_prompts)
 
     trainer = load_pretrained(args.model).train()
     if args.batch_invariant:

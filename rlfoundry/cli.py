@@ -77,7 +77,8 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(args.model, host=args.host, port=args.port, engines=args.engines, max_batch=args.max_batch,
                  max_len=args.max_len, dtype=args.dtype, served_model_name=args.served_model_name,
                  log_level=args.log_level, speculative_steps=args.speculative_steps, backend=backend,
-                 compile_decode=args.compile_decode, admit_quiet_ms=args.admit_quiet_ms)
+                 compile_decode=args.compile_decode, admit_quiet_ms=args.admit_quiet_ms,
+                 batch_invariant=args.batch_invariant)
 
 
 def _stage(args: argparse.Namespace) -> int:
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MTP speculative decoding: draft tokens per step (3 is GLM-4.5's setting; 0 is off)")
     p.add_argument("--compile-decode", action="store_true",
                    help="decode steps through torch.compile (faster; compiles at start-up for a minute or two)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="compute each sequence as if alone, so that a trainer doing the same (RL's batch_invariant) "
+                        "gets its log-probs bit for bit in fp32; eager decoding only")
     p.add_argument("--admit-quiet-ms", type=_non_negative_float, default=3.0,
                    help="an idle engine starts arriving requests once none has come for this long (at most "
                         "50 ms after the first), so a burst (an RL step's groups) runs as one batch; 0: at once")

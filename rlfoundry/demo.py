@@ -47,7 +47,8 @@ def run_demo(out: Path, seed: int = 0, overrides: list[str] | None = None) -> in
     mism = [m["train/mismatch_max"] for m in result["metrics"] if "train/mismatch_max" in m]
     if mism:
         hint = ("fp64 arithmetic on both sides" if cfg.exact else
-                "bf16 training, fp32 engines" if cfg.train.bf16 else "fp32; exact=true makes it 0")
+                "fp32, batch-invariant on both sides" if cfg.batch_invariant else
+                "bf16 training, fp32 engines" if cfg.train.bf16 else "fp32; batch_invariant=true makes it 0")
         console.print(f"train-inference log-prob mismatch ({hint}): max {max(mism):.1e} over {len(mism)} "
                       f"trained steps, {sum(x > 1e-5 for x in mism)} above 1e-5")
     console.print(f"{minutes:.1f} min; curves: {out / 'curves.png'}; metrics: {out / 'metrics.jsonl'}; "

@@ -98,8 +98,42 @@ class Linear(nn.Linear):
         return super().forward(x)
 
 
-def invariant_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor, mask_BTS: Tensor | None,
-                        scale: float) -> Tensor:
+@dataclass
+class PackedSequences:
+    """Rows that pack several sequences (`forward`'s segment_ids and prefix_lens: a prompt shared by
+    the responses after it) as Q separate sequences of at most L tokens, each holding exactly the
+    tokens one of its queries may see, in order — a response's sequence is the prompt and then the
+    response, as in the engine's KV cache — for `invariant_attention`, whose keys must sit at the
+    same index as in the cache."""
+    gather_QL: Tensor  # flat index (b * T + i) of the row token at each place of each sequence
+    scatter_N: Tensor  # [B * T] the place (q * L + t) of each row token in its own sequence
+
+
+def packed_sequences(segment_ids_BT: Tensor, prefix_lens_B: Tensor | None, valid_BT: Tensor) -> PackedSequences:
+    """The sequences of packed rows: one per (row, segment id) present; a token belongs to its own
+    segment's sequence, and the first prefix_lens[b] tokens of row b to every sequence of the row."""
+    B, T = segment_ids_BT.shape
+    dev = segment_ids_BT.device
+    ar_T = torch.arange(T, device=dev)
+    prefix_BT = ar_T[None] < prefix_lens_B.to(dev)[:, None] if prefix_lens_B is not None else \
+        torch.zeros(B, T, dtype=torch.bool, device=dev)
+    own_BST = (segment_ids_BT[:, None, :] == torch.arange(int(segment_ids_BT.max()) + 1, device=dev)[None, :, None]) \
+        & valid_BT[:, None, :]
+    member_BST = own_BST | (prefix_BT & valid_BT)[:, None, :]
+    exists_BS = own_BST.any(-1)
+    L = int(member_BST.sum(-1).max())
+    order_BST = torch.argsort((~member_BST).to(torch.int8), dim=-1, stable=True)[..., :L]  # members first, in order
+    gather_QL = (order_BST + (torch.arange(B, device=dev) * T)[:, None, None])[exists_BS]
+    seq_BS = exists_BS.flatten().long().cumsum(0).view(B, -1) - 1
+    place_BST = member_BST.long().cumsum(-1) - 1
+    seg_BT = segment_ids_BT.long()
+    place_BT = place_BST.gather(1, seg_BT[:, None, :]).squeeze(1)
+    scatter_N = torch.where(valid_BT, seq_BS.gather(1, seg_BT) * L + place_BT, 0).flatten()
+    return PackedSequences(gather_QL, scatter_N)
+
+
+def invariant_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor,
+                        mask_BTS: "Tensor | PackedSequences | None", scale: float) -> Tensor:
     """Softmax attention whose result for a query depends only on the keys it sees and their
     positions, never on the batch, the other queries or the keys hidden from it: the scores are one
     matrix product per key/value group (the group's query heads and the T queries as rows, padded
@@ -108,8 +142,17 @@ def invariant_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor, mask_BTS
     add exact zeros to a sum whose order MKL fixes by the key index (a `sum` over keys would not:
     its vector lanes change with the row length). Visible keys must therefore sit at the same
     index on both sides: a decode's cache holds a sequence's keys at positions 0..p, and so does a
-    trainer's row of one sample (not a packed row of several). `mask_BTS` None is causal."""
+    trainer's row of one sample; packed rows (`PackedSequences`) are unpacked into their sequences
+    for the attention alone. `mask_BTS` None is causal."""
     B, H, T, D = q_BHTD.shape
+    if isinstance(mask_BTS, PackedSequences):  # attend within each sequence, laid out on its own
+        seqs = mask_BTS
+        Q, L = seqs.gather_QL.shape
+
+        def unpack(x_BHTD):
+            return x_BHTD.transpose(1, 2).reshape(B * T, -1, D)[seqs.gather_QL].transpose(1, 2)
+        out_QHLD = invariant_attention(unpack(q_BHTD), unpack(k_BGSD), unpack(v_BGSD), None, scale)
+        return out_QHLD.transpose(1, 2).reshape(Q * L, H, D)[seqs.scatter_N].view(B, T, H, D).transpose(1, 2)
     G, S = k_BGSD.shape[1], k_BGSD.shape[2]
     M = H // G * T
     if mask_BTS is None:
@@ -117,12 +160,16 @@ def invariant_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor, mask_BTS
     if S < 12:  # the scores' product needs 12 columns too: hidden zero keys
         k_BGSD, v_BGSD = (F.pad(t, (0, 0, 0, 12 - S)) for t in (k_BGSD, v_BGSD))
         mask_BTS, S = F.pad(mask_BTS, (0, 12 - S), value=False), 12
-    q_BGMD = _pad_rows(q_BHTD.reshape(B, G, M, D), invariant_rows(M))
-    s_BGMS = (q_BGMD @ k_BGSD.transpose(-1, -2))[:, :, :M] * scale
-    s_BGMS = s_BGMS.view(B, G, H // G, T, S).masked_fill(~mask_BTS[:, None, None], float("-inf")).view(B, G, M, S)
-    e_BGMS = (s_BGMS - s_BGMS.amax(-1, keepdim=True)).exp()
+    P = invariant_rows(M)
+    s_BGMS = _pad_rows(q_BHTD.reshape(B, G, M, D) * scale, P) @ k_BGSD.transpose(-1, -2)
+    if P > M:
+        s_BGMS = s_BGMS[:, :, :M].contiguous()
+    hidden_B1MS = ~mask_BTS[:, None].expand(-1, H // G, T, S).reshape(-1, 1, M, S)
+    # in place (the product's output is not kept for its backward); the max is a constant to the
+    # softmax, so no gradient flows through it
+    e_BGMS = s_BGMS.masked_fill_(hidden_B1MS, float("-inf")).sub_(s_BGMS.detach().amax(-1, keepdim=True)).exp_()
     v1_BGSE = torch.cat([v_BGSD, v_BGSD.new_ones(B, G, S, 1)], dim=-1)
-    o_BGME = (_pad_rows(e_BGMS, invariant_rows(M)) @ v1_BGSE)[:, :, :M]
+    o_BGME = (_pad_rows(e_BGMS, P) @ v1_BGSE)[:, :, :M]
     return (o_BGME[..., :D] / o_BGME[..., D:]).view(B, H, T, D)
 
 
@@ -753,6 +800,7 @@ class Glm4MoeForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
+        self.batch_invariant = False  # see set_batch_invariant
         self.init_weights()
 
     def set_batch_invariant(self, on: bool = True) -> "Glm4MoeForCausalLM":
@@ -762,6 +810,7 @@ class Glm4MoeForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, (Linear, Attention, Router, Experts)):
                 m.batch_invariant = on
+        self.batch_invariant = on
         return self
 
     @torch.no_grad()
@@ -832,6 +881,10 @@ class Glm4MoeForCausalLM(nn.Module):
                     mask_BTS = mask_BTS & same_BTS
                 # a query that may see nothing (left padding) sees itself, so no row is all -inf
                 mask_BTS = mask_BTS | torch.eye(T, dtype=torch.bool, device=device)
+                if segment_ids is not None and self.batch_invariant:
+                    valid_BT = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None \
+                        else attention_mask.bool()
+                    mask_BTS = packed_sequences(segment_ids, prefix_lens, valid_BT)
 
         logits, h_BTD, routed, scores = (layers_fn or self.forward_layers)(
             input_ids, position_ids, mask_BTS, cache_step, routed_experts, return_router)

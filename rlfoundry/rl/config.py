@@ -168,6 +168,14 @@ class RLConfig:
     (MKL picks kernels by shape), and decoding and training batch the same tokens differently.
     Costs ~1.3x the rollout and ~3x the training time of fp32 here (the demo: 4.6 vs 2.5 min).
     Combines with train.compile and rollout.compile_decode (compiled and eager fp64 agree to ~1e-14)."""
+    batch_invariant: bool = False
+    """Exact on-policy log-probs in fp32: the engines and the trainer compute every sequence as if it
+    were alone (`Glm4MoeForCausalLM.set_batch_invariant`: matrix products padded to row counts the
+    BLAS treats alike, attention as plain matrix products over each sequence's own keys), so the
+    trainer's log-probs equal the engines' bit for bit (mismatch 0) with fp32 arithmetic
+    throughout. Costs ~1.3x the training time here (attention without a fused kernel) and little in
+    the rollout. Eager only (not with train.compile or rollout.compile_decode), fp32 only (not with
+    exact or train.bf16)."""
     num_trainers: int = 1
     """Data-parallel trainer processes (Ray actors in one torch.distributed group: gloo on CPU,
     NCCL on GPUs). Each holds the whole model and optimizer and trains on about 1 / num_trainers
@@ -230,6 +238,11 @@ class RLConfig:
             bad("eval_samples", f"must be >= 0, got {self.eval_samples!r}")
         if self.exact and self.train.bf16:
             bad("exact", "computes in fp64: it does not combine with train.bf16")
+        if self.batch_invariant:
+            for name, on in (("exact", self.exact), ("train.bf16", self.train.bf16),
+                             ("train.compile", self.train.compile), ("rollout.compile_decode", self.rollout.compile_decode)):
+                if on:
+                    bad("batch_invariant", f"is fp32 and eager: it does not combine with {name}")
         if self.mode != "sync":
             bad("mode", f"must be 'sync' (the async mode is not built yet), got {self.mode!r}")
         if self.weight_sync not in ("distributed", "disk"):

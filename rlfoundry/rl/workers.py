@@ -80,6 +80,8 @@ class TrainerWorker:
         torch.manual_seed(cfg.seed)
         self.cfg, self.out = cfg, Path(out)
         self.model = load_pretrained(cfg.model, mtp="auto")
+        if cfg.batch_invariant:  # computes as the engines do (they are told too), bit for bit
+            self.model.set_batch_invariant()
         if not any(w for _, w in cfg.train.mtp_schedule):
             # no MTP loss in this run: the MTP layer gets no gradient, so it is not trained (nor
             # given optimizer state); the engines keep drafting with it as it is
@@ -295,7 +297,8 @@ class RolloutWorker:
             # deterministic mode sends one group at a time: no burst to wait for
             cmd, env = backend.engine_command(cfg.model, port, cfg.rollout.max_batch, cfg.rollout.max_len or None,
                                               "float64" if cfg.exact else "float32", None, 0,
-                                              cfg.rollout.compile_decode, 0.0 if cfg.deterministic else None)
+                                              cfg.rollout.compile_decode, 0.0 if cfg.deterministic else None,
+                                              cfg.batch_invariant)
             self.procs.append(subprocess.Popen(_watched(cmd), env={**os.environ, **env, "OMP_NUM_THREADS": threads},
                                                stdout=log, stderr=log))
             self.engine_urls.append(f"http://127.0.0.1:{port}")

@@ -240,15 +240,22 @@ class Engine:
     def __init__(self, model: Glm4MoeForCausalLM, max_batch: int = 64, max_len: int | None = None,
                  eos_token_ids: Iterable[int] | None = None, seed: int = 0,
                  max_prefill_tokens: int = 8192, weight_version: str = "0", speculative_steps: int = 0,
-                 compile_decode: bool = False, admit_quiet_s: float = 0.0):
-        """`admit_quiet_s` > 0: when the loop (`run`) is idle and requests arrive, it starts them
+                 compile_decode: bool = False, admit_quiet_s: float = 0.0, batch_invariant: bool = False):
+        """`batch_invariant`: the model computes every sequence as if alone (see
+        `Glm4MoeForCausalLM.set_batch_invariant`), so that a trainer doing the same gets the engine's
+        log-probs bit for bit in fp32 (RL's `batch_invariant`); eager decoding only.
+        `admit_quiet_s` > 0: when the loop (`run`) is idle and requests arrive, it starts them
         once none has arrived for that long (at most ADMIT_MAX_WAIT_S after the first), so that a
         burst sent at once — an RL step's groups, each its own HTTP request — is prefilled and
         decoded together rather than in waves. The engine server sets it (`--admit-quiet-ms`)."""
         if admit_quiet_s < 0:
             raise ValueError(f"admit_quiet_s must be >= 0, got {admit_quiet_s}")
         self.admit_quiet_s = admit_quiet_s
+        if batch_invariant and compile_decode:
+            raise ValueError("batch_invariant needs eager decoding: compiled kernels sum in their own orders")
         self.model = model.eval()
+        if batch_invariant:
+            model.set_batch_invariant()
         cfg = model.config
         # Decode steps through a torch.compile'd `decode_forward` (inductor: fused element-wise
         # kernels, far fewer dispatches; the greedy choice and its log-prob reduced inside the

@@ -46,7 +46,7 @@ def wait_healthy(url: str, timeout: float, procs: list[subprocess.Popen] = ()) -
 
 def build_engine_app(model_path: str, max_batch: int, max_len: int | None, dtype: str, name: str | None,
                      speculative_steps: int = 0, compile_decode: bool = False, start_engine: bool = True,
-                     admit_quiet_ms: float = 3.0):
+                     admit_quiet_ms: float = 3.0, batch_invariant: bool = False):
     import torch
 
     from rlfoundry.data.tokenizer import eos_token_ids, load_tokenizer
@@ -58,7 +58,7 @@ def build_engine_app(model_path: str, max_batch: int, max_len: int | None, dtype
     tokenizer = load_tokenizer(model_path)
     eos = eos_token_ids(tokenizer) if tokenizer is not None else None
     engine = Engine(model, max_batch=max_batch, max_len=max_len, eos_token_ids=eos, speculative_steps=speculative_steps,
-                    compile_decode=compile_decode, admit_quiet_s=admit_quiet_ms / 1e3)
+                    compile_decode=compile_decode, admit_quiet_s=admit_quiet_ms / 1e3, batch_invariant=batch_invariant)
     engine.warmup()
     return create_app(engine, tokenizer, model_path=str(model_path), served_model_name=name,
                       start_engine=start_engine), engine
@@ -72,9 +72,11 @@ class Backend:
 
     def engine_command(self, model: str, port: int, max_batch: int, max_len: int | None, dtype: str,
                        served_model_name: str | None, speculative_steps: int,
-                       compile_decode: bool = False, admit_quiet_ms: float | None = None) -> tuple[list[str], dict]:
+                       compile_decode: bool = False, admit_quiet_ms: float | None = None,
+                       batch_invariant: bool = False) -> tuple[list[str], dict]:
         """The server's command line and environment. `compile_decode` is our engine's compiled
         decode step; vLLM compiles its own (unless given --enforce-eager) and ignores it.
+        `batch_invariant`: our engine's `--batch-invariant` (vLLM's kernels are its own: refused).
         `admit_quiet_ms`: our server's `--admit-quiet-ms` (None: its default); vLLM ignores it."""
         raise NotImplementedError
 
@@ -86,7 +88,7 @@ class RlfoundryBackend(Backend):
     name, supports_router = "rlfoundry", True
 
     def engine_command(self, model, port, max_batch, max_len, dtype, served_model_name, speculative_steps,
-                       compile_decode=False, admit_quiet_ms=None):
+                       compile_decode=False, admit_quiet_ms=None, batch_invariant=False):
         cmd = [sys.executable, "-m", "rlfoundry.cli", "serve", "--model", model, "--host", "127.0.0.1",
                "--port", str(port), "--max-batch", str(max_batch), "--dtype", dtype, "--log-level", "error"]
         if max_len:
@@ -99,6 +101,8 @@ class RlfoundryBackend(Backend):
             cmd += ["--compile-decode"]
         if admit_quiet_ms is not None:
             cmd += ["--admit-quiet-ms", str(admit_quiet_ms)]
+        if batch_invariant:
+            cmd += ["--batch-invariant"]
         return cmd, {"PYTHONUNBUFFERED": "1"}
 
     def client(self, url, served_model_name):
@@ -125,7 +129,9 @@ class VLLMBackend(Backend):
         return str(local.absolute()) if local.exists() else sys.executable
 
     def engine_command(self, model, port, max_batch, max_len, dtype, served_model_name, speculative_steps,
-                       compile_decode=False, admit_quiet_ms=None):
+                       compile_decode=False, admit_quiet_ms=None, batch_invariant=False):
+        if batch_invariant:
+            raise ValueError("batch_invariant: vLLM's kernels are not batch-invariant; use the rlfoundry backend")
         cmd = [self.python(), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
                "--port", str(port), "--dtype", dtype, "--max-num-seqs", str(max_batch),
                "--served-model-name", served_model_name or model, "--logprobs-mode", "processed_logprobs",
@@ -144,7 +150,7 @@ class VLLMBackend(Backend):
 
 
 def _serve_one(model, host, port, max_batch, max_len, dtype, served_model_name, log_level, speculative_steps,
-               compile_decode, admit_quiet_ms) -> int:
+               compile_decode, admit_quiet_ms, batch_invariant=False) -> int:
     """One engine server: HTTP (uvicorn) in a background thread, the engine's loop on this main
     thread — the one that loaded the model. Run from another thread, the loop's torch ops start a
     second OpenMP thread team next to the main thread's, and with more threads than cores libgomp
@@ -155,7 +161,8 @@ def _serve_one(model, host, port, max_batch, max_len, dtype, served_model_name, 
     import uvicorn
 
     app, engine = build_engine_app(model, max_batch, max_len, dtype, served_model_name, speculative_steps,
-                                   compile_decode, start_engine=False, admit_quiet_ms=admit_quiet_ms)
+                                   compile_decode, start_engine=False, admit_quiet_ms=admit_quiet_ms,
+                                   batch_invariant=batch_invariant)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
 
     def http_done():
@@ -181,7 +188,7 @@ def _serve_one(model, host, port, max_batch, max_len, dtype, served_model_name, 
 def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int = 1, max_batch: int = 64,
           max_len: int | None = None, dtype: str = "float32", served_model_name: str | None = None,
           log_level: str = "warning", speculative_steps: int = 0, backend: Backend | None = None,
-          compile_decode: bool = False, admit_quiet_ms: float = 3.0) -> int:
+          compile_decode: bool = False, admit_quiet_ms: float = 3.0, batch_invariant: bool = False) -> int:
     """Serve `model`; with engines > 1, behind sglang-router. Returns the exit code."""
     backend = backend or RlfoundryBackend()
     if not (Path(model) / "config.json").exists():
@@ -191,9 +198,17 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
         print(f"error: --engines {engines}: the {backend.name} backend runs one engine per port "
               "(sglang-router speaks SGLang's protocol)", file=sys.stderr)
         return 2
+    if batch_invariant and compile_decode:
+        print("error: --batch-invariant needs eager decoding (compiled kernels sum in their own orders): "
+              "drop --compile-decode", file=sys.stderr)
+        return 2
     if engines == 1 and not isinstance(backend, RlfoundryBackend):
-        cmd, env = backend.engine_command(model, port, max_batch, max_len, dtype, served_model_name,
-                                          speculative_steps, compile_decode)
+        try:
+            cmd, env = backend.engine_command(model, port, max_batch, max_len, dtype, served_model_name,
+                                              speculative_steps, compile_decode, batch_invariant=batch_invariant)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if host != "127.0.0.1":
             cmd[cmd.index("--host") + 1] = host
         child = subprocess.Popen(cmd, env={**os.environ, **env})
@@ -205,7 +220,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
             return child.wait()
     if engines == 1:
         return _serve_one(model, host, port, max_batch, max_len, dtype, served_model_name, log_level,
-                          speculative_steps, compile_decode, admit_quiet_ms)
+                          speculative_steps, compile_decode, admit_quiet_ms, batch_invariant)
 
     children: list[subprocess.Popen] = []
 
@@ -221,7 +236,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
 
     def start_engine(p_port: int) -> subprocess.Popen:
         cmd, env = backend.engine_command(model, p_port, max_batch, max_len, dtype, served_model_name,
-                                          speculative_steps, compile_decode, admit_quiet_ms)
+                                          speculative_steps, compile_decode, admit_quiet_ms, batch_invariant)
         # the cores shared out among the engines (unless OMP_NUM_THREADS says otherwise): N engines
         # of all the cores' threads each would run N times more threads than cores
         threads = {"OMP_NUM_THREADS": str(threads_each(engines))} if engines > 1 else {}
