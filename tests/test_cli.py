@@ -49,7 +49,7 @@ def test_demo_runs_shortened(tmp_path, capsys):
         assert "log-prob mismatch" in out
 
 
-def test_compile_decode_and_admission_reach_the_engine_command():
+def test_compile_decode_admission_and_batch_invariance_reach_the_engine_command():
     """`serve --compile-decode` / `rollout.compile_decode` start our engine servers with the flag;
     vLLM compiles its own decode and gets nothing extra. `--admit-quiet-ms` (RL's deterministic
     mode passes 0) likewise; a negative value is refused."""
@@ -69,3 +69,14 @@ def test_compile_decode_and_admission_reach_the_engine_command():
         build_parser().parse_args(["serve", "--model", "m", "--admit-quiet-ms", "-1"])
     vllm, _ = VLLMBackend().engine_command("m", 1234, 8, None, "float32", None, 0, compile_decode=True)
     assert "--compile-decode" not in vllm
+    # batch invariance: our engine's flag; vLLM cannot, and compiled decoding cannot
+    assert "--batch-invariant" in RlfoundryBackend().engine_command("m", 1234, 8, None, "float32", None, 0,
+                                                                    batch_invariant=True)[0]
+    assert build_parser().parse_args(["serve", "--model", "m", "--batch-invariant"]).batch_invariant is True
+    with pytest.raises(ValueError, match="batch_invariant"):
+        VLLMBackend().engine_command("m", 1234, 8, None, "float32", None, 0, batch_invariant=True)
+    from pathlib import Path
+
+    from rlfoundry.rollout.launch import serve
+    tiny = str(Path(__file__).resolve().parents[1] / "examples/tiny/model")
+    assert serve(tiny, batch_invariant=True, compile_decode=True) == 2  # refused before anything starts

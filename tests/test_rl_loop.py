@@ -118,16 +118,21 @@ def test_bad_configs_name_the_field(tmp_path):
             load_rl_config(None, [override])
     with pytest.raises(ConfigError, match="field 'exact'"):
         load_rl_config(None, ["exact=true", "train.bf16=true"])
+    for other in ("exact=true", "train.bf16=true", "train.compile=inductor", "rollout.compile_decode=true"):
+        with pytest.raises(ConfigError, match=f"field 'batch_invariant'.*{other.split('=')[0]}"):
+            load_rl_config(None, ["batch_invariant=true", other])
 
 
-def test_exact_mode_end_to_end_has_zero_mismatch(tmp_path):
-    """exact: true through the real loop (two engine servers in fp64 behind the router, broadcast
-    weight sync of the fp32 weights to both, two data-parallel trainers in fp64): the trainers'
-    log-probs equal the engines' in every step, whichever engine generated a group and whichever
-    trainer trained it — the trainers' summed gradients keep their weights equal bit for bit (the
-    loop checks it at the end), the engines get rank 0's, and the checkpoint is saved by both."""
+@pytest.mark.parametrize("mode", ["exact=true", "batch_invariant=true"])
+def test_exact_modes_end_to_end_have_zero_mismatch(tmp_path, mode):
+    """exact: true (fp64 arithmetic) and batch_invariant: true (fp32) through the real loop (two
+    engine servers behind the router, each on one thread, broadcast weight sync of the fp32 weights
+    to both, two data-parallel trainers): the trainers' log-probs equal the engines' in every step,
+    whichever engine generated a group and whichever trainer trained it — the trainers' summed
+    gradients keep their weights equal bit for bit (the loop checks it at the end), the engines get
+    rank 0's, and the checkpoint is saved by both."""
     out = tmp_path / "run"
-    assert main(["rl", "--out", str(out), *SMALL, "exact=true", "eval_every=0", "checkpoint_every=3",
+    assert main(["rl", "--out", str(out), *SMALL, mode, "eval_every=0", "checkpoint_every=3",
                  "rollout.num_engines=2", "num_trainers=2"]) == 0
     trained = [m for m in lines(out)[1:] if "train/mismatch_max" in m]
     assert trained, "no step had a group with a reward signal"

@@ -63,8 +63,9 @@ def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
 # whatever it is batched with (He & Thinking Machines, "Defeating Nondeterminism in LLM
 # Inference", 2025, did this with GPU kernels; here it is arranged around MKL's): matrix products
 # get at least `invariant_rows` rows, experts' row counts multiples of 4, the MoE sums its experts
-# in top-k order on every path, and attention is two plain matrix products whose summation over
-# keys only ever sees zeros appended (`invariant_attention`). Engine and trainer then agree bit for
+# in top-k order on every path, sigmoid and SiLU are built from ops whose scalar and vector code
+# agree (`sigmoid`), and attention is two plain matrix products whose summation over keys only
+# ever sees zeros appended (`invariant_attention`). Engine and trainer then agree bit for
 # bit in fp32 (RL's `batch_invariant`; tests/test_rl_trainer.py).
 
 
@@ -87,6 +88,19 @@ def invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     return y_MB.view(*x.shape[:-1], -1)
 
 
+def sigmoid(x: Tensor, invariant: bool = False) -> Tensor:
+    """torch.sigmoid, or when `invariant` 1 / (1 + exp(-x)): torch computes sigmoid and silu with
+    vector code but the last (numel mod 16) elements of a tensor, or of each thread's share of it,
+    with scalar code that rounds differently (4% of values here), so a row's result would depend
+    on where the row sits; exp, addition and division agree in both."""
+    return 1 / (1 + torch.exp(-x)) if invariant else x.sigmoid()
+
+
+def silu(x: Tensor, invariant: bool = False) -> Tensor:
+    """F.silu, or when `invariant` x / (1 + exp(-x)) (see `sigmoid`)."""
+    return x / (1 + torch.exp(-x)) if invariant else F.silu(x)
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters and names) that pads its rows to `invariant_rows` when the
     model is batch-invariant."""
@@ -101,12 +115,14 @@ class Linear(nn.Linear):
 @dataclass
 class PackedSequences:
     """Rows that pack several sequences (`forward`'s segment_ids and prefix_lens: a prompt shared by
-    the responses after it) as Q separate sequences of at most L tokens, each holding exactly the
-    tokens one of its queries may see, in order — a response's sequence is the prompt and then the
-    response, as in the engine's KV cache — for `invariant_attention`, whose keys must sit at the
-    same index as in the cache."""
-    gather_QL: Tensor  # flat index (b * T + i) of the row token at each place of each sequence
-    scatter_N: Tensor  # [B * T] the place (q * L + t) of each row token in its own sequence
+    the responses after it) as Q separate sequences, for `invariant_attention`, whose keys must sit
+    at the same index as in the engine's KV cache: each sequence's keys are exactly the tokens its
+    queries may see, in order (a response's: the prompt, then the response), and its queries only
+    its own tokens (a response's: not the shared prompt's, which its own sequence computes)."""
+    keys_QS: Tensor    # flat index (b * T + i) of the row token at each key place of each sequence
+    queries_QT: Tensor  # flat index of each of its own tokens (the queries)
+    mask_QTS: Tensor   # key place s is visible to query t: s <= the query's own place
+    scatter_N: Tensor  # [B * T] where each row token's query is (q * T' + t)
 
 
 def packed_sequences(segment_ids_BT: Tensor, prefix_lens_B: Tensor | None, valid_BT: Tensor) -> PackedSequences:
@@ -114,22 +130,26 @@ def packed_sequences(segment_ids_BT: Tensor, prefix_lens_B: Tensor | None, valid
     segment's sequence, and the first prefix_lens[b] tokens of row b to every sequence of the row."""
     B, T = segment_ids_BT.shape
     dev = segment_ids_BT.device
-    ar_T = torch.arange(T, device=dev)
-    prefix_BT = ar_T[None] < prefix_lens_B.to(dev)[:, None] if prefix_lens_B is not None else \
-        torch.zeros(B, T, dtype=torch.bool, device=dev)
-    own_BST = (segment_ids_BT[:, None, :] == torch.arange(int(segment_ids_BT.max()) + 1, device=dev)[None, :, None]) \
-        & valid_BT[:, None, :]
+    prefix_BT = torch.arange(T, device=dev)[None] < prefix_lens_B.to(dev)[:, None] if prefix_lens_B is not None \
+        else torch.zeros(B, T, dtype=torch.bool, device=dev)
+    seg_BT = segment_ids_BT.long()
+    own_BST = (seg_BT[:, None, :] == torch.arange(int(seg_BT.max()) + 1, device=dev)[None, :, None]) & valid_BT[:, None, :]
     member_BST = own_BST | (prefix_BT & valid_BT)[:, None, :]
     exists_BS = own_BST.any(-1)
-    L = int(member_BST.sum(-1).max())
-    order_BST = torch.argsort((~member_BST).to(torch.int8), dim=-1, stable=True)[..., :L]  # members first, in order
-    gather_QL = (order_BST + (torch.arange(B, device=dev) * T)[:, None, None])[exists_BS]
-    seq_BS = exists_BS.flatten().long().cumsum(0).view(B, -1) - 1
-    place_BST = member_BST.long().cumsum(-1) - 1
-    seg_BT = segment_ids_BT.long()
-    place_BT = place_BST.gather(1, seg_BT[:, None, :]).squeeze(1)
-    scatter_N = torch.where(valid_BT, seq_BS.gather(1, seg_BT) * L + place_BT, 0).flatten()
-    return PackedSequences(gather_QL, scatter_N)
+    row_B11 = (torch.arange(B, device=dev) * T)[:, None, None]
+
+    def in_order(chosen_BST: Tensor) -> Tensor:  # each sequence's chosen tokens first, in order
+        n = int(chosen_BST.sum(-1).max())
+        return (torch.argsort((~chosen_BST).to(torch.int8), dim=-1, stable=True)[..., :n] + row_B11)[exists_BS]
+
+    keys_QS, queries_QT = in_order(member_BST), in_order(own_BST)
+    place_BST = member_BST.long().cumsum(-1) - 1  # a token's key place in each sequence it belongs to
+    query_place_QT = place_BST.flatten(0, 1)[exists_BS.flatten()].gather(1, queries_QT % T)
+    mask_QTS = torch.arange(keys_QS.shape[1], device=dev)[None, None] <= query_place_QT[..., None]
+    seq_BT = (exists_BS.flatten().long().cumsum(0).view(B, -1) - 1).gather(1, seg_BT)
+    own_place_BT = (own_BST.long().cumsum(-1) - 1).gather(1, seg_BT[:, None, :]).squeeze(1)
+    scatter_N = torch.where(valid_BT, seq_BT * queries_QT.shape[1] + own_place_BT, 0).flatten()
+    return PackedSequences(keys_QS, queries_QT, mask_QTS, scatter_N)
 
 
 def invariant_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor,
@@ -147,12 +167,13 @@ def invariant_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor,
     B, H, T, D = q_BHTD.shape
     if isinstance(mask_BTS, PackedSequences):  # attend within each sequence, laid out on its own
         seqs = mask_BTS
-        Q, L = seqs.gather_QL.shape
+        Q, Tq = seqs.queries_QT.shape
 
-        def unpack(x_BHTD):
-            return x_BHTD.transpose(1, 2).reshape(B * T, -1, D)[seqs.gather_QL].transpose(1, 2)
-        out_QHLD = invariant_attention(unpack(q_BHTD), unpack(k_BGSD), unpack(v_BGSD), None, scale)
-        return out_QHLD.transpose(1, 2).reshape(Q * L, H, D)[seqs.scatter_N].view(B, T, H, D).transpose(1, 2)
+        def unpack(x_BHTD: Tensor, index: Tensor) -> Tensor:
+            return x_BHTD.transpose(1, 2).reshape(B * T, -1, D)[index].transpose(1, 2)
+        out_QHTD = invariant_attention(unpack(q_BHTD, seqs.queries_QT), unpack(k_BGSD, seqs.keys_QS),
+                                       unpack(v_BGSD, seqs.keys_QS), seqs.mask_QTS, scale)
+        return out_QHTD.transpose(1, 2).reshape(Q * Tq, H, D)[seqs.scatter_N].view(B, T, H, D).transpose(1, 2)
     G, S = k_BGSD.shape[1], k_BGSD.shape[2]
     M = H // G * T
     if mask_BTS is None:
@@ -422,6 +443,7 @@ class Attention(nn.Module):
 # ----------------------------------------------------------------------------- MLPs and experts
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)). The dense layers' MLP and the shared expert."""
+    batch_invariant = False
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -430,7 +452,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu(self.gate_proj(x), self.batch_invariant) * self.up_proj(x))
 
 
 @dataclass
@@ -456,7 +478,7 @@ class Router(nn.Module):
         cfg = self.cfg
         dt = at_least_fp32(x_ND.dtype)
         linear = invariant_linear if self.batch_invariant else F.linear
-        scores_NE = linear(x_ND.to(dt), self.weight.to(dt)).sigmoid()
+        scores_NE = sigmoid(linear(x_ND.to(dt), self.weight.to(dt)), self.batch_invariant)
         if replay_ids_NK is None:
             with torch.no_grad():
                 ids_NK = self._choose(scores_NE + self.e_score_correction_bias.to(dt))
@@ -705,7 +727,7 @@ class Experts(nn.Module):
         rows = expert_rows(routing.ids_NK, routing.weights_NK, E, bucket)
         x_RD = _Dispatch.apply(x_ND.to(dt), rows.token_R, rows.row_M, K)  # R >= N*K rows, grouped by expert
         gate_RI, up_RI = grouped_mm(x_RD, self.gate_up_proj.to(dt).transpose(1, 2), rows.offsets_E).chunk(2, dim=-1)
-        y_RD = grouped_mm(F.silu(gate_RI) * up_RI, self.down_proj.to(dt).transpose(1, 2), rows.offsets_E)
+        y_RD = grouped_mm(silu(gate_RI, self.batch_invariant) * up_RI, self.down_proj.to(dt).transpose(1, 2), rows.offsets_E)
         y_RD = y_RD * rows.weight_R[:, None]
         return _Combine.apply(y_RD.to(x_ND.dtype), rows.token_R, rows.row_M, K)
 
@@ -717,7 +739,7 @@ class Experts(nn.Module):
         N = x_ND.shape[0]
         x_MD = _pad_rows(x_ND, invariant_rows(N)) if self.batch_invariant else x_ND
         gate_EMI, up_EMI = torch.matmul(x_MD, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
-        y_EMD = torch.bmm(F.silu(gate_EMI) * up_EMI, self.down_proj.transpose(1, 2))
+        y_EMD = torch.bmm(silu(gate_EMI, self.batch_invariant) * up_EMI, self.down_proj.transpose(1, 2))
         # the chosen experts' outputs in top-k order, weighted and summed as the sparse path does
         y_NKD = y_EMD[routing.ids_NK, torch.arange(N, device=x_ND.device)[:, None]].to(routing.weights_NK.dtype)
         return (y_NKD * routing.weights_NK[..., None]).sum(1).to(x_ND.dtype)
@@ -808,7 +830,7 @@ class Glm4MoeForCausalLM(nn.Module):
         attention (no fused kernel) and unfit for long sequences (scores are [B, H, T, S]). Eager
         only: torch.compile's generated kernels sum in their own orders."""
         for m in self.modules():
-            if isinstance(m, (Linear, Attention, Router, Experts)):
+            if isinstance(m, (Linear, Attention, Router, Experts, MLP)):
                 m.batch_invariant = on
         self.batch_invariant = on
         return self
