@@ -9,10 +9,12 @@ summing in different orders) and only higher precision or batch-invariant kernel
 remove it.
 
     .venv/bin/python benchmarks/bench_mismatch.py [--model examples/tiny/model] [--prompts 32 --n 8]
-                                                  [--compile-decode] [--exact]
+                                                  [--compile-decode] [--exact] [--batch-invariant]
+                                                  [--max-batch 64 --engine-threads N --trainer-threads N]
 
 `--exact` measures RL's `exact: true`: the engine holds an fp64 copy of the weights, the trainer
 computes in fp64 from its fp32 weights (`ComputeIn`), both round log-probs to fp32.
+`--batch-invariant` measures RL's `batch_invariant: true`: fp32, both models batch-invariant.
 
 (`--model RUN_DIR/hf` measures a trained policy: its sharper logits show larger differences.)
 """
@@ -46,6 +48,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--micro-batch", type=int, default=64)
+    ap.add_argument("--max-batch", type=int, default=64, help="sequences the engine decodes at once")
+    ap.add_argument("--engine-threads", type=int, default=0, help="torch threads while generating (0: torch's default)")
+    ap.add_argument("--trainer-threads", type=int, default=0, help="torch threads while recomputing (0: torch's default)")
     ap.add_argument("--compile-decode", action="store_true", help="the engine decodes through torch.compile")
     ap.add_argument("--exact", action="store_true", help="RL's exact mode: fp64 arithmetic on both sides")
     ap.add_argument("--batch-invariant", action="store_true",
@@ -65,14 +70,17 @@ def main() -> None:
     engine_model = load_pretrained(args.model, dtype=torch.float64 if args.exact else torch.float32)
     if args.batch_invariant:
         engine_model.set_batch_invariant()
-    engine = Engine(engine_model, max_batch=64,
+    engine = Engine(engine_model, max_batch=args.max_batch,
                     eos_token_ids=eos_token_ids(tok), seed=0, compile_decode=args.compile_decode)
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(args.engine_threads or default_threads)
     outs = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, n=args.n))
     samples = [Sample(prompt_ids=list(p), response_ids=list(o.output_ids), logprobs=list(o.logprobs),
                       loss_mask=[1] * len(o.output_ids)) for p, group in zip(prompts, outs) for o in group]
     batches = make_batches(samples, [0.0] * len(samples), args.micro_batch, "token-mean",
                            share_prompts=not args.no_share_prompts)
 
+    torch.set_num_threads(args.trainer_threads or default_threads)
     trainer = load_pretrained(args.model).train()
     if args.batch_invariant:
         trainer.set_batch_invariant()
