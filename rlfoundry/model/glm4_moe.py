@@ -738,7 +738,7 @@ class Experts(nn.Module):
         dt = _autocast_dtype(x_ND)  # the expert GEMMs honour autocast as nn.Linear does
         bucket = _row_bucket(x_ND, dt, N * K, E)
         if self.batch_invariant:  # each expert's product gets a multiple of 4 rows (`invariant_rows`)
-            bucket = bucket * 4 // math.gcd(bucket, 4)
+            bucket = math.lcm(bucket, 4)
         rows = expert_rows(routing.ids_NK, routing.weights_NK, E, bucket)
         x_RD = _Dispatch.apply(x_ND.to(dt), rows.token_R, rows.row_M, K)  # R >= N*K rows, grouped by expert
         gate_RI, up_RI = grouped_mm(x_RD, self.gate_up_proj.to(dt).transpose(1, 2), rows.offsets_E).chunk(2, dim=-1)
@@ -844,10 +844,9 @@ class Glm4MoeForCausalLM(nn.Module):
         """Make every row's fp32 arithmetic independent of its batch (see `invariant_rows`); slower
         attention (no fused kernel) and unfit for long sequences (scores are [B, H, T, S]). Eager
         only: torch.compile's generated kernels sum in their own orders."""
-        for m in self.modules():
-            if isinstance(m, (Linear, Attention, Router, Experts, MLP)):
+        for m in self.modules():  # this model and every module with the switch
+            if hasattr(m, "batch_invariant"):
                 m.batch_invariant = on
-        self.batch_invariant = on
         return self
 
     @torch.no_grad()
