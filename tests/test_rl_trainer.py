@@ -126,6 +126,43 @@ def test_batch_invariant_mode_gives_the_engines_log_probs_bit_for_bit_in_fp32(tm
     assert worker.train(groups_from(engine, 1))["train/mismatch_max"] == 0.0
 
 
+def test_exact_log_probs_stand_in_for_the_old_policy_pass(tmp_path):
+    """With several updates a rollout, the later updates' PPO denominators are the sampling policy's
+    log-probs. In a batch-invariant run those are the engine's bit for bit, so the trainer skips its
+    no-grad pass and uses them: the same step, weight for weight, as with the pass, and the mismatch
+    is still measured (on the first update, whose denominators the trainer computes)."""
+    import torch
+
+    from rlfoundry.model import load_pretrained
+    from rlfoundry.rl.workers import TrainerWorker
+    from rlfoundry.rollout.engine import Engine, SamplingParams
+
+    overrides = ["algorithm.micro_batch_size=16", "algorithm.updates_per_rollout=2", "batch_invariant=true",
+                 "train.lr=3e-2", "train.final_lr=3e-2"]
+    skip, with_pass = (TrainerWorker(load_rl_config(None, overrides), str(tmp_path / d)) for d in "ab")
+    with_pass.cfg = load_rl_config(None, overrides[:2] + overrides[3:])  # model still invariant: computes the pass
+    engine = Engine(load_pretrained(skip.cfg.model), max_batch=64, batch_invariant=True)
+    prompts = [[3 + g, 7, 11 + g, 5] for g in range(6)]
+    outs = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=12, n=4, seed=0))
+    groups = [[Sample(p, o.output_ids, o.logprobs, reward=float(i % 2), group_id=g, index=i,
+                      status=Status.COMPLETED).to_dict() for i, o in enumerate(os_)]
+              for g, (p, os_) in enumerate(zip(prompts, outs))]
+    calls = []
+    import rlfoundry.rl.policy as policy
+    real = policy.sequence_logprobs
+    policy.sequence_logprobs = lambda *a, **k: calls.append(torch.is_grad_enabled()) or real(*a, **k)
+    try:
+        ms = skip.train(groups)
+        no_grad_skip = calls.count(False)
+        mp = with_pass.train(groups)
+    finally:
+        policy.sequence_logprobs = real
+    assert no_grad_skip == 0 and calls.count(False) > 0  # the no-grad pass ran in the second worker only
+    assert ms["train/clip_frac"] > 0 and ms["train/mismatch_max"] == 0.0 and mp["train/mismatch_max"] == 0.0
+    assert "train/mismatch_mean" in ms
+    assert all(torch.equal(a, b) for a, b in zip(skip.model.parameters(), with_pass.model.parameters()))
+
+
 def test_bf16_training_computes_every_rl_forward_under_autocast(tmp_path):
     """train.bf16 in RL: the loss's forward runs under bf16 autocast (it used to be ignored when
     the trainer was given RL's loss), and so does the no-grad pass that records the old log-probs,

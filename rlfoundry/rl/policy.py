@@ -51,7 +51,8 @@ class RLBatch:
     engine_logprobs: Tensor  # [B, T] at the response tokens' positions
     advantages: Tensor       # [B]
     weight: float            # the micro-batch's share of the step's loss
-    old_logprobs: Tensor | None = None  # [B, T-1], when updates_per_rollout > 1
+    old_logprobs: Tensor | None = None  # [B, T-1], the sampling policy's: updates after the first
+    old_from_engine: bool = False  # old_logprobs are the engines' own (exact or batch-invariant runs)
     ref_logprobs: Tensor | None = None  # [B, T-1], when kl_coef > 0
     routed_experts: Tensor | None = None  # [B, T, L_moe, K], routing replay
     packed: PackedRows | None = None      # share_prompts: what the model computes
@@ -223,10 +224,12 @@ def policy_loss(model, batch: RLBatch, algo, temperature: float) -> tuple[Tensor
     pg = aggregate(loss_t, mask, agg)
     loss = pg
     n = mask.sum().clamp(min=1)
-    diff = (old - engine).abs() * mask  # the trainer's log-probs under the weights that generated the samples
     metrics = {"pg_loss": pg.item(), "clip_frac": float((clipped.float() * mask).sum() / n),
-               "mismatch_mean": float(diff.sum() / n), "mismatch_max": float(diff.max()) if mask.any() else 0.0,
                "logprob_mean": float((logp.detach() * mask).sum() / n)}
+    if not batch.old_from_engine:  # the trainer's log-probs under the weights that generated the samples
+        diff = (old - engine).abs() * mask
+        metrics["mismatch_mean"] = float(diff.sum() / n)
+        metrics["mismatch_max"] = float(diff.max()) if mask.any() else 0.0
     if algo.entropy_coef:
         ent = aggregate(entropy(), mask, agg)
         loss = loss - algo.entropy_coef * ent

@@ -133,7 +133,8 @@ class TrainerWorker:
             batch = make_batches(samples, [1.0] * n, n, cfg.algorithm.aggregation, routing_replay=r.routing_replay,
                                  share_prompts=cfg.algorithm.share_prompts)[0]
             with self.trainer.autocast(batch.input_ids.device):  # autocast is part of the graph (train.bf16)
-                if cfg.algorithm.updates_per_rollout > 1:  # the no-grad pass for the old log-probs: another graph
+                if cfg.algorithm.updates_per_rollout > 1 and not (cfg.exact or cfg.batch_invariant):
+                    # the no-grad pass for the later updates' old log-probs: another graph
                     with torch.no_grad():
                         sequence_logprobs(self.policy, batch, r.temperature)
                 loss, _ = policy_loss(self.policy, batch, cfg.algorithm, r.temperature)
@@ -203,24 +204,37 @@ class TrainerWorker:
             updates.append(make_batches([s for s, _ in part], [a for _, a in part], algo.micro_batch_size,
                                         algo.aggregation, routing_replay=cfg.rollout.routing_replay,
                                         share_prompts=algo.share_prompts, of=whole))
-        with torch.no_grad():  # before any update: the policy that generated the samples
-            for b in [b for batches in updates for b in batches]:
-                with self.trainer.autocast(b.input_ids.device):  # as the loss computes (train.bf16)
-                    if n_updates > 1:
-                        b.old_logprobs = sequence_logprobs(self.policy, b, temperature)[0]
-                    if self.ref is not None:
-                        b.ref_logprobs = sequence_logprobs(self.ref, b, temperature)[0]
+        # Before any update: the log-probs of the policy that generated the samples, the PPO
+        # ratios' denominators. The first update is that policy (its own log-probs, ratio 1), so
+        # only the later updates' samples need a no-grad pass; in exact and batch-invariant runs
+        # the engines' log-probs are these bit for bit and none is needed.
+        engine_is_old = cfg.exact or cfg.batch_invariant
+        with torch.no_grad():
+            for u, batches in enumerate(updates):
+                for b in batches:
+                    with self.trainer.autocast(b.input_ids.device):  # as the loss computes (train.bf16)
+                        if u > 0 and engine_is_old:
+                            b.old_logprobs, b.old_from_engine = b.engine_logprobs[:, 1:], True
+                        elif u > 0:
+                            b.old_logprobs = sequence_logprobs(self.policy, b, temperature)[0]
+                        if self.ref is not None:
+                            b.ref_logprobs = sequence_logprobs(self.ref, b, temperature)[0]
 
         def loss_fn(b):
             nonlocal worst
             loss, m = policy_loss(self.policy, b, algo, temperature)
-            worst = max(worst, m["mismatch_max"])
+            worst = max(worst, m.get("mismatch_max", 0.0))
             return loss, m
 
+        counts: dict[str, int] = {}
         for batches in updates:
             m = self.trainer.train_step(batches, loss_fn=loss_fn)
             for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + v / n_updates if k not in ("step", "tokens") else v
+                metrics[k] = metrics.get(k, 0.0) + v if k not in ("step", "tokens") else v
+                counts[k] = counts.get(k, 0) + 1
+        # means over the updates (the mismatch over those that measured it: the ones whose
+        # denominators the trainer computed)
+        metrics = {k: v / counts[k] if k not in ("step", "tokens") else v for k, v in metrics.items()}
         metrics["mismatch_max"] = float(all_reduce_(torch.tensor(worst, dtype=torch.float64), "max"))  # all trainers
         out = {f"train/{k}": v for k, v in metrics.items() if k != "step"}
         out["train/samples"] = len(samples)
