@@ -134,7 +134,11 @@ class AlgorithmConfig:
     near prompts_per_step kept groups instead of short of them. Every kept group is trained, so a
     step may train more than prompts_per_step groups."""
     updates_per_rollout: int = 1
-    """Optimizer steps per rollout (mini-batches); > 1 makes later ones off-policy (clipped ratios)."""
+    """Optimizer steps per rollout: the step's samples split into this many mini-batches, each one
+    optimizer step; > 1 makes the later ones off-policy (PPO ratios against the sampling policy,
+    clipped). Their ratios' denominators come from a no-grad pass of the trainer over their samples
+    before the first update (about a third more training time for them), or, with exact or
+    batch_invariant, from the engines' log-probs, which equal them bit for bit (no pass)."""
     micro_batch_size: int = 32
     """Samples per forward/backward."""
     share_prompts: bool = True
