@@ -297,3 +297,20 @@ def test_shard_splits_a_step_by_tokens_into_contiguous_parts():
         assert max(sizes) - min(sizes) <= max(len(s.tokens) for s, _ in pairs)
     # fewer samples than trainers: some trainers get none (and still take part in the step)
     assert sorted(len(_shard(pairs[:1], r, 3)) for r in range(3)) == [0, 0, 1]
+
+
+def test_trainers_join_their_group_over_the_backend_of_their_tensors(tmp_path, monkeypatch):
+    """The RL trainer's model is on CPU, also where CUDA is present: its data-parallel group must be
+    gloo (NCCL refuses CPU tensors), not chosen by whether the machine has a GPU."""
+    import torch
+    import torch.distributed as dist
+
+    from rlfoundry.rl.workers import TrainerWorker
+
+    worker = TrainerWorker(load_rl_config(None, ["num_trainers=2"]), str(tmp_path))
+    joined = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: joined.update(backend=backend, **kw))
+    worker.join_group("127.0.0.1", 29999, 1, 2)
+    assert joined["backend"] == "gloo" and joined["rank"] == 1 and joined["world_size"] == 2
+    assert worker.trainer.replicated

@@ -181,8 +181,8 @@ class RLConfig:
     the rollout. Eager only (not with train.compile or rollout.compile_decode), fp32 only (not with
     exact or train.bf16)."""
     num_trainers: int = 1
-    """Data-parallel trainer processes (Ray actors in one torch.distributed group: gloo on CPU,
-    NCCL on GPUs). Each holds the whole model and optimizer and trains on about 1 / num_trainers
+    """Data-parallel trainer processes (Ray actors in one torch.distributed group, over gloo: the
+    RL trainer computes on CPU). Each holds the whole model and optimizer and trains on about 1 / num_trainers
     of every step's tokens; their gradients are summed before each optimizer step, which is then the
     same on all of them and the same as one trainer's on all the samples, up to float rounding.
     The cores are shared out among them (on one machine, each trainer one core of two)."""

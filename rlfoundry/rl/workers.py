@@ -150,10 +150,14 @@ class TrainerWorker:
         return ray.util.get_node_ip_address(), free_port()
 
     def join_group(self, address: str, port: int, rank: int, world: int) -> None:
-        """Join the trainers' process group (gloo on CPU, NCCL on GPUs) as `rank` of `world`."""
+        """Join the trainers' process group as `rank` of `world`, its backend chosen by where the
+        model's tensors are (gloo for CPU ones, NCCL for CUDA ones; the RL trainer computes on CPU,
+        on GPU machines too: NCCL would refuse its gradients)."""
         import torch.distributed as dist
 
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+        from rlfoundry.train.distributed import backend_for
+
+        dist.init_process_group(backend_for(next(self.model.parameters()).device),
                                 init_method=f"tcp://{address}:{port}", rank=rank, world_size=world)
         self.rank, self.world = rank, world
         self.trainer.replicated = world > 1

@@ -14,9 +14,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def backend_for(device: torch.device) -> str:
+    """The process-group backend for collectives on tensors of `device`: NCCL for CUDA tensors
+    (it takes no others), gloo for the rest."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
 def _entry(rank: int, world: int, port: int, fn, args, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = backend_for("cuda" if torch.cuda.is_available() else "cpu")  # fn puts its tensors on cuda:rank
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=world)
