@@ -247,12 +247,14 @@ class TrainerWorker:
 
     # ------------------------------------------------------------------ weights
     def connect_engines(self, engine_urls: list[str]) -> None:
-        """Join the engines in a torch.distributed group for broadcast weight updates."""
+        """Join the engines in a torch.distributed group for broadcast weight updates, over the
+        backend of the tensors sent (gloo for the CPU trainer's: NCCL takes CUDA tensors only)."""
         from rlfoundry.rollout.client import DistributedWeightSender, SGLangClient
         from rlfoundry.rollout.launch import free_port
+        from rlfoundry.train.distributed import backend_for
 
         self.sender = DistributedWeightSender([SGLangClient(u) for u in engine_urls], "127.0.0.1", free_port(),
-                                              backend="nccl" if torch.cuda.is_available() else "gloo")
+                                              backend=backend_for(next(self.model.parameters()).device))
 
     def broadcast_weights(self, version: int) -> float:
         from rlfoundry.model.hf_io import to_hf_state_dict
