@@ -140,7 +140,7 @@ def test_exact_log_probs_stand_in_for_the_old_policy_pass(tmp_path):
     overrides = ["algorithm.micro_batch_size=16", "algorithm.updates_per_rollout=2", "batch_invariant=true",
                  "train.lr=3e-2", "train.final_lr=3e-2"]
     skip, with_pass = (TrainerWorker(load_rl_config(None, overrides), str(tmp_path / d)) for d in "ab")
-    with_pass.cfg = load_rl_config(None, overrides[:2] + overrides[3:])  # model still invariant: computes the pass
+    with_pass.engine_logprobs_exact = False  # still batch-invariant, but computes the pass
     engine = Engine(load_pretrained(skip.cfg.model), max_batch=64, batch_invariant=True)
     prompts = [[3 + g, 7, 11 + g, 5] for g in range(6)]
     outs = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=12, n=4, seed=0))

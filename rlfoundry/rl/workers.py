@@ -96,6 +96,9 @@ class TrainerWorker:
             self.policy = ComputeIn(self.model, torch.float64)
             if self.ref is not None:
                 self.ref = ComputeIn(self.ref, torch.float64)
+        # exact and batch-invariant runs: the engines' log-probs are the trainer's bit for bit, so
+        # they stand in for the sampling policy's wherever the trainer would compute those again
+        self.engine_logprobs_exact = cfg.exact or cfg.batch_invariant
         self.sender = None
         if cfg.train.compile:
             self._compile_now()
@@ -133,7 +136,7 @@ class TrainerWorker:
             batch = make_batches(samples, [1.0] * n, n, cfg.algorithm.aggregation, routing_replay=r.routing_replay,
                                  share_prompts=cfg.algorithm.share_prompts)[0]
             with self.trainer.autocast(batch.input_ids.device):  # autocast is part of the graph (train.bf16)
-                if cfg.algorithm.updates_per_rollout > 1 and not (cfg.exact or cfg.batch_invariant):
+                if cfg.algorithm.updates_per_rollout > 1 and not self.engine_logprobs_exact:
                     # the no-grad pass for the later updates' old log-probs: another graph
                     with torch.no_grad():
                         sequence_logprobs(self.policy, batch, r.temperature)
@@ -212,12 +215,11 @@ class TrainerWorker:
         # ratios' denominators. The first update is that policy (its own log-probs, ratio 1), so
         # only the later updates' samples need a no-grad pass; in exact and batch-invariant runs
         # the engines' log-probs are these bit for bit and none is needed.
-        engine_is_old = cfg.exact or cfg.batch_invariant
         with torch.no_grad():
             for u, batches in enumerate(updates):
                 for b in batches:
                     with self.trainer.autocast(b.input_ids.device):  # as the loss computes (train.bf16)
-                        if u > 0 and engine_is_old:
+                        if u > 0 and self.engine_logprobs_exact:
                             b.old_logprobs, b.old_from_engine = b.engine_logprobs[:, 1:], True
                         elif u > 0:
                             b.old_logprobs = sequence_logprobs(self.policy, b, temperature)[0]
