@@ -71,14 +71,14 @@ def _demo(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import shlex
 
-    from rlfoundry.rollout.launch import RlfoundryBackend, VLLMBackend, serve
+    from rlfoundry.rollout.launch import EngineSpec, RlfoundryBackend, VLLMBackend, serve
 
     backend = VLLMBackend(shlex.split(args.vllm_args)) if args.backend == "vllm" else RlfoundryBackend()
-    return serve(args.model, host=args.host, port=args.port, engines=args.engines, max_batch=args.max_batch,
-                 max_len=args.max_len, dtype=args.dtype, served_model_name=args.served_model_name,
-                 log_level=args.log_level, speculative_steps=args.speculative_steps, backend=backend,
-                 compile_decode=args.compile_decode, admit_quiet_ms=args.admit_quiet_ms,
-                 batch_invariant=args.batch_invariant)
+    spec = EngineSpec(args.model, max_batch=args.max_batch, max_len=args.max_len, dtype=args.dtype,
+                      served_model_name=args.served_model_name, speculative_steps=args.speculative_steps,
+                      compile_decode=args.compile_decode, admit_quiet_ms=args.admit_quiet_ms,
+                      batch_invariant=args.batch_invariant, device=args.device)
+    return serve(spec, host=args.host, port=args.port, engines=args.engines, log_level=args.log_level, backend=backend)
 
 
 def _stage(args: argparse.Namespace) -> int:
@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-invariant", action="store_true",
                    help="compute each sequence as if alone, so that a trainer doing the same (RL's batch_invariant) "
                         "gets its log-probs bit for bit in fp32; eager decoding only")
+    p.add_argument("--device", default="cpu",
+                   help="where our engine computes: cpu, cuda (with --engines N: engine i on GPU i mod the GPUs "
+                        "visible) or cuda:N")
     p.add_argument("--admit-quiet-ms", type=_non_negative_float, default=3.0,
                    help="an idle engine starts arriving requests once none has come for this long (at most "
                         "50 ms after the first), so a burst (an RL step's groups) runs as one batch; 0: at once")

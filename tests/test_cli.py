@@ -54,29 +54,40 @@ def test_compile_decode_admission_and_batch_invariance_reach_the_engine_command(
     vLLM compiles its own decode and gets nothing extra. `--admit-quiet-ms` (RL's deterministic
     mode passes 0) likewise; a negative value is refused."""
     from rlfoundry.cli import build_parser
-    from rlfoundry.rollout.launch import RlfoundryBackend, VLLMBackend
+    from pathlib import Path
+
+    from rlfoundry.rollout.launch import EngineSpec, RlfoundryBackend, VLLMBackend, serve
+
+    def command(backend, **options):
+        return backend.engine_command(EngineSpec("m", max_batch=8, **options), 1234)[0]
 
     args = build_parser().parse_args(["serve", "--model", "m", "--compile-decode"])
     assert args.compile_decode is True
     assert build_parser().parse_args(["serve", "--model", "m"]).compile_decode is False
-    ours, _ = RlfoundryBackend().engine_command("m", 1234, 8, None, "float32", None, 0, compile_decode=True)
-    assert "--compile-decode" in ours
-    assert "--compile-decode" not in RlfoundryBackend().engine_command("m", 1234, 8, None, "float32", None, 0)[0]
-    ours, _ = RlfoundryBackend().engine_command("m", 1234, 8, None, "float32", None, 0, admit_quiet_ms=0.0)
+    assert "--compile-decode" in command(RlfoundryBackend(), compile_decode=True)
+    assert "--compile-decode" not in command(RlfoundryBackend())
+    ours = command(RlfoundryBackend(), admit_quiet_ms=0.0)
     assert ours[ours.index("--admit-quiet-ms") + 1] == "0.0"
     assert build_parser().parse_args(["serve", "--model", "m"]).admit_quiet_ms == 3.0
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--model", "m", "--admit-quiet-ms", "-1"])
-    vllm, _ = VLLMBackend().engine_command("m", 1234, 8, None, "float32", None, 0, compile_decode=True)
-    assert "--compile-decode" not in vllm
+    assert "--compile-decode" not in command(VLLMBackend(), compile_decode=True)
     # batch invariance: our engine's flag; vLLM cannot, and compiled decoding cannot
-    assert "--batch-invariant" in RlfoundryBackend().engine_command("m", 1234, 8, None, "float32", None, 0,
-                                                                    batch_invariant=True)[0]
+    assert "--batch-invariant" in command(RlfoundryBackend(), batch_invariant=True)
     assert build_parser().parse_args(["serve", "--model", "m", "--batch-invariant"]).batch_invariant is True
     with pytest.raises(ValueError, match="batch_invariant"):
-        VLLMBackend().engine_command("m", 1234, 8, None, "float32", None, 0, batch_invariant=True)
-    from pathlib import Path
-
-    from rlfoundry.rollout.launch import serve
+        command(VLLMBackend(), batch_invariant=True)
     tiny = str(Path(__file__).resolve().parents[1] / "examples/tiny/model")
-    assert serve(tiny, batch_invariant=True, compile_decode=True) == 2  # refused before anything starts
+    assert serve(EngineSpec(tiny, batch_invariant=True, compile_decode=True)) == 2  # refused before anything starts
+    # the device: ours passes it on (cpu is the default, left out); vLLM's build decides its own
+    assert build_parser().parse_args(["serve", "--model", "m"]).device == "cpu"
+    assert "--device" not in command(RlfoundryBackend())
+    ours = command(RlfoundryBackend(), device="cuda:1")
+    assert ours[ours.index("--device") + 1] == "cuda:1"
+    with pytest.raises(ValueError, match="--device"):
+        command(VLLMBackend(), device="cuda")
+    assert serve(EngineSpec(tiny, device="tpu")) == 2 and serve(EngineSpec(tiny, batch_invariant=True, device="cuda")) == 2
+    import torch
+
+    if not torch.cuda.is_available():
+        assert serve(EngineSpec(tiny, device="cuda")) == 2  # no GPU visible: refused before anything starts

@@ -109,7 +109,7 @@ def test_bad_configs_name_the_field(tmp_path):
              "rollout.max_len=96": "rollout.max_len", "rollout.max_len=-1": "rollout.max_len",
              "rollout.max_len=97": None, "rollout.engine_threads=-1": "rollout.engine_threads",
              "rollout.max_len=4096": "max_position_embeddings",
-             "rollout.engine_threads=1": None}
+             "rollout.engine_threads=1": None, "device=tpu": "field 'device'", "device=cpu": None}
     for override, field in cases.items():
         if field is None:
             load_rl_config(None, [override])
@@ -118,6 +118,13 @@ def test_bad_configs_name_the_field(tmp_path):
             load_rl_config(None, [override])
     with pytest.raises(ConfigError, match="field 'exact'"):
         load_rl_config(None, ["exact=true", "train.bf16=true"])
+    import torch
+
+    if not torch.cuda.is_available():  # device cuda where no GPU is visible: refused before anything starts
+        with pytest.raises(ConfigError, match="field 'device'.*no CUDA device"):
+            load_rl_config(None, ["device=cuda"])
+    with pytest.raises(ConfigError, match="field 'batch_invariant'.*device cuda"):
+        load_rl_config(None, ["device=cuda", "batch_invariant=true", "ray_address=auto"])  # a cluster's GPUs
     for other in ("exact=true", "train.bf16=true", "train.compile=inductor", "rollout.compile_decode=true"):
         with pytest.raises(ConfigError, match=f"field 'batch_invariant'.*{other.split('=')[0]}"):
             load_rl_config(None, ["batch_invariant=true", other])

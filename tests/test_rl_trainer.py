@@ -229,6 +229,22 @@ def test_shared_prompt_packing_gives_the_per_sample_loss_and_gradients(routing_r
         assert max(abs(a - b) for a, b in zip(logp_a, logp_b)) < 1e-12
     assert sum(b.num_tokens for b in packed) < 0.8 * sum(b.num_tokens for b in plain)
     assert all(b.packed.input_ids.shape[0] < b.input_ids.shape[0] for b in packed[:1])
+    # a micro-batch goes to the trainer's device whole (`train.device`), packed rows and routes too;
+    # one already there keeps its tensors (no copy)
+    import dataclasses
+
+    def tensors(obj):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if isinstance(v, torch.Tensor):
+                yield v
+            elif dataclasses.is_dataclass(v):
+                yield from tensors(v)
+
+    moved = packed[0].to("meta")
+    assert len(list(tensors(moved))) == len(list(tensors(packed[0]))) >= 10 + 2 * routing_replay
+    assert all(t.device.type == "meta" for t in tensors(moved)) and moved.weight == packed[0].weight
+    assert all(a is b for a, b in zip(tensors(packed[0].to("cpu")), tensors(packed[0])))
 
 
 def _data_parallel_rank(rank: int, world: int, groups: list, out: str) -> dict:

@@ -9,12 +9,12 @@ import torch
 from fastapi.testclient import TestClient
 
 from rlfoundry.model import load_pretrained
-from rlfoundry.rollout.launch import build_engine_app
+from rlfoundry.rollout.launch import EngineSpec, build_engine_app
 
 
 @pytest.fixture(scope="module")
 def client(tiny_checkpoint):
-    app, _ = build_engine_app(str(tiny_checkpoint), max_batch=8, max_len=128, dtype="float32", name="tiny")
+    app, _ = build_engine_app(EngineSpec(str(tiny_checkpoint), max_batch=8, max_len=128, served_model_name="tiny"))
     with TestClient(app) as c:
         yield c
     app.state.engine.shutdown()
@@ -92,7 +92,11 @@ def test_info_health_metrics_flush(client):
     info = client.get("/get_model_info").json()
     assert info["is_generation"] and info["weight_version"] == "0"
     server = client.get("/get_server_info").json()
-    assert server["max_running_requests"] == 8 and server["context_length"] == 128
+    assert server["max_running_requests"] == 8 and server["context_length"] == 128 and server["device"] == "cpu"
+    # NCCL moves CUDA tensors: a CPU engine refuses to join an NCCL weight-update group (nothing hangs)
+    r = client.post("/init_weights_update_group", json={"master_address": "127.0.0.1", "master_port": 1,
+                                                         "world_size": 2, "backend": "nccl"})
+    assert r.status_code == 400 and "nccl" in r.json()["message"] and "use gloo" in r.json()["message"], r.text
     metrics = client.get("/metrics").text
     assert "rlfoundry_running_requests 0" in metrics and "rlfoundry_generated_tokens_total" in metrics
     assert client.post("/flush_cache").status_code == 200

@@ -186,6 +186,12 @@ class RLConfig:
     of every step's tokens; their gradients are summed before each optimizer step, which is then the
     same on all of them and the same as one trainer's on all the samples, up to float rounding.
     The cores are shared out among them (on one machine, each trainer one core of two)."""
+    device: str = "cpu"
+    """Where the trainers and the engines compute: cpu, or cuda — each trainer a GPU of its own
+    (a Ray actor with num_gpus=1), engine i on GPU i mod the GPUs of its node, sharing them with
+    the trainers (colocated). Weights still go to the engines over gloo, through CPU memory: NCCL
+    takes one rank per GPU, and a colocated engine shares its trainer's. Not with batch_invariant
+    (its invariance rules are this CPU build's). Written for GPUs, run on CPU only so far."""
     mode: str = "sync"
     """sync: colocated, generate -> reward -> train -> update weights, one after another."""
     ray_address: str = ""
@@ -247,6 +253,21 @@ class RLConfig:
                              ("train.compile", self.train.compile), ("rollout.compile_decode", self.rollout.compile_decode)):
                 if on:
                     bad("batch_invariant", f"is fp32 and eager: it does not combine with {name}")
+        if self.device not in ("cpu", "cuda"):
+            bad("device", f"must be cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not self.ray_address:  # a cluster's GPUs are its nodes' to check
+            from rlfoundry.rollout.launch import device_error
+
+            why = device_error("cuda")
+            if why:
+                bad("device", why)
+            import torch
+
+            if self.num_trainers > torch.cuda.device_count():
+                bad("num_trainers", f"needs a GPU each with device cuda: {self.num_trainers} trainers, "
+                    f"{torch.cuda.device_count()} GPU(s) visible")
+        if self.device == "cuda" and self.batch_invariant:
+            bad("batch_invariant", "is for the CPU (its invariance rules are this CPU build's): not with device cuda")
         if self.mode != "sync":
             bad("mode", f"must be 'sync' (the async mode is not built yet), got {self.mode!r}")
         if self.weight_sync not in ("distributed", "disk"):

@@ -167,12 +167,16 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
         opts = dict(num_cpus=0, max_concurrency=1)
         buffer = ray.remote(BufferWorker).options(**opts).remote(cfg, str(out), str(db) if db else None)
         if cfg.debug != "rollout_only":  # data-parallel trainers join one process group; rank 0 leads
-            trainers = [ray.remote(TrainerWorker).options(**opts).remote(cfg, str(out)) for _ in range(cfg.num_trainers)]
+            gpu = {"num_gpus": 1} if cfg.device == "cuda" else {}
+            trainers = [ray.remote(TrainerWorker).options(**opts, **gpu).remote(cfg, str(out))
+                        for _ in range(cfg.num_trainers)]
             if len(trainers) > 1:
                 address, port = ray.get(trainers[0].address.remote())
                 ray.get([t.join_group.remote(address, port, r, len(trainers)) for r, t in enumerate(trainers)])
             trainer = trainers[0]
-        rollout = ray.remote(RolloutWorker).options(**opts).remote(cfg, str(out)) if cfg.debug != "train_only" else None
+        visible = None if cfg.ray_address else os.environ.get("CUDA_VISIBLE_DEVICES")  # this machine's, not a node's
+        rollout = ray.remote(RolloutWorker).options(**opts).remote(cfg, str(out), visible) \
+            if cfg.debug != "train_only" else None
         start = 0
         if fresh_copy:  # everything the other run trained is to be trained here
             ray.get(buffer.rollback.remote(-1))

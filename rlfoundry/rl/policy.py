@@ -19,7 +19,7 @@ is exact under gradient accumulation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Callable
 
 import torch
@@ -57,10 +57,27 @@ class RLBatch:
     routed_experts: Tensor | None = None  # [B, T, L_moe, K], routing replay
     packed: PackedRows | None = None      # share_prompts: what the model computes
 
+    def to(self, device: torch.device | str) -> "RLBatch":
+        """The micro-batch with its tensors on `device` (the trainer's model's; tensors already
+        there are not copied)."""
+        return _moved(self, torch.device(device))
+
     @property
     def num_tokens(self) -> int:
         """Token positions the model computes (padding included)."""
         return (self.packed.input_ids if self.packed is not None else self.input_ids).numel()
+
+
+def _moved(obj, device: torch.device):
+    """A dataclass of tensors (and nested ones) with every tensor on `device`."""
+    changes = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, Tensor):
+            changes[f.name] = v.to(device)
+        elif isinstance(v, PackedRows):
+            changes[f.name] = _moved(v, device)
+    return replace(obj, **changes)
 
 
 def _same_prompt(a: Sample, b: Sample, routing_replay: bool) -> bool:

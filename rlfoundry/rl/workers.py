@@ -79,7 +79,9 @@ class TrainerWorker:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.seed)
         self.cfg, self.out = cfg, Path(out)
-        self.model = load_pretrained(cfg.model, mtp="auto")
+        # device cuda: Ray gave this actor one GPU, its cuda:0
+        self.device = torch.device(cfg.device)
+        self.model = load_pretrained(cfg.model, mtp="auto").to(self.device)
         if cfg.batch_invariant:  # computes as the engines do (they are told too), bit for bit
             self.model.set_batch_invariant()
         if not any(w for _, w in cfg.train.mtp_schedule):
@@ -134,7 +136,7 @@ class TrainerWorker:
             samples = [Sample(prompt_ids=[1] * 7 + [(2 + i // g) % V], response_ids=[1] * (T - i % 2),
                               logprobs=[0.0] * (T - i % 2), routed_experts=routed) for i in range(n)]
             batch = make_batches(samples, [1.0] * n, n, cfg.algorithm.aggregation, routing_replay=r.routing_replay,
-                                 share_prompts=cfg.algorithm.share_prompts)[0]
+                                 share_prompts=cfg.algorithm.share_prompts)[0].to(self.device)
             with self.trainer.autocast(batch.input_ids.device):  # autocast is part of the graph (train.bf16)
                 if cfg.algorithm.updates_per_rollout > 1 and not self.engine_logprobs_exact:
                     # the no-grad pass for the later updates' old log-probs: another graph
@@ -154,8 +156,8 @@ class TrainerWorker:
 
     def join_group(self, address: str, port: int, rank: int, world: int) -> None:
         """Join the trainers' process group as `rank` of `world`, its backend chosen by where the
-        model's tensors are (gloo for CPU ones, NCCL for CUDA ones; the RL trainer computes on CPU,
-        on GPU machines too: NCCL would refuse its gradients)."""
+        model's tensors are (`device`): gloo for CPU ones, on GPU machines too (NCCL would refuse
+        their gradients), NCCL for CUDA ones."""
         import torch.distributed as dist
 
         from rlfoundry.train.distributed import backend_for
@@ -208,9 +210,9 @@ class TrainerWorker:
             whole = (sum(sum(s.loss_mask) for s, _ in part), len(part))
             if self.world > 1:
                 part = _shard(part, self.rank, self.world)
-            updates.append(make_batches([s for s, _ in part], [a for _, a in part], algo.micro_batch_size,
-                                        algo.aggregation, routing_replay=cfg.rollout.routing_replay,
-                                        share_prompts=algo.share_prompts, of=whole))
+            updates.append([b.to(self.device) for b in make_batches(
+                [s for s, _ in part], [a for _, a in part], algo.micro_batch_size, algo.aggregation,
+                routing_replay=cfg.rollout.routing_replay, share_prompts=algo.share_prompts, of=whole)])
         # Before any update: the log-probs of the policy that generated the samples, the PPO
         # ratios' denominators. The first update is that policy (its own log-probs, ratio 1), so
         # only the later updates' samples need a no-grad pass; in exact and batch-invariant runs
@@ -241,7 +243,8 @@ class TrainerWorker:
         # means over the updates (the mismatch over those that measured it: the ones whose
         # denominators the trainer computed)
         metrics = {k: v / counts[k] if k not in ("step", "tokens") else v for k, v in metrics.items()}
-        metrics["mismatch_max"] = float(all_reduce_(torch.tensor(worst, dtype=torch.float64), "max"))  # all trainers
+        metrics["mismatch_max"] = float(all_reduce_(torch.tensor(worst, dtype=torch.float64, device=self.device),
+                                                    "max"))  # over all trainers
         out = {f"train/{k}": v for k, v in metrics.items() if k != "step"}
         out["train/samples"] = len(samples)
         out["time/train_s"] = time.perf_counter() - t0
@@ -249,14 +252,15 @@ class TrainerWorker:
 
     # ------------------------------------------------------------------ weights
     def connect_engines(self, engine_urls: list[str]) -> None:
-        """Join the engines in a torch.distributed group for broadcast weight updates, over the
-        backend of the tensors sent (gloo for the CPU trainer's: NCCL takes CUDA tensors only)."""
+        """Join the engines in a torch.distributed group for broadcast weight updates, over gloo:
+        CPU tensors (a CUDA trainer's weights are copied out first, and the engines copy them onto
+        their GPUs). Not NCCL: it takes one rank per GPU, and colocated engines share the
+        trainers' GPUs."""
         from rlfoundry.rollout.client import DistributedWeightSender, SGLangClient
         from rlfoundry.rollout.launch import free_port
-        from rlfoundry.train.distributed import backend_for
 
         self.sender = DistributedWeightSender([SGLangClient(u) for u in engine_urls], "127.0.0.1", free_port(),
-                                              backend=backend_for(next(self.model.parameters()).device))
+                                              backend="gloo")
 
     def broadcast_weights(self, version: int) -> float:
         from rlfoundry.model.hf_io import to_hf_state_dict
@@ -291,17 +295,20 @@ class TrainerWorker:
         h = hashlib.sha256()
         for k, v in sorted(self.model.state_dict().items()):
             h.update(k.encode())
-            h.update(v.detach().contiguous().numpy().tobytes())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
 
 # ============================================================================ data workshop
 class RolloutWorker:
-    def __init__(self, cfg, out: str):
+    def __init__(self, cfg, out: str, visible_gpus: str | None = None):
+        """`visible_gpus`: with device cuda, the CUDA_VISIBLE_DEVICES the engines get (the value the
+        run was started with on this machine; None: all the node's GPUs)."""
         from rlfoundry.data.tokenizer import eos_token_ids, load_tokenizer
         from rlfoundry.rewards import RewardContext, load_reward
         from rlfoundry.rollout.client import SGLangClient
-        from rlfoundry.rollout.launch import RlfoundryBackend, free_port, threads_each, wait_healthy
+        from rlfoundry.rollout.launch import (EngineSpec, RlfoundryBackend, engine_device, free_port, threads_each,
+                                             wait_healthy)
 
         self.cfg, self.out = cfg, Path(out)
         self.tokenizer = load_tokenizer(cfg.model)
@@ -314,13 +321,21 @@ class RolloutWorker:
         self.procs: list[subprocess.Popen] = []
         self.engine_urls = []
         log = open(self.out / "engines.log", "ab")
-        for _ in range(cfg.rollout.num_engines):
+        if cfg.device == "cuda":
+            # Ray hides the GPUs from actors that asked for none, as this one: its engines see
+            # the node's GPUs (or those the run was started with) and spread over them
+            if visible_gpus is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpus
+        for i in range(cfg.rollout.num_engines):
             port = free_port()
             # deterministic mode sends one group at a time: no burst to wait for
-            cmd, env = backend.engine_command(cfg.model, port, cfg.rollout.max_batch, cfg.rollout.max_len or None,
-                                              "float64" if cfg.exact else "float32", None, 0,
-                                              cfg.rollout.compile_decode, 0.0 if cfg.deterministic else None,
-                                              cfg.batch_invariant)
+            spec = EngineSpec(cfg.model, max_batch=cfg.rollout.max_batch, max_len=cfg.rollout.max_len or None,
+                              dtype="float64" if cfg.exact else "float32", compile_decode=cfg.rollout.compile_decode,
+                              admit_quiet_ms=0.0 if cfg.deterministic else None, batch_invariant=cfg.batch_invariant,
+                              device=engine_device(cfg.device, i))
+            cmd, env = backend.engine_command(spec, port)
             self.procs.append(subprocess.Popen(_watched(cmd), env={**os.environ, **env, "OMP_NUM_THREADS": threads},
                                                stdout=log, stderr=log))
             self.engine_urls.append(f"http://127.0.0.1:{port}")

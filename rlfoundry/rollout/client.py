@@ -143,13 +143,15 @@ class SGLangClient(RolloutClient):
 
 class DistributedWeightSender:
     """The trainer's side of `/init_weights_update_group` + `/update_weights_from_distributed`:
-    rank 0 of a process group whose other ranks are the engines, one rank each."""
+    rank 0 of a process group whose other ranks are the engines, one rank each. `backend`: gloo
+    (CPU tensors; CUDA ones are copied to the CPU first) or nccl (CUDA tensors, each engine on a GPU
+    of its own, not the sender's)."""
 
     def __init__(self, clients: list[SGLangClient], master_address: str, master_port: int,
                  backend: str = "gloo", group_name: str = "weight_update_group"):
         import torch.distributed as dist
 
-        self.clients, self.group_name = clients, group_name
+        self.clients, self.group_name, self.backend = clients, group_name, backend
         self.failed: Exception | None = None
         world = 1 + len(clients)
         errors: list[Exception] = []
@@ -197,6 +199,10 @@ class DistributedWeightSender:
             buffers = [torch.cat(parts) for parts in by_dtype.values()]
         else:
             buffers = [t for _, t in tensors]
+        if self.backend == "gloo":  # gloo moves CPU tensors (a CUDA trainer's are copied out first)
+            buffers = [b.cpu() for b in buffers]
+        elif not all(b.is_cuda for b in buffers):
+            raise ValueError("backend nccl sends CUDA tensors: move the weights to the GPU, or use gloo")
         errors: list[Exception] = []
 
         def request(client: SGLangClient) -> None:

@@ -161,13 +161,20 @@ def _filter_probs(probs_BV: Tensor, top_k_B: Tensor, top_p_B: Tensor, min_p_B: T
     return torch.zeros_like(probs_BV).scatter_(1, order, sorted_p * keep)
 
 
+def _filters(params: list[SamplingParams], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """top_k, top_p and min_p of each row, as `_filter_probs` takes them, on `device`."""
+    return (torch.tensor([p.top_k for p in params], device=device),
+            torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device))
+
+
 def sample(logits_BV: Tensor, params: list[SamplingParams], streams: list[RandomStream]) -> tuple[Tensor, Tensor]:
     """Next token ids [B] and their fp32 log-probs [B] under softmax(logits / temperature)
     (raw softmax for greedy rows), computed in fp32 (fp64 for an fp64 model, then rounded). Each
     sampled row draws from its own stream, so a sequence's samples do not depend on what else is
     in the batch."""
     logits = logits_BV.to(at_least_fp32(logits_BV.dtype))
-    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)  # as the trainer divides
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)  # as the trainer divides
     greedy = temps == 0
     logprobs_BV = (logits / torch.where(greedy, 1.0, temps)[:, None]).log_softmax(-1)
     ids = logits.argmax(-1)
@@ -176,9 +183,7 @@ def sample(logits_BV: Tensor, params: list[SamplingParams], streams: list[Random
         probs = logprobs_BV[rows].exp()
         sub = [params[r] for r in rows]
         if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in sub):
-            probs = _filter_probs(probs, torch.tensor([p.top_k for p in sub]),
-                                  torch.tensor([p.top_p for p in sub], dtype=torch.float32),
-                                  torch.tensor([p.min_p for p in sub], dtype=torch.float32))
+            probs = _filter_probs(probs, *_filters(sub, probs.device))
         ids[rows] = draw(probs, [streams[r] for r in rows])
     return ids, logprobs_BV.gather(1, ids[:, None]).flatten().float()
 
@@ -186,7 +191,7 @@ def sample(logits_BV: Tensor, params: list[SamplingParams], streams: list[Random
 def draw(probs_BV: Tensor, streams: list[RandomStream]) -> Tensor:
     """Token ids [B], one per row of (not necessarily normalised) probabilities, by inverting the
     row's cumulative distribution at the next uniform of its stream."""
-    u_B = torch.tensor([s.next() for s in streams], dtype=probs_BV.dtype)
+    u_B = torch.tensor([s.next() for s in streams], dtype=probs_BV.dtype, device=probs_BV.device)
     cdf = probs_BV.cumsum(-1)
     picked = torch.searchsorted(cdf, (u_B * cdf[:, -1])[:, None], right=True)
     return picked.clamp(max=probs_BV.shape[-1] - 1).flatten()
@@ -701,7 +706,7 @@ class Engine:
             target_lp = target_lp_Bk1.tolist()
         else:
             p_logits = v_logits.float()                                       # [B, k+1, V]
-            temps = torch.tensor([p.temperature for p in params])
+            temps = torch.tensor([p.temperature for p in params], device=p_logits.device)
             scaled = p_logits / torch.where(temps == 0, 1.0, temps)[:, None, None]
             logprobs_all = scaled.log_softmax(-1)
             # greedy rows: the main model's choice at each position, and its log-prob
@@ -759,7 +764,7 @@ class Engine:
         """The sampling distribution: softmax after temperature, then top-k / top-p / min-p."""
         probs = logprobs_V.exp()[None]
         if p.top_k > 0 or p.top_p < 1 or p.min_p > 0:
-            probs = _filter_probs(probs, torch.tensor([p.top_k]), torch.tensor([p.top_p]), torch.tensor([p.min_p]))
+            probs = _filter_probs(probs, *_filters([p], probs.device))
         return (probs / probs.sum())[0]
 
     def _draft(self, logits_BV: Tensor, params: list[SamplingParams],
@@ -769,7 +774,7 @@ class Engine:
         logits = logits_BV.float()
         if all(p.temperature == 0 for p in params):  # greedy: the choice alone (acceptance compares ids)
             return logits.argmax(-1), None
-        temps = torch.tensor([p.temperature for p in params])
+        temps = torch.tensor([p.temperature for p in params], device=logits.device)
         q = (logits / torch.where(temps == 0, 1.0, temps)[:, None]).softmax(-1)
         d = logits.argmax(-1)
         for b, p in enumerate(params):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -44,9 +45,62 @@ def wait_healthy(url: str, timeout: float, procs: list[subprocess.Popen] = ()) -
     raise TimeoutError(f"{url} did not become healthy in {timeout:.0f} s")
 
 
-def build_engine_app(model_path: str, max_batch: int, max_len: int | None, dtype: str, name: str | None,
-                     speculative_steps: int = 0, compile_decode: bool = False, start_engine: bool = True,
-                     admit_quiet_ms: float = 3.0, batch_invariant: bool = False):
+@dataclass
+class EngineSpec:
+    """How one engine server runs a checkpoint: `rlfoundry serve`'s engine options, and what the RL
+    loop starts its engines with."""
+
+    model: str
+    """Hugging Face glm4_moe checkpoint directory."""
+    max_batch: int = 64
+    """Sequences decoded together (KV cache slots)."""
+    max_len: int | None = None
+    """Context in tokens, prompt and response together (None: the model's)."""
+    dtype: str = "float32"
+    """Weights and arithmetic: float32, bfloat16, float16, or float64 (RL's exact mode)."""
+    served_model_name: str | None = None
+    """Model name of the OpenAI API (None: the checkpoint path)."""
+    speculative_steps: int = 0
+    """MTP speculative decoding's draft tokens per step (0: off)."""
+    compile_decode: bool = False
+    """Decode steps through torch.compile (our engine; vLLM compiles its own unless told not to)."""
+    admit_quiet_ms: float | None = None
+    """Our server's --admit-quiet-ms (None: its default, 3 ms); vLLM has no such setting."""
+    batch_invariant: bool = False
+    """Our engine's --batch-invariant (vLLM's kernels are its own: refused)."""
+    device: str = "cpu"
+    """Where our engine computes: cpu, cuda or cuda:N (vLLM runs where its build runs)."""
+
+
+def device_error(device: str) -> str | None:
+    """Why `device` cannot hold an engine or a trainer here (None: it can): not a torch device,
+    not cpu or cuda, or a CUDA device this process does not see."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:
+        return f"not a torch device ({e})"
+    if d.type not in ("cpu", "cuda"):
+        return f"must be cpu, cuda or cuda:N, got {device!r}"
+    if d.type == "cuda" and not torch.cuda.is_available():
+        return f"{device!r}: no CUDA device is visible to this process"
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        return f"{device!r}: only {torch.cuda.device_count()} CUDA device(s) visible"
+    return None
+
+
+def engine_device(device: str, i: int) -> str:
+    """The device of engine `i` of several: plain "cuda" spreads them over the visible GPUs
+    (engine i on GPU i mod their number); anything else is taken as given."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        return f"cuda:{i % torch.cuda.device_count()}"
+    return device
+
+
+def build_engine_app(spec: EngineSpec, start_engine: bool = True):
     import torch
 
     from rlfoundry.data.tokenizer import eos_token_ids, load_tokenizer
@@ -54,13 +108,15 @@ def build_engine_app(model_path: str, max_batch: int, max_len: int | None, dtype
     from rlfoundry.rollout.engine import Engine
     from rlfoundry.rollout.server import create_app
 
-    model = load_pretrained(model_path, dtype=getattr(torch, dtype))
-    tokenizer = load_tokenizer(model_path)
+    model = load_pretrained(spec.model, dtype=getattr(torch, spec.dtype)).to(spec.device)
+    tokenizer = load_tokenizer(spec.model)
     eos = eos_token_ids(tokenizer) if tokenizer is not None else None
-    engine = Engine(model, max_batch=max_batch, max_len=max_len, eos_token_ids=eos, speculative_steps=speculative_steps,
-                    compile_decode=compile_decode, admit_quiet_s=admit_quiet_ms / 1e3, batch_invariant=batch_invariant)
+    quiet_ms = 3.0 if spec.admit_quiet_ms is None else spec.admit_quiet_ms
+    engine = Engine(model, max_batch=spec.max_batch, max_len=spec.max_len, eos_token_ids=eos,
+                    speculative_steps=spec.speculative_steps, compile_decode=spec.compile_decode,
+                    admit_quiet_s=quiet_ms / 1e3, batch_invariant=spec.batch_invariant)
     engine.warmup()
-    return create_app(engine, tokenizer, model_path=str(model_path), served_model_name=name,
+    return create_app(engine, tokenizer, model_path=str(spec.model), served_model_name=spec.served_model_name,
                       start_engine=start_engine), engine
 
 
@@ -70,14 +126,8 @@ class Backend:
     name = ""
     supports_router = False
 
-    def engine_command(self, model: str, port: int, max_batch: int, max_len: int | None, dtype: str,
-                       served_model_name: str | None, speculative_steps: int,
-                       compile_decode: bool = False, admit_quiet_ms: float | None = None,
-                       batch_invariant: bool = False) -> tuple[list[str], dict]:
-        """The server's command line and environment. `compile_decode` is our engine's compiled
-        decode step; vLLM compiles its own (unless given --enforce-eager) and ignores it.
-        `batch_invariant`: our engine's `--batch-invariant` (vLLM's kernels are its own: refused).
-        `admit_quiet_ms`: our server's `--admit-quiet-ms` (None: its default); vLLM ignores it."""
+    def engine_command(self, spec: EngineSpec, port: int) -> tuple[list[str], dict]:
+        """The server's command line and environment; ValueError for an option the backend lacks."""
         raise NotImplementedError
 
     def client(self, url: str, served_model_name: str):
@@ -87,22 +137,23 @@ class Backend:
 class RlfoundryBackend(Backend):
     name, supports_router = "rlfoundry", True
 
-    def engine_command(self, model, port, max_batch, max_len, dtype, served_model_name, speculative_steps,
-                       compile_decode=False, admit_quiet_ms=None, batch_invariant=False):
-        cmd = [sys.executable, "-m", "rlfoundry.cli", "serve", "--model", model, "--host", "127.0.0.1",
-               "--port", str(port), "--max-batch", str(max_batch), "--dtype", dtype, "--log-level", "error"]
-        if max_len:
-            cmd += ["--max-len", str(max_len)]
-        if served_model_name:
-            cmd += ["--served-model-name", served_model_name]
-        if speculative_steps:
-            cmd += ["--speculative-steps", str(speculative_steps)]
-        if compile_decode:
+    def engine_command(self, spec, port):
+        cmd = [sys.executable, "-m", "rlfoundry.cli", "serve", "--model", spec.model, "--host", "127.0.0.1",
+               "--port", str(port), "--max-batch", str(spec.max_batch), "--dtype", spec.dtype, "--log-level", "error"]
+        if spec.max_len:
+            cmd += ["--max-len", str(spec.max_len)]
+        if spec.served_model_name:
+            cmd += ["--served-model-name", spec.served_model_name]
+        if spec.speculative_steps:
+            cmd += ["--speculative-steps", str(spec.speculative_steps)]
+        if spec.compile_decode:
             cmd += ["--compile-decode"]
-        if admit_quiet_ms is not None:
-            cmd += ["--admit-quiet-ms", str(admit_quiet_ms)]
-        if batch_invariant:
+        if spec.admit_quiet_ms is not None:
+            cmd += ["--admit-quiet-ms", str(spec.admit_quiet_ms)]
+        if spec.batch_invariant:
             cmd += ["--batch-invariant"]
+        if spec.device != "cpu":
+            cmd += ["--device", spec.device]
         return cmd, {"PYTHONUNBUFFERED": "1"}
 
     def client(self, url, served_model_name):
@@ -128,18 +179,19 @@ class VLLMBackend(Backend):
         local = Path(".venv-vllm/bin/python")
         return str(local.absolute()) if local.exists() else sys.executable
 
-    def engine_command(self, model, port, max_batch, max_len, dtype, served_model_name, speculative_steps,
-                       compile_decode=False, admit_quiet_ms=None, batch_invariant=False):
-        if batch_invariant:
+    def engine_command(self, spec, port):
+        if spec.batch_invariant:
             raise ValueError("batch_invariant: vLLM's kernels are not batch-invariant; use the rlfoundry backend")
-        cmd = [self.python(), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-               "--port", str(port), "--dtype", dtype, "--max-num-seqs", str(max_batch),
-               "--served-model-name", served_model_name or model, "--logprobs-mode", "processed_logprobs",
+        if spec.device != "cpu":
+            raise ValueError(f"--device {spec.device}: vLLM runs on the device its build is for; leave --device out")
+        cmd = [self.python(), "-m", "vllm.entrypoints.openai.api_server", "--model", spec.model, "--host", "127.0.0.1",
+               "--port", str(port), "--dtype", spec.dtype, "--max-num-seqs", str(spec.max_batch),
+               "--served-model-name", spec.served_model_name or spec.model, "--logprobs-mode", "processed_logprobs",
                "--seed", "0"]
-        if max_len:
-            cmd += ["--max-model-len", str(max_len)]
-        if speculative_steps:
-            cmd += ["--speculative-config", f'{{"method": "mtp", "num_speculative_tokens": {speculative_steps}}}']
+        if spec.max_len:
+            cmd += ["--max-model-len", str(spec.max_len)]
+        if spec.speculative_steps:
+            cmd += ["--speculative-config", f'{{"method": "mtp", "num_speculative_tokens": {spec.speculative_steps}}}']
         env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
         return cmd + self.extra_args, env
 
@@ -149,8 +201,7 @@ class VLLMBackend(Backend):
         return VLLMClient(url, served_model_name)
 
 
-def _serve_one(model, host, port, max_batch, max_len, dtype, served_model_name, log_level, speculative_steps,
-               compile_decode, admit_quiet_ms, batch_invariant=False) -> int:
+def _serve_one(spec: EngineSpec, host: str, port: int, log_level: str) -> int:
     """One engine server: HTTP (uvicorn) in a background thread, the engine's loop on this main
     thread — the one that loaded the model. Run from another thread, the loop's torch ops start a
     second OpenMP thread team next to the main thread's, and with more threads than cores libgomp
@@ -160,9 +211,7 @@ def _serve_one(model, host, port, max_batch, max_len, dtype, served_model_name, 
 
     import uvicorn
 
-    app, engine = build_engine_app(model, max_batch, max_len, dtype, served_model_name, speculative_steps,
-                                   compile_decode, start_engine=False, admit_quiet_ms=admit_quiet_ms,
-                                   batch_invariant=batch_invariant)
+    app, engine = build_engine_app(spec, start_engine=False)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
 
     def http_done():
@@ -185,27 +234,32 @@ def _serve_one(model, host, port, max_batch, max_len, dtype, served_model_name, 
     return 0 if server.started else 1
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int = 1, max_batch: int = 64,
-          max_len: int | None = None, dtype: str = "float32", served_model_name: str | None = None,
-          log_level: str = "warning", speculative_steps: int = 0, backend: Backend | None = None,
-          compile_decode: bool = False, admit_quiet_ms: float = 3.0, batch_invariant: bool = False) -> int:
-    """Serve `model`; with engines > 1, behind sglang-router. Returns the exit code."""
+def serve(spec: EngineSpec, host: str = "127.0.0.1", port: int = 30000, engines: int = 1,
+          log_level: str = "warning", backend: Backend | None = None) -> int:
+    """Serve `spec.model`; with engines > 1, behind sglang-router. Returns the exit code."""
     backend = backend or RlfoundryBackend()
-    if not (Path(model) / "config.json").exists():
-        print(f"error: --model {model}: no config.json there", file=sys.stderr)
+    if not (Path(spec.model) / "config.json").exists():
+        print(f"error: --model {spec.model}: no config.json there", file=sys.stderr)
         return 2
     if engines > 1 and not backend.supports_router:
         print(f"error: --engines {engines}: the {backend.name} backend runs one engine per port "
               "(sglang-router speaks SGLang's protocol)", file=sys.stderr)
         return 2
-    if batch_invariant and compile_decode:
+    why = device_error(spec.device) if isinstance(backend, RlfoundryBackend) else None
+    if why:
+        print(f"error: --device {why}", file=sys.stderr)
+        return 2
+    if spec.batch_invariant and spec.device != "cpu":
+        print("error: --batch-invariant is for the CPU (its invariance rules are this CPU build's): "
+              f"not with --device {spec.device}", file=sys.stderr)
+        return 2
+    if spec.batch_invariant and spec.compile_decode:
         print("error: --batch-invariant needs eager decoding (compiled kernels sum in their own orders): "
               "drop --compile-decode", file=sys.stderr)
         return 2
     if engines == 1 and not isinstance(backend, RlfoundryBackend):
         try:
-            cmd, env = backend.engine_command(model, port, max_batch, max_len, dtype, served_model_name,
-                                              speculative_steps, compile_decode, batch_invariant=batch_invariant)
+            cmd, env = backend.engine_command(spec, port)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -219,8 +273,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
             child.terminate()
             return child.wait()
     if engines == 1:
-        return _serve_one(model, host, port, max_batch, max_len, dtype, served_model_name, log_level,
-                          speculative_steps, compile_decode, admit_quiet_ms, batch_invariant)
+        return _serve_one(spec, host, port, log_level)
 
     children: list[subprocess.Popen] = []
 
@@ -234,9 +287,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
             except subprocess.TimeoutExpired:
                 p.kill()
 
-    def start_engine(p_port: int) -> subprocess.Popen:
-        cmd, env = backend.engine_command(model, p_port, max_batch, max_len, dtype, served_model_name,
-                                          speculative_steps, compile_decode, admit_quiet_ms, batch_invariant)
+    def start_engine(i: int) -> subprocess.Popen:
+        cmd, env = backend.engine_command(replace(spec, device=engine_device(spec.device, i)), ports[i])
         # the cores shared out among the engines (unless OMP_NUM_THREADS says otherwise): N engines
         # of all the cores' threads each would run N times more threads than cores
         threads = {"OMP_NUM_THREADS": str(threads_each(engines))} if engines > 1 else {}
@@ -246,7 +298,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
     try:
         ports = [free_port() for _ in range(engines)]
         urls = [f"http://127.0.0.1:{p}" for p in ports]
-        children.extend(start_engine(p) for p in ports)
+        children.extend(start_engine(i) for i in range(engines))
         for url in urls:
             wait_healthy(url + "/health", 300, children)
         router = subprocess.Popen([sys.executable, "-m", "sglang_router.launch_router", "--host", host,
@@ -266,7 +318,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 30000, engines: int =
                     # the router stops sending it work after failed health checks; bring it back on
                     # the same URL and the router takes it again once it answers
                     print(f"engine {urls[i]} exited with code {p.returncode}; restarting it", file=sys.stderr, flush=True)
-                    children[i] = start_engine(ports[i])
+                    children[i] = start_engine(i)
                     restarts += 1
         print(f"error: sglang-router exited with code {router.returncode}; stopping", file=sys.stderr)
         return 1

@@ -184,7 +184,7 @@ def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_mode
     app = FastAPI(title="rlfoundry engine server", version="0.1.0",
                   description="SGLang-compatible native API and OpenAI API over the rlfoundry engine")
     metrics = _Metrics()
-    groups: dict[str, Any] = {}
+    groups: dict[str, tuple[Any, torch.device]] = {}  # name -> (process group, where its tensors arrive)
     update_lock = asyncio.Lock()
 
     @app.exception_handler(RequestValidationError)
@@ -339,6 +339,7 @@ def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_mode
                 "max_running_requests": engine.max_batch, "context_length": engine.max_len,
                 "max_req_input_len": engine.max_len - 1, "paused": engine.paused,
                 "torch_threads": torch.get_num_threads(),
+                "device": str(engine.model.model.embed_tokens.weight.device),
                 "internal_states": [{"load": load, "stats": dict(engine.stats)}], **model_info()}
 
     @app.get("/get_load")
@@ -401,13 +402,23 @@ def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_mode
 
     @app.post("/init_weights_update_group")
     async def init_weights_update_group(body: InitGroup):
+        """Join the trainer's group. gloo broadcasts CPU tensors (copied onto the engine's device
+        as they are applied), NCCL CUDA ones straight onto the engine's GPU: NCCL needs an engine
+        on a GPU (and the sender on another GPU: NCCL takes one rank per GPU)."""
         import torch.distributed as dist
+
+        device = engine.model.model.embed_tokens.weight.device
+        if body.backend == "nccl" and device.type != "cuda":
+            return JSONResponse(status_code=400, content={"success": False, "message": (
+                f"backend: nccl moves CUDA tensors and this engine computes on {device}; use gloo")})
 
         def connect():
             store = dist.TCPStore(body.master_address, body.master_port, body.world_size, is_master=False,
                                   timeout=__import__("datetime").timedelta(seconds=120))
-            cls = dist.ProcessGroupGloo if body.backend == "gloo" else dist.ProcessGroupNCCL
-            return cls(store, body.rank_offset, body.world_size)
+            if body.backend == "gloo":
+                return dist.ProcessGroupGloo(store, body.rank_offset, body.world_size), torch.device("cpu")
+            torch.cuda.set_device(device)
+            return dist.ProcessGroupNCCL(store, body.rank_offset, body.world_size), device
 
         try:
             groups[body.group_name] = await asyncio.to_thread(connect)
@@ -417,7 +428,7 @@ def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_mode
 
     @app.post("/update_weights_from_distributed")
     async def update_weights_from_distributed(body: UpdateFromDistributed):
-        group = groups.get(body.group_name)
+        group, device = groups.get(body.group_name, (None, None))
         if group is None:
             raise RequestError(f"group_name: no weight update group {body.group_name!r}; call /init_weights_update_group")
         if not len(body.names) == len(body.dtypes) == len(body.shapes):
@@ -431,7 +442,7 @@ def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_mode
             if body.load_format is None:
                 out = []
                 for n, dt, shape in zip(body.names, dtypes, body.shapes):
-                    t = torch.empty(shape, dtype=dt)
+                    t = torch.empty(shape, dtype=dt, device=device)
                     group.broadcast(t, 0).wait()
                     out.append((n, t))
                 return out
@@ -439,7 +450,7 @@ def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_mode
             for dt in dict.fromkeys(dtypes):  # one flat buffer per dtype, in order of first appearance
                 idx = [i for i, d in enumerate(dtypes) if d == dt]
                 sizes = [math.prod(body.shapes[i]) for i in idx]
-                flat = torch.empty(sum(sizes), dtype=dt)
+                flat = torch.empty(sum(sizes), dtype=dt, device=device)
                 group.broadcast(flat, 0).wait()
                 for i, part in zip(idx, flat.split(sizes)):
                     views[i] = (body.names[i], part.view(body.shapes[i]))

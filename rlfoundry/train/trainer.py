@@ -184,7 +184,8 @@ class Trainer:
             n_tokens += getattr(b, "num_tokens", None) or b.input_ids.numel()
         # the shares' sum over all ranks: 1 for shares of the whole step, the world size for each
         # rank's own (and for FSDP's ranks, whose gradients FSDP averages)
-        total_share = float(all_reduce_(torch.tensor(total_share, dtype=torch.float64))) or 1.0
+        dev = next(model.parameters()).device  # the collectives' tensors where the backend takes them (NCCL: CUDA)
+        total_share = float(all_reduce_(torch.tensor(total_share, dtype=torch.float64, device=dev))) or 1.0
         if self.replicated:
             all_reduce_grads_(model.parameters(), divide_by=total_share)
         grad_norm = clip_grad_norm_(list(model.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -198,9 +199,9 @@ class Trainer:
             names: list = [None] * dist.get_world_size()
             dist.all_gather_object(names, keys)
             keys = sorted(set().union(*names))
-        means = all_reduce_(torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64)) / total_share
+        means = all_reduce_(torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64, device=dev)) / total_share
         sums = dict(zip(keys, means.tolist()))
-        n_tokens = round(float(all_reduce_(torch.tensor(float(n_tokens), dtype=torch.float64))))
+        n_tokens = round(float(all_reduce_(torch.tensor(float(n_tokens), dtype=torch.float64, device=dev))))
         if load is not None:
             all_reduce_(load)
         if load is not None and cfg.bias_update_rate > 0:
