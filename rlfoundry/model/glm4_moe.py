@@ -733,7 +733,9 @@ class Experts(nn.Module):
         N, K = routing.ids_NK.shape
         E = self.gate_up_proj.shape[0]
         small = self.gate_up_proj.numel() + self.down_proj.numel() <= self.DENSE_MAX_WEIGHTS
-        if N * E <= self.DENSE_MAX_ROWS and small and not torch.is_grad_enabled():
+        # (autograd's check first: a compiled training graph then gets no guard on N, which would
+        # recompile it where N * E crosses DENSE_MAX_ROWS though the path is the same on both sides)
+        if not torch.is_grad_enabled() and small and N * E <= self.DENSE_MAX_ROWS:
             return self._forward_dense(x_ND, routing)
         dt = _autocast_dtype(x_ND)  # the expert GEMMs honour autocast as nn.Linear does
         bucket = _row_bucket(x_ND, dt, N * K, E)
