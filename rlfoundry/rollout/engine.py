@@ -594,16 +594,19 @@ class Engine:
         last = out.logits[torch.arange(len(reqs)), torch.tensor(lens) - 1]
         self.stats["prompt_tokens"] += sum(lens)
         self.stats["prefills"] += 1
+        if self.spec_steps:
+            self._mtp_prefill(batch, lens, out.hidden, slots)
         rows, seqs, params = [], [], []
         for b, r in enumerate(reqs):
             if r.params.n > 1:
                 self.cache.copy_slots([r.first_slot] * (len(r.seqs) - 1), [s.slot for s in r.seqs[1:]])
+                if self.spec_steps:
+                    self.mtp_cache.copy_slots([r.first_slot] * (len(r.seqs) - 1), [s.slot for s in r.seqs[1:]])
             for seq in r.seqs:
                 if r.params.return_routed_experts:
                     seq.routed.append(out.routed_experts[b, : lens[b]].to(torch.int16))
-                if self.spec_steps:
-                    self.mtp_cache.lens[seq.slot] = 0
-                    seq.mtp_h, seq.mtp_ids = out.hidden[b, : lens[b]], list(r.prompt_ids[1:])
+                if self.spec_steps:  # the last pair waits for the first sampled token
+                    seq.mtp_h, seq.mtp_ids = out.hidden[b, lens[b] - 1: lens[b]], []
                 rows.append(b)
                 seqs.append(seq)
                 params.append(r.params)
@@ -613,6 +616,23 @@ class Engine:
             for seq in seqs:
                 if seq.output_ids:
                     seq.mtp_ids.append(seq.output_ids[-1])
+
+    def _mtp_prefill(self, batch_RP: Tensor, lens: list[int], hidden_RPD: Tensor, slots_R: Tensor) -> None:
+        """Speculative decoding: the MTP layer's cache takes each prompt's pairs (h_t, token t+1),
+        t < P - 1, with the prefill — eager and batched as it is — so that a sequence's first
+        cycle catches up one pair (the prompt's last hidden state and the first sampled token), not
+        the whole prompt: drafting then always runs on a few tokens a row (no compiled graph for
+        prompt-length catch-ups, which `warmup` could not foresee) and a new batch's rows are
+        alike (the compiled draft chain takes them)."""
+        self.mtp_cache.reset(slots_R)
+        rows = [b for b, P in enumerate(lens) if P > 1]
+        if not rows:
+            return
+        device = self.model.model.embed_tokens.weight.device
+        R, T = torch.tensor(rows), max(lens[b] for b in rows) - 1
+        self.model.mtp_forward(hidden_RPD[R.to(hidden_RPD.device), :T], batch_RP[R, 1:T + 1].to(device),
+                               cache=self.mtp_cache, slots=slots_R[R].to(device),
+                               input_lens=torch.tensor([lens[b] - 1 for b in rows]))
 
     def _decode(self) -> None:
         if self.spec_steps:
