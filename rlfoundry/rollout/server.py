@@ -439,6 +439,8 @@ def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_mode
             raise RequestError(f"dtypes: {e}")
 
         def receive():
+            if device.type == "cuda":  # this pool thread's current GPU, as NCCL's communicator has it
+                torch.cuda.set_device(device)
             if body.load_format is None:
                 out = []
                 for n, dt, shape in zip(body.names, dtypes, body.shapes):
