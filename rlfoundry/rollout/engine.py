@@ -370,6 +370,19 @@ class Engine:
             params = SamplingParams(temperature=temperature, max_new_tokens=new, ignore_eos=True, seed=0)
             for B in sizes:
                 self.generate([prompt] * B, params)
+        if k:
+            # A cycle's catch-up of several pairs a row (after accepted drafts) is a graph of its
+            # own, which the generations above reach only if some drafts were accepted: compile it
+            # whatever the acceptance, called as `_decode_speculative` calls it
+            device = self.model.model.embed_tokens.weight.device
+            for B in sizes:
+                h = torch.zeros(B, 2, self.model.config.hidden_size, dtype=self.mtp_cache.k[0].dtype, device=device)
+                ids = torch.zeros(B, 2, dtype=torch.long, device=device)
+                with torch.no_grad():
+                    self._greedy_drafts(self.model, h, ids, CacheStep.rows(self.mtp_cache, [0] * B, 2, device), k)
+                    self.model.mtp_forward(h, ids, cache=self.mtp_cache, slots=torch.arange(B, device=device),
+                                           input_lens=torch.tensor([2] * B), layers_fn=self._mtp_layers)
+                self.mtp_cache.lens.zero_()
         self.stats = stats
 
     def _control(self, fn: Callable[[], Any]) -> Any:
