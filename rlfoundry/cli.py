@@ -153,6 +153,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from rlfoundry.data.tasks import TASKS
+    from rlfoundry.rollout.launch import ADMIT_QUIET_MS
 
     parser = argparse.ArgumentParser(prog="rlfoundry", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu",
                    help="where our engine computes: cpu, cuda (with --engines N: engine i on GPU i mod the GPUs "
                         "visible) or cuda:N")
-    p.add_argument("--admit-quiet-ms", type=_non_negative_float, default=3.0,
+    p.add_argument("--admit-quiet-ms", type=_non_negative_float, default=ADMIT_QUIET_MS,
                    help="an idle engine starts arriving requests once none has come for this long (at most "
                         "50 ms after the first), so a burst (an RL step's groups) runs as one batch; 0: at once")
     p.set_defaults(func=_serve)

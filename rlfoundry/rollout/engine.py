@@ -290,10 +290,10 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         dtype = model.model.embed_tokens.weight.dtype
         self.cache = KVCache.for_model(cfg, max_batch, self.max_len, dtype=dtype,
-                                       device=model.model.embed_tokens.weight.device)
+                                       device=self.device)
         # the MTP layer's own cache: position t holds the pair (h_t, token t+1)
         self.mtp_cache = KVCache.for_model(cfg, max_batch, self.max_len, num_layers=1, dtype=dtype,
-                                           device=model.model.embed_tokens.weight.device) if speculative_steps else None
+                                           device=self.device) if speculative_steps else None
         if compile_decode:  # the batch size varies, the cache's shape never does
             for c in (self.cache, self.mtp_cache):
                 for t in (c.k + c.v if c is not None else []):
@@ -374,7 +374,7 @@ class Engine:
             # A cycle's catch-up of several pairs a row (after accepted drafts) is a graph of its
             # own, which the generations above reach only if some drafts were accepted: compile it
             # whatever the acceptance, called as `_decode_speculative` calls it
-            device = self.model.model.embed_tokens.weight.device
+            device = self.device
             for B in sizes:
                 h = torch.zeros(B, 2, self.model.config.hidden_size, dtype=self.mtp_cache.k[0].dtype, device=device)
                 ids = torch.zeros(B, 2, dtype=torch.long, device=device)
@@ -438,6 +438,11 @@ class Engine:
         with self._submit:
             self._paused = False
             self._wake.notify_all()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model, its caches and every tensor the engine makes for it are."""
+        return self.model.model.embed_tokens.weight.device
 
     @property
     def paused(self) -> bool:
@@ -592,7 +597,7 @@ class Engine:
 
     def _prefill(self, reqs: list[_Request]) -> None:
         model = self.model
-        device = model.model.embed_tokens.weight.device
+        device = self.device
         lens = [len(r.prompt_ids) for r in reqs]
         batch = torch.zeros(len(reqs), max(lens), dtype=torch.long)
         for b, r in enumerate(reqs):
@@ -611,10 +616,10 @@ class Engine:
             self._mtp_prefill(batch, lens, out.hidden, slots)
         rows, seqs, params = [], [], []
         for b, r in enumerate(reqs):
-            if r.params.n > 1:
-                self.cache.copy_slots([r.first_slot] * (len(r.seqs) - 1), [s.slot for s in r.seqs[1:]])
-                if self.spec_steps:
-                    self.mtp_cache.copy_slots([r.first_slot] * (len(r.seqs) - 1), [s.slot for s in r.seqs[1:]])
+            if r.params.n > 1:  # the other samples start from the first one's caches
+                src, dst = [r.first_slot] * (len(r.seqs) - 1), [s.slot for s in r.seqs[1:]]
+                for cache in (self.cache, self.mtp_cache) if self.spec_steps else (self.cache,):
+                    cache.copy_slots(src, dst)
             for seq in r.seqs:
                 if r.params.return_routed_experts:
                     seq.routed.append(out.routed_experts[b, : lens[b]].to(torch.int16))
@@ -641,7 +646,7 @@ class Engine:
         rows = [b for b, P in enumerate(lens) if P > 1]
         if not rows:
             return
-        device = self.model.model.embed_tokens.weight.device
+        device = self.device
         R, T = torch.tensor(rows), max(lens[b] for b in rows) - 1
         self.model.mtp_forward(hidden_RPD[R.to(hidden_RPD.device), :T], batch_RP[R, 1:T + 1].to(device),
                                cache=self.mtp_cache, slots=slots_R[R].to(device),
@@ -656,7 +661,7 @@ class Engine:
                 return self._decode_speculative(k)
         seqs = list(self._running)
         ids = torch.tensor([[s.output_ids[-1]] for s in seqs])
-        device = self.model.model.embed_tokens.weight.device
+        device = self.device
         params, B = [s.req.params for s in seqs], len(seqs)
         if self._forward is not None:  # running[i].slot == i
             step = CacheStep.rows(self.cache, self.cache.lens[:B].tolist(), 1, device)
@@ -687,7 +692,7 @@ class Engine:
         has the distribution of plain decoding. Drafts after the first feed the MTP layer its own
         output hidden state, as SGLang and vLLM do with GLM-4.5's MTP layer."""
         model, seqs = self.model, list(self._running)
-        B, device = len(seqs), self.model.model.embed_tokens.weight.device
+        B, device = len(seqs), self.device
         slots = torch.arange(B, device=device)
         params = [s.req.params for s in seqs]
         rngs = [s.rng for s in seqs]

@@ -45,6 +45,10 @@ def wait_healthy(url: str, timeout: float, procs: list[subprocess.Popen] = ()) -
     raise TimeoutError(f"{url} did not become healthy in {timeout:.0f} s")
 
 
+ADMIT_QUIET_MS = 3.0
+"""Our server's default --admit-quiet-ms (see `Engine.admit_quiet_s`)."""
+
+
 @dataclass
 class EngineSpec:
     """How one engine server runs a checkpoint: `rlfoundry serve`'s engine options, and what the RL
@@ -111,7 +115,7 @@ def build_engine_app(spec: EngineSpec, start_engine: bool = True):
     model = load_pretrained(spec.model, dtype=getattr(torch, spec.dtype)).to(spec.device)
     tokenizer = load_tokenizer(spec.model)
     eos = eos_token_ids(tokenizer) if tokenizer is not None else None
-    quiet_ms = 3.0 if spec.admit_quiet_ms is None else spec.admit_quiet_ms
+    quiet_ms = ADMIT_QUIET_MS if spec.admit_quiet_ms is None else spec.admit_quiet_ms
     engine = Engine(model, max_batch=spec.max_batch, max_len=spec.max_len, eos_token_ids=eos,
                     speculative_steps=spec.speculative_steps, compile_decode=spec.compile_decode,
                     admit_quiet_s=quiet_ms / 1e3, batch_invariant=spec.batch_invariant)

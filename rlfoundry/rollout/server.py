@@ -339,7 +339,7 @@ def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_mode
                 "max_running_requests": engine.max_batch, "context_length": engine.max_len,
                 "max_req_input_len": engine.max_len - 1, "paused": engine.paused,
                 "torch_threads": torch.get_num_threads(),
-                "device": str(engine.model.model.embed_tokens.weight.device),
+                "device": str(engine.device),
                 "internal_states": [{"load": load, "stats": dict(engine.stats)}], **model_info()}
 
     @app.get("/get_load")
@@ -407,7 +407,7 @@ def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_mode
         on a GPU (and the sender on another GPU: NCCL takes one rank per GPU)."""
         import torch.distributed as dist
 
-        device = engine.model.model.embed_tokens.weight.device
+        device = engine.device
         if body.backend == "nccl" and device.type != "cuda":
             return JSONResponse(status_code=400, content={"success": False, "message": (
                 f"backend: nccl moves CUDA tensors and this engine computes on {device}; use gloo")})
