@@ -71,9 +71,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import shlex
 
-    from rlfoundry.rollout.launch import EngineSpec, RlfoundryBackend, VLLMBackend, serve
+    from rlfoundry.rollout.launch import BACKENDS, EngineSpec, serve
 
-    backend = VLLMBackend(shlex.split(args.vllm_args)) if args.backend == "vllm" else RlfoundryBackend()
+    backend = BACKENDS[args.backend](shlex.split(args.vllm_args) if args.backend == "vllm" else [])
     spec = EngineSpec(args.model, max_batch=args.max_batch, max_len=args.max_len, dtype=args.dtype,
                       served_model_name=args.served_model_name, speculative_steps=args.speculative_steps,
                       compile_decode=args.compile_decode, admit_quiet_ms=args.admit_quiet_ms,

@@ -128,6 +128,28 @@ def test_bad_configs_name_the_field(tmp_path):
     for other in ("exact=true", "train.bf16=true", "train.compile=inductor", "rollout.compile_decode=true"):
         with pytest.raises(ConfigError, match=f"field 'batch_invariant'.*{other.split('=')[0]}"):
             load_rl_config(None, ["batch_invariant=true", other])
+    # engines: which kind, and someone else's
+    urls = "rollout.engine_urls=['http://127.0.0.1:1', 'http://127.0.0.1:2']"
+    for overrides, field in {("rollout.backend=sglang",): "rollout.backend",
+                             ("rollout.engine_urls=['127.0.0.1:3000']",): r"rollout.engine_urls\[0\]",
+                             ("rollout.engine_urls=['http://h:1/generate']",): r"rollout.engine_urls\[0\]",
+                             (urls, "rollout.num_engines=3"): "rollout.num_engines",
+                             (urls, "rollout.engine_args=['--x']"): "rollout.engine_args",
+                             ("rollout.engine_args=[1]",): "rollout.engine_args",
+                             ("rollout.backend=vllm", urls): "field 'weight_sync'.*vllm backend takes disk",
+                             ("rollout.backend=vllm", urls, "weight_sync=disk", "batch_invariant=true"):
+                                 "field 'batch_invariant'.*rlfoundry engine",
+                             ("rollout.backend=vllm", urls, "weight_sync=disk", "rollout.routing_replay=true"):
+                                 "field 'rollout.routing_replay'"}.items():
+        with pytest.raises(ConfigError, match=field):
+            load_rl_config(None, list(overrides))
+    load_rl_config(None, [urls, "rollout.num_engines=2"])
+    load_rl_config(None, ["rollout.backend=vllm", urls, "weight_sync=disk"])  # vLLM elsewhere: not needed here
+    from rlfoundry.rollout.launch import VLLMBackend
+
+    if VLLMBackend().missing():  # vLLM to be started here, where it is not installed
+        with pytest.raises(ConfigError, match="field 'rollout.backend'.*vLLM is not installed"):
+            load_rl_config(None, ["rollout.backend=vllm", "weight_sync=disk"])
 
 
 @pytest.mark.parametrize("mode", ["exact=true", "batch_invariant=true"])
@@ -225,3 +247,42 @@ def test_routing_replay_trains_on_the_engines_expert_choices(tmp_path):
         assert len(s.routed_experts) == len(s.prompt_ids) + len(s.response_ids) - 1
         assert len(s.routed_experts[0]) == cfg.num_moe_layers and len(s.routed_experts[0][0]) == cfg.num_experts_per_tok
     assert lines(out)[-1]["train/mismatch_max"] <= 5e-5 and lines(out)[-1]["train/mismatch_mean"] <= 2e-6
+
+
+def test_rl_drives_engines_it_did_not_start(tmp_path):
+    """rollout.engine_urls: the loop drives engine servers someone else runs (ours here, as SGLang's
+    would be) instead of starting its own. A batch-invariant one gets every step's weights by
+    broadcast and log-probs the trainer matches bit for bit; a second run joins it again (a new
+    weight-update group); a run that needs what it does not run (float64 for exact) is refused,
+    naming the field."""
+    from rlfoundry.rl.config import DEFAULT_MODEL
+    from rlfoundry.rollout.client import SGLangClient
+    from rlfoundry.rollout.launch import free_port, wait_healthy
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "rlfoundry.cli", "serve", "--model", DEFAULT_MODEL, "--port",
+                               str(port), "--max-batch", "64", "--max-len", "128", "--batch-invariant",
+                               "--log-level", "error"], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_healthy(url + "/health", 120, [server])
+        out = tmp_path / "run"
+        assert main(["rl", "--out", str(out), *SMALL, "steps=2", "eval_every=0", "batch_invariant=true",
+                     f"rollout.engine_urls=['{url}']"]) == 0
+        trained = [m for m in lines(out)[1:] if "train/mismatch_max" in m]
+        assert trained and all(m["train/mismatch_max"] == 0.0 for m in trained)
+        assert SGLangClient(url).server_info()["weight_version"] == "2"  # the weights of the run's last step
+        assert [e["url"] for e in json.loads((out / "engines.json").read_text())] == [url]
+        again = tmp_path / "again"
+        assert main(["rl", "--out", str(again), *SMALL, "steps=1", "eval_every=0", "batch_invariant=true",
+                     f"rollout.engine_urls=['{url}']"]) == 0
+        assert SGLangClient(url).server_info()["weight_version"] == "1"
+        from rlfoundry.rl.workers import RolloutWorker
+
+        exact = load_rl_config(None, ["exact=true", f"rollout.engine_urls=['{url}']"])
+        with pytest.raises(RuntimeError, match=r"rollout.engine_urls\[0\].*float64"):
+            RolloutWorker(exact, str(tmp_path))  # (what the loop starts first, before it trains)
+        assert server.poll() is None  # the engine serves on
+    finally:
+        server.terminate()
+        server.wait(30)

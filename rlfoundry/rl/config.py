@@ -3,6 +3,7 @@ starts: unknown keys, wrong types, missing model or data and incompatible option
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,8 +48,19 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
+    backend: str = "rlfoundry"
+    """The engine servers: rlfoundry (ours; SGLang's protocol, behind sglang-router) or vllm
+    (vLLM's OpenAI server, `make vllm` here; the groups dealt out to the engines in turn; weights
+    from disk only). The servers are started by the loop, or found at rollout.engine_urls."""
+    engine_urls: list = field(default_factory=list)
+    """Engine servers already running (http://host:port each, of rollout.backend's kind: ours or
+    SGLang's for rlfoundry), used instead of starting num_engines of them. weight_sync distributed
+    needs them to reach this machine; disk needs the run directory at the same path on theirs."""
+    engine_args: list = field(default_factory=list)
+    """Extra command-line arguments of every engine server the loop starts (e.g. vLLM's
+    ["--enforce-eager"])."""
     num_engines: int = 1
-    """Inference engines behind sglang-router."""
+    """Inference engines the loop starts (behind sglang-router for the rlfoundry backend)."""
     engine_threads: int = 0
     """Torch (OpenMP) threads of each engine server; 0: the machine's cores shared out among the
     engines (at least one each), so that engines generating at once never run more threads than
@@ -291,6 +303,32 @@ class RLConfig:
                      "concurrency"):
             if getattr(r, name) <= 0:
                 bad(f"rollout.{name}", f"must be positive, got {getattr(r, name)!r}")
+        from rlfoundry.rollout.launch import BACKENDS
+
+        if r.backend not in BACKENDS:
+            bad("rollout.backend", f"must be one of {sorted(BACKENDS)}, got {r.backend!r}")
+        backend = BACKENDS[r.backend]()
+        if self.weight_sync not in backend.weight_syncs:
+            bad("weight_sync", f"the {r.backend} backend takes {' or '.join(backend.weight_syncs)}, "
+                f"got {self.weight_sync!r}")
+        for name, on in (("exact", self.exact), ("batch_invariant", self.batch_invariant),
+                         ("rollout.routing_replay", r.routing_replay), ("rollout.compile_decode", r.compile_decode)):
+            if on and name.removeprefix("rollout.") not in backend.modes:
+                bad(name, f"is a mode of the rlfoundry engine, which the {r.backend} backend does not run")
+        why = None if r.engine_urls else backend.missing()
+        if why:
+            bad("rollout.backend", f"{r.backend}: {why}")
+        for i, url in enumerate(r.engine_urls):
+            parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+                bad(f"rollout.engine_urls[{i}]", f"must be http://host:port, got {url!r}")
+        if r.engine_urls and r.num_engines not in (1, len(r.engine_urls)):
+            bad("rollout.num_engines", f"is the number of rollout.engine_urls ({len(r.engine_urls)}) when they "
+                f"are given, got {r.num_engines}")
+        if r.engine_urls and r.engine_args:
+            bad("rollout.engine_args", "are for the engines the loop starts, not those at rollout.engine_urls")
+        if not all(isinstance(a, str) for a in r.engine_args):
+            bad("rollout.engine_args", f"must be a list of strings, got {r.engine_args!r}")
         if r.engine_threads < 0:
             bad("rollout.engine_threads", f"must be 0 (the cores shared out among the engines) or positive, "
                 f"got {r.engine_threads!r}")

@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -259,7 +260,12 @@ class TrainerWorker:
         from rlfoundry.rollout.client import DistributedWeightSender, SGLangClient
         from rlfoundry.rollout.launch import free_port
 
-        self.sender = DistributedWeightSender([SGLangClient(u) for u in engine_urls], "127.0.0.1", free_port(),
+        import ray
+
+        # engines on other machines (rollout.engine_urls) connect to this one by its address
+        local = all(urllib.parse.urlsplit(u).hostname in ("127.0.0.1", "localhost", "::1") for u in engine_urls)
+        address = "127.0.0.1" if local else ray.util.get_node_ip_address()
+        self.sender = DistributedWeightSender([SGLangClient(u) for u in engine_urls], address, free_port(),
                                               backend="gloo")
 
     def broadcast_weights(self, version: int) -> float:
@@ -302,25 +308,68 @@ class TrainerWorker:
 # ============================================================================ data workshop
 class RolloutWorker:
     def __init__(self, cfg, out: str, visible_gpus: str | None = None):
-        """`visible_gpus`: with device cuda, the CUDA_VISIBLE_DEVICES the engines get (the value the
+        """Starts rollout.num_engines engine servers of rollout.backend's kind (or finds them at
+        rollout.engine_urls) and, for SGLang-protocol engines, sglang-router in front of them.
+        `visible_gpus`: with device cuda, the CUDA_VISIBLE_DEVICES the engines get (the value the
         run was started with on this machine; None: all the node's GPUs)."""
         from rlfoundry.data.tokenizer import eos_token_ids, load_tokenizer
-        from rlfoundry.rewards import RewardContext, load_reward
-        from rlfoundry.rollout.client import SGLangClient
-        from rlfoundry.rollout.launch import (EngineSpec, RlfoundryBackend, engine_device, free_port, threads_each,
-                                             wait_healthy)
+        from rlfoundry.rewards import RewardContext, load_function, load_reward
+        from rlfoundry.rl.generate import GenerateContext
+        from rlfoundry.rollout.client import RoundRobinClient, SGLangClient
+        from rlfoundry.rollout.launch import BACKENDS, free_port, wait_healthy
 
         self.cfg, self.out = cfg, Path(out)
+        r = cfg.rollout
         self.tokenizer = load_tokenizer(cfg.model)
         self.eos = eos_token_ids(self.tokenizer)
         self.reward_fn = load_reward(cfg.reward.fn)
         self.reward_ctx = RewardContext(remote_url=cfg.reward.remote_url, timeout_s=cfg.reward.timeout_s,
                                         extra=cfg.reward.extra)
-        backend = RlfoundryBackend()
-        threads = str(cfg.rollout.engine_threads or threads_each(cfg.rollout.num_engines))
+        backend = BACKENDS[r.backend](r.engine_args)
         self.procs: list[subprocess.Popen] = []
-        self.engine_urls = []
-        log = open(self.out / "engines.log", "ab")
+        self.log = open(self.out / "engines.log", "ab")
+        if r.engine_urls:  # someone else's engines: wait for them as for our own
+            self.engine_urls = [u.rstrip("/") for u in r.engine_urls]
+            for i, url in enumerate(self.engine_urls):
+                try:
+                    wait_healthy(url + "/health", 300)
+                except TimeoutError as e:
+                    raise RuntimeError(f"rollout.engine_urls[{i}]: {e}") from None
+            served_name = None
+        else:
+            self.engine_urls = self._start_engines(backend, visible_gpus)
+            served_name = cfg.model
+        self.engines = [backend.client(u, served_name) for u in self.engine_urls]
+        self._check_engines()
+        if backend.supports_router:
+            port = free_port()
+            self.procs.append(subprocess.Popen(_watched(
+                [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+                 "--worker-urls", *self.engine_urls, "--policy", "round_robin", "--log-level", "warn",
+                 "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]),
+                stdout=self.log, stderr=self.log))
+            self.router_url = f"http://127.0.0.1:{port}"
+            wait_healthy(self.router_url + "/health", 120, self.procs)
+            self.client = SGLangClient(self.router_url)
+        else:
+            self.client = RoundRobinClient(self.engines)
+        # HTTP calls block: one thread per request in flight (asyncio's default pool is too small)
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=r.concurrency)
+        self.ctx = GenerateContext(self.client, self.tokenizer, self.eos, self.pool)
+        self.generate_fn = load_function(r.generate_fn, "generate_fn") if r.generate_fn else None
+        # what each engine runs with, for the record (threads, batch, context)
+        info = [{"url": u, **{k: e.server_info().get(k) for k in ("torch_threads", "max_running_requests",
+                                                                  "context_length", "weight_version")}}
+                for u, e in zip(self.engine_urls, self.engines)]
+        (self.out / "engines.json").write_text(json.dumps(info, indent=1) + "\n")
+
+    def _start_engines(self, backend, visible_gpus: str | None) -> list[str]:
+        """rollout.num_engines servers on free ports of this machine, each under the watchdog (they
+        end with this actor), sharing out its cores; returns their URLs once all are healthy."""
+        from rlfoundry.rollout.launch import EngineSpec, engine_device, free_port, threads_each, wait_healthy
+
+        cfg, r = self.cfg, self.cfg.rollout
+        threads = r.engine_threads or threads_each(r.num_engines)
         if cfg.device == "cuda":
             # Ray hides the GPUs from actors that asked for none, as this one: its engines see
             # the node's GPUs (or those the run was started with) and spread over them
@@ -328,46 +377,40 @@ class RolloutWorker:
                 os.environ.pop("CUDA_VISIBLE_DEVICES", None)
             else:
                 os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpus
-        for i in range(cfg.rollout.num_engines):
+        urls = []
+        for i in range(r.num_engines):
             port = free_port()
             # deterministic mode sends one group at a time: no burst to wait for
-            spec = EngineSpec(cfg.model, max_batch=cfg.rollout.max_batch, max_len=cfg.rollout.max_len or None,
-                              dtype="float64" if cfg.exact else "float32", compile_decode=cfg.rollout.compile_decode,
+            spec = EngineSpec(cfg.model, max_batch=r.max_batch, max_len=r.max_len or None,
+                              dtype="float64" if cfg.exact else "float32", compile_decode=r.compile_decode,
                               admit_quiet_ms=0.0 if cfg.deterministic else None, batch_invariant=cfg.batch_invariant,
                               device=engine_device(cfg.device, i))
             cmd, env = backend.engine_command(spec, port)
-            self.procs.append(subprocess.Popen(_watched(cmd), env={**os.environ, **env, "OMP_NUM_THREADS": threads},
-                                               stdout=log, stderr=log))
-            self.engine_urls.append(f"http://127.0.0.1:{port}")
-        for url in self.engine_urls:
-            wait_healthy(url + "/health", 300, self.procs)
-        port = free_port()
-        self.procs.append(subprocess.Popen(_watched(
-            [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-             "--worker-urls", *self.engine_urls, "--policy", "round_robin", "--log-level", "warn",
-             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]),
-            stdout=log, stderr=log))
-        self.router_url = f"http://127.0.0.1:{port}"
-        wait_healthy(self.router_url + "/health", 120, self.procs)
-        self.client = SGLangClient(self.router_url)
-        # HTTP calls block: one thread per request in flight (asyncio's default pool is too small)
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=cfg.rollout.concurrency)
-        from rlfoundry.rewards import load_function
-        from rlfoundry.rl.generate import GenerateContext
+            self.procs.append(subprocess.Popen(_watched(cmd), env={**os.environ, **env,
+                                                                   **backend.thread_env(i, threads)},
+                                               stdout=self.log, stderr=self.log))
+            urls.append(f"http://127.0.0.1:{port}")
+        for url in urls:
+            wait_healthy(url + "/health", 600, self.procs)
+        return urls
 
-        self.ctx = GenerateContext(self.client, self.tokenizer, self.eos, self.pool)
-        self.generate_fn = load_function(cfg.rollout.generate_fn, "generate_fn") if cfg.rollout.generate_fn else None
-        self.engines = [SGLangClient(u) for u in self.engine_urls]
-        # what each engine runs with, for the record (threads, batch, context)
-        info = [{"url": u, **{k: e.server_info().get(k) for k in ("torch_threads", "max_running_requests",
-                                                                  "context_length", "weight_version")}}
-                for u, e in zip(self.engine_urls, self.engines)]
-        (self.out / "engines.json").write_text(json.dumps(info, indent=1) + "\n")
+    def _check_engines(self) -> None:
+        """Engines found at rollout.engine_urls must run the modes the run needs (ours report them;
+        a server that does not is taken to run none)."""
+        for i, e in enumerate(self.engines if self.cfg.rollout.engine_urls else []):
+            info = e.server_info()
+            if self.cfg.batch_invariant and info.get("batch_invariant") is not True:
+                raise RuntimeError(f"rollout.engine_urls[{i}]: {e.url} is not batch-invariant, which "
+                                   "batch_invariant: true needs (rlfoundry serve --batch-invariant)")
+            if self.cfg.exact and info.get("dtype") != "float64":
+                raise RuntimeError(f"rollout.engine_urls[{i}]: {e.url} computes in {info.get('dtype')}, "
+                                   "exact: true needs float64 (rlfoundry serve --dtype float64)")
 
     def urls(self) -> list[str]:
         return self.engine_urls
 
     def shutdown(self) -> None:
+        self.log.close()
         for p in self.procs:
             if p.poll() is None:
                 p.terminate()

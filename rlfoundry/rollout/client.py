@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import threading
 import time
@@ -86,6 +87,27 @@ class RolloutClient(ABC):
             return True
         except (OSError, RolloutError):
             return False
+
+    def server_info(self) -> dict:
+        """What the server says about itself (for the record; keys depend on the server)."""
+        return {}
+
+
+class RoundRobinClient(RolloutClient):
+    """Several engines with no router in front (sglang-router speaks SGLang's protocol, vLLM's
+    servers another): each generate call goes to the next engine in turn, weights to all."""
+
+    def __init__(self, clients: list[RolloutClient]):
+        super().__init__(clients[0].url, clients[0].timeout)
+        self.clients = list(clients)
+        self._turn = itertools.count()  # next() is atomic: callers' threads each get their own turn
+
+    def generate(self, input_ids, max_new_tokens, **sampling) -> list[Generation]:
+        return self.clients[next(self._turn) % len(self.clients)].generate(input_ids, max_new_tokens, **sampling)
+
+    def update_weights_from_disk(self, path, version=None):
+        for c in self.clients:
+            c.update_weights_from_disk(path, version)
 
 
 class SGLangClient(RolloutClient):
@@ -240,9 +262,10 @@ class VLLMClient(RolloutClient):
     Weights from disk through vLLM's dev `/collective_rpc` `reload_weights` (VLLM_SERVER_DEV_MODE=1)
     and the version through `/update_weight_version`."""
 
-    def __init__(self, url: str, model: str, timeout: float = 600.0):
+    def __init__(self, url: str, model: str | None = None, timeout: float = 600.0):
+        """`model`: the name the server serves (None: the first that its /v1/models lists)."""
         super().__init__(url, timeout)
-        self.model = model
+        self.model = model or _get(self.url + "/v1/models", timeout)["data"][0]["id"]
         self.weight_version: str | None = None
 
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_p=1.0, top_k=-1, n=1,
@@ -264,6 +287,11 @@ class VLLMClient(RolloutClient):
                                   ("length" if choice["finish_reason"] == "length" else "abort"),
                                   weight_version=self.weight_version, meta=choice))
         return out
+
+    def server_info(self) -> dict:
+        model = next((m for m in _get(self.url + "/v1/models", self.timeout)["data"] if m["id"] == self.model), {})
+        return {"served_model_name": self.model, "context_length": model.get("max_model_len"),
+                "weight_version": self.weight_version}
 
     def update_weights_from_disk(self, path, version=None):
         _post(self.url + "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(path)}},

@@ -125,21 +125,40 @@ def build_engine_app(spec: EngineSpec, start_engine: bool = True):
 
 
 class Backend:
-    """How to start one engine server for a checkpoint, and the client that speaks to it."""
+    """How to start one engine server for a checkpoint, and the client that speaks to it.
+    `extra_args` go on every server's command line as they are."""
 
     name = ""
     supports_router = False
+    """Its servers speak SGLang's protocol, so that sglang-router can stand in front of them."""
+    weight_syncs: tuple[str, ...] = ("disk",)
+    """The RL loop's weight_sync paths its servers take."""
+    modes: tuple[str, ...] = ()
+    """The RL loop's engine modes its servers run (exact, batch_invariant, ...)."""
+
+    def __init__(self, extra_args: list[str] | None = None):
+        self.extra_args = list(extra_args or [])
 
     def engine_command(self, spec: EngineSpec, port: int) -> tuple[list[str], dict]:
         """The server's command line and environment; ValueError for an option the backend lacks."""
         raise NotImplementedError
 
-    def client(self, url: str, served_model_name: str):
+    def missing(self) -> str | None:
+        """Why this machine cannot start its servers (None: it can)."""
+        return None
+
+    def thread_env(self, index: int, threads: int) -> dict:
+        """Environment that gives server `index` of several on one machine its `threads` cores."""
+        return {"OMP_NUM_THREADS": str(threads)}
+
+    def client(self, url: str, served_model_name: str | None = None):
+        """The client of the server at `url` (None: the model name it serves is asked for)."""
         raise NotImplementedError
 
 
 class RlfoundryBackend(Backend):
-    name, supports_router = "rlfoundry", True
+    name, supports_router, weight_syncs = "rlfoundry", True, ("distributed", "disk")
+    modes = ("exact", "batch_invariant", "routing_replay", "compile_decode")
 
     def engine_command(self, spec, port):
         cmd = [sys.executable, "-m", "rlfoundry.cli", "serve", "--model", spec.model, "--host", "127.0.0.1",
@@ -158,9 +177,9 @@ class RlfoundryBackend(Backend):
             cmd += ["--batch-invariant"]
         if spec.device != "cpu":
             cmd += ["--device", spec.device]
-        return cmd, {"PYTHONUNBUFFERED": "1"}
+        return cmd + self.extra_args, {"PYTHONUNBUFFERED": "1"}
 
-    def client(self, url, served_model_name):
+    def client(self, url, served_model_name=None):
         from rlfoundry.rollout.client import SGLangClient
 
         return SGLangClient(url)
@@ -173,15 +192,19 @@ class VLLMBackend(Backend):
 
     name = "vllm"
 
-    def __init__(self, extra_args: list[str] | None = None):
-        self.extra_args = extra_args or []
-
     @staticmethod
     def python() -> str:
         if os.environ.get("RLFOUNDRY_VLLM_PYTHON"):
             return os.environ["RLFOUNDRY_VLLM_PYTHON"]
         local = Path(".venv-vllm/bin/python")
         return str(local.absolute()) if local.exists() else sys.executable
+
+    def missing(self):
+        python = self.python()
+        found = subprocess.run([python, "-c", "import importlib.util as u; exit(u.find_spec('vllm') is None)"],
+                               capture_output=True).returncode == 0
+        return None if found else (f"vLLM is not installed for {python} (make vllm, or RLFOUNDRY_VLLM_PYTHON "
+                                   "naming a Python that has it)")
 
     def engine_command(self, spec, port):
         if spec.batch_invariant:
@@ -199,10 +222,20 @@ class VLLMBackend(Backend):
         env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
         return cmd + self.extra_args, env
 
-    def client(self, url, served_model_name):
+    def thread_env(self, index, threads):
+        # vllm-cpu binds its OpenMP threads to the cores VLLM_CPU_OMP_THREADS_BIND names (by
+        # default all of them, for every server); GPU builds ignore it
+        first = index * threads
+        return {"OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": f"{first}-{first + threads - 1}"}
+
+    def client(self, url, served_model_name=None):
         from rlfoundry.rollout.client import VLLMClient
 
         return VLLMClient(url, served_model_name)
+
+
+BACKENDS: dict[str, type[Backend]] = {"rlfoundry": RlfoundryBackend, "vllm": VLLMBackend}
+"""The engine servers by name: `rlfoundry serve --backend` and RL's rollout.backend."""
 
 
 def _serve_one(spec: EngineSpec, host: str, port: int, log_level: str) -> int:
@@ -248,6 +281,10 @@ def serve(spec: EngineSpec, host: str = "127.0.0.1", port: int = 30000, engines:
     if engines > 1 and not backend.supports_router:
         print(f"error: --engines {engines}: the {backend.name} backend runs one engine per port "
               "(sglang-router speaks SGLang's protocol)", file=sys.stderr)
+        return 2
+    why = backend.missing()
+    if why:
+        print(f"error: --backend {backend.name}: {why}", file=sys.stderr)
         return 2
     why = device_error(spec.device) if isinstance(backend, RlfoundryBackend) else None
     if why:
@@ -295,7 +332,7 @@ def serve(spec: EngineSpec, host: str = "127.0.0.1", port: int = 30000, engines:
         cmd, env = backend.engine_command(replace(spec, device=engine_device(spec.device, i)), ports[i])
         # the cores shared out among the engines (unless OMP_NUM_THREADS says otherwise): N engines
         # of all the cores' threads each would run N times more threads than cores
-        threads = {"OMP_NUM_THREADS": str(threads_each(engines))} if engines > 1 else {}
+        threads = backend.thread_env(i, threads_each(engines)) if engines > 1 else {}
         return subprocess.Popen(cmd, env={**threads, **os.environ, **env})
 
     signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(0)))
