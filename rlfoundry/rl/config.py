@@ -64,7 +64,8 @@ class RolloutConfig:
     engine_threads: int = 0
     """Torch (OpenMP) threads of each engine server; 0: the machine's cores shared out among the
     engines (at least one each), so that engines generating at once never run more threads than
-    cores."""
+    cores. (Like max_batch, max_len and compile_decode: for the engines the loop starts; those at
+    engine_urls run as they were started.)"""
     prompts_per_step: int = 32
     """Prompts per rollout step."""
     n_samples_per_prompt: int = 8
@@ -82,7 +83,7 @@ class RolloutConfig:
     demo's sequences stay under 100 tokens), also the most it may be. A response stops at the
     context's end (truncated); a prompt that fills it fails its group."""
     concurrency: int = 64
-    """Requests in flight to the router."""
+    """Requests in flight to the engines (the router)."""
     generate_fn: str = ""
     """A custom async generate function by dotted path (see rlfoundry.rl.generate); empty: one
     request per group."""
