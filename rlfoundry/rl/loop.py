@@ -177,6 +177,8 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
         visible = None if cfg.ray_address else os.environ.get("CUDA_VISIBLE_DEVICES")  # this machine's, not a node's
         rollout = ray.remote(RolloutWorker).options(**opts).remote(cfg, str(out), visible) \
             if cfg.debug != "train_only" else None
+        if rollout is not None:  # the engines are up (started or found) before any phase is timed
+            ray.get(rollout.urls.remote())
         start = 0
         if fresh_copy:  # everything the other run trained is to be trained here
             ray.get(buffer.rollback.remote(-1))
