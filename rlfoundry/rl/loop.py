@@ -327,7 +327,7 @@ def _sync(ray, cfg: RLConfig, trainer, rollout, out: Path, version: int) -> floa
     if cfg.weight_sync == "distributed":
         ray.get(trainer.broadcast_weights.remote(version))
     else:
-        path = out / "weights" / "latest"
+        path = (out / "weights" / "latest").absolute()  # as the engines, in their own directories, find it
         ray.get(trainer.save_hf.remote(str(path)))
         ray.get(rollout.update_from_disk.remote(str(path), version))
     return time.perf_counter() - t0
