@@ -1,4 +1,5 @@
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,19 @@ def test_compile_decode_admission_and_batch_invariance_reach_the_engine_command(
 
     if not torch.cuda.is_available():
         assert serve(EngineSpec(tiny, device="cuda")) == 2  # no GPU visible: refused before anything starts
+    # extra server arguments go on every command line; each server its share of the cores
+    assert command(RlfoundryBackend(["--x", "1"]))[-2:] == ["--x", "1"]
+    assert command(VLLMBackend(["--enforce-eager"]))[-1] == "--enforce-eager"
+    assert RlfoundryBackend().thread_env(1, 2) == {"OMP_NUM_THREADS": "2"}
+    assert VLLMBackend().thread_env(1, 2)["VLLM_CPU_OMP_THREADS_BIND"] == "2-3"
+
+
+def test_serve_vllm_where_vllm_is_missing_is_refused(monkeypatch, capsys):
+    from pathlib import Path
+
+    from rlfoundry.rollout.launch import EngineSpec, VLLMBackend, serve
+
+    monkeypatch.setenv("RLFOUNDRY_VLLM_PYTHON", sys.executable)  # this environment has no vLLM
+    tiny = str(Path(__file__).resolve().parents[1] / "examples/tiny/model")
+    assert serve(EngineSpec(tiny), backend=VLLMBackend()) == 2
+    assert "vLLM is not installed" in capsys.readouterr().err
