@@ -177,8 +177,8 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
         visible = None if cfg.ray_address else os.environ.get("CUDA_VISIBLE_DEVICES")  # this machine's, not a node's
         rollout = ray.remote(RolloutWorker).options(**opts).remote(cfg, str(out), visible) \
             if cfg.debug != "train_only" else None
-        if rollout is not None:  # the engines are up (started or found) before any phase is timed
-            ray.get(rollout.urls.remote())
+        # the engines are up (started or found) before any phase is timed
+        engine_urls = ray.get(rollout.urls.remote()) if rollout is not None else []
         start = 0
         if fresh_copy:  # everything the other run trained is to be trained here
             ray.get(buffer.rollback.remote(-1))
@@ -191,8 +191,7 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
         version = start
         if rollout is not None and trainer is not None:
             if cfg.weight_sync == "distributed":
-                urls = ray.get(rollout.urls.remote())
-                ray.get(trainer.connect_engines.remote(urls))  # joins while the engines join
+                ray.get(trainer.connect_engines.remote(engine_urls))  # joins while the engines join
             if start > 0:  # the engines start from the base model: bring them to the checkpoint
                 _sync(ray, cfg, trainer, rollout, out, version)
         eval_sets = ray.get(buffer.eval_requests.remote()) if rollout is not None and cfg.eval_every else {}

@@ -288,7 +288,7 @@ class Engine:
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
-        dtype = model.model.embed_tokens.weight.dtype
+        dtype = self.dtype
         self.cache = KVCache.for_model(cfg, max_batch, self.max_len, dtype=dtype,
                                        device=self.device)
         # the MTP layer's own cache: position t holds the pair (h_t, token t+1)
@@ -443,6 +443,11 @@ class Engine:
     def device(self) -> torch.device:
         """Where the model, its caches and every tensor the engine makes for it are."""
         return self.model.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the model's weights, its caches and its arithmetic are in."""
+        return self.model.model.embed_tokens.weight.dtype
 
     @property
     def paused(self) -> bool:

@@ -340,7 +340,7 @@ def create_app(engine: Engine, tokenizer=None, model_path: str = "", served_mode
                 "max_req_input_len": engine.max_len - 1, "paused": engine.paused,
                 "torch_threads": torch.get_num_threads(),
                 "device": str(engine.device), "batch_invariant": engine.model.batch_invariant,
-                "dtype": str(engine.model.model.embed_tokens.weight.dtype).removeprefix("torch."),
+                "dtype": str(engine.dtype).removeprefix("torch."),
                 "internal_states": [{"load": load, "stats": dict(engine.stats)}], **model_info()}
 
     @app.get("/get_load")
