@@ -57,10 +57,10 @@ def test_speculative_greedy_with_the_shipped_drafter_accepts_several_tokens_and_
 
 def test_compiled_speculative_decoding_equals_eager_plain_decoding():
     """compile_decode with speculative_steps: verification goes through the compiled main-model
-    layers (k+1 tokens a row) and the drafts through the compiled MTP layer (one token a row, or
-    the catch-up's several when no row is padding). With the shipped drafter (drafts accepted
-    several at a time, to different depths per row), one prompt at a time and a batch: the same
-    greedy tokens as eager plain decoding, log-probs within 1e-5."""
+    layers (k+1 tokens a row) and the greedy draft chain through one compiled graph (`greedy_drafts`;
+    in a batch the rows' catch-ups are padded to one length). With the shipped drafter (drafts
+    accepted several at a time, to different depths per row), one prompt at a time and a batch:
+    the same greedy tokens as eager plain decoding, log-probs within 1e-5."""
     from pathlib import Path
 
     from rlfoundry.buffer import PromptDataset

@@ -203,21 +203,34 @@ def _draw_one(probs_V: Tensor, rng: RandomStream) -> int:
 
 
 def greedy_drafts(model: Glm4MoeForCausalLM, hidden_BTD: Tensor, next_ids_BT: Tensor, step: CacheStep,
-                  k: int) -> Tensor:
+                  k: int, last_B: Tensor | None = None) -> Tensor:
     """k greedy draft tokens [B, k] from the MTP layer: one forward over the T pairs (hidden state,
-    next token) that catch its cache up in `step` (every row T real tokens), whose last position
-    drafts the first token, then k - 1 one-token steps, each fed the layer's own output hidden
-    state and its draft (as `Engine._decode_speculative` drafts). One function, so that
-    torch.compile makes one graph of the chain: a compiled call's fixed cost (dynamo's guards,
-    the wrapper) is paid once per cycle instead of k times. The cache's lengths are not advanced
-    (the engine sets them after verification)."""
+    next token) that catch its cache up in `step`, whose last real position drafts the first
+    token, then k - 1 one-token steps, each fed the layer's own output hidden state and its draft
+    (as `Engine._decode_speculative` drafts). One function, so that torch.compile makes one graph
+    of the chain: a compiled call's fixed cost (dynamo's guards, the wrapper) is paid once per
+    cycle instead of k times. The cache's lengths are not advanced (the engine sets them after
+    verification).
+
+    `last_B`: rows of fewer real pairs than T (after verification accepted different numbers of
+    drafts, the usual case beyond batch 1): the index of each row's last real pair, the rest of
+    the row padding. The padding is written to the cache too — past the row's real positions,
+    where no real query sees it (keys are visible only up to a query's own position) and where the
+    row's next draft step writes over it — so that every row has the same shape and the chain
+    stays one graph; None: every row's T pairs are real."""
     logits, h, _, _ = model.mtp_forward_layers(hidden_BTD, next_ids_BT, step.position_ids_BT, step.mask(), step)
-    draft_B = logits[:, -1].argmax(-1)
-    drafts, pos_B1 = [draft_B], step.position_ids_BT[:, -1:]
+    if last_B is None:
+        logits_BV, h_B1D, pos_B1 = logits[:, -1], h[:, -1:], step.position_ids_BT[:, -1:]
+    else:
+        rows_B = torch.arange(logits.shape[0], device=logits.device)
+        logits_BV, h_B1D = logits[rows_B, last_B], h[rows_B, last_B][:, None]
+        pos_B1 = step.position_ids_BT.gather(1, last_B[:, None])
+    draft_B = logits_BV.argmax(-1)
+    drafts = [draft_B]
     for i in range(1, k):
         pos_B1 = pos_B1 + 1
         s = CacheStep(step.cache, step.slots_B, pos_B1, None, step.num_keys + i, step.slot_range)
-        logits, h, _, _ = model.mtp_forward_layers(h[:, -1:], draft_B[:, None], pos_B1, s.mask(), s)
+        logits, h_B1D, _, _ = model.mtp_forward_layers(h_B1D, draft_B[:, None], pos_B1, s.mask(), s)
         draft_B = logits[:, -1].argmax(-1)
         drafts.append(draft_B)
     return torch.stack(drafts, 1)
@@ -380,6 +393,9 @@ class Engine:
                 ids = torch.zeros(B, 2, dtype=torch.long, device=device)
                 with torch.no_grad():
                     self._greedy_drafts(self.model, h, ids, CacheStep.rows(self.mtp_cache, [0] * B, 2, device), k)
+                    if B > 1:  # rows of different numbers of real pairs (the padded form)
+                        self._greedy_drafts(self.model, h, ids, CacheStep.rows(self.mtp_cache, [0] * B, 2, device), k,
+                                            torch.tensor([1] + [0] * (B - 1), device=device))
                     self.model.mtp_forward(h, ids, cache=self.mtp_cache, slots=torch.arange(B, device=device),
                                            input_lens=torch.tensor([2] * B), layers_fn=self._mtp_layers)
                 self.mtp_cache.lens.zero_()
@@ -715,10 +731,11 @@ class Engine:
             for b, s in enumerate(seqs):
                 h[b, : n_new[b]] = s.mtp_h
                 ids[b, : n_new[b]] = torch.tensor(s.mtp_ids)
-        if self._greedy_drafts is not None and all_greedy and uniform and k == self.spec_steps:
-            # compiled, greedy, no row padding: the whole draft chain in one compiled call
+        if self._greedy_drafts is not None and all_greedy and k == self.spec_steps:
+            # compiled, greedy: the whole draft chain in one compiled call (ragged rows padded)
             step = CacheStep.rows(self.mtp_cache, self.mtp_cache.lens[:B].tolist(), T, device)
-            drafts_Bk = self._greedy_drafts(model, h, ids.to(device), step, k).cpu()
+            last_B = None if uniform else (torch.tensor(n_new) - 1).to(device)
+            drafts_Bk = self._greedy_drafts(model, h, ids.to(device), step, k, last_B).cpu()
         else:
             # (compiled only when no row is padding: a ragged cache write has a data-dependent shape)
             out = model.mtp_forward(h, ids.to(device), cache=self.mtp_cache, slots=slots, input_lens=torch.tensor(n_new),
