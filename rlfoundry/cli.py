@@ -73,7 +73,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     from rlfoundry.rollout.launch import BACKENDS, EngineSpec, serve
 
-    backend = BACKENDS[args.backend](shlex.split(args.vllm_args) if args.backend == "vllm" else [])
+    if args.vllm_args and args.backend != "vllm":
+        print(f"error: --vllm-args {args.vllm_args!r}: for --backend vllm only (this is --backend {args.backend}; "
+              "its options are this command's own)", file=sys.stderr)
+        return 2
+    backend = BACKENDS[args.backend](shlex.split(args.vllm_args))
     spec = EngineSpec(args.model, max_batch=args.max_batch, max_len=args.max_len, dtype=args.dtype,
                       served_model_name=args.served_model_name, speculative_steps=args.speculative_steps,
                       compile_decode=args.compile_decode, admit_quiet_ms=args.admit_quiet_ms,

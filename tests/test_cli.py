@@ -108,3 +108,9 @@ def test_serve_vllm_where_vllm_is_missing_is_refused(monkeypatch, capsys):
     tiny = str(Path(__file__).resolve().parents[1] / "examples/tiny/model")
     assert serve(EngineSpec(tiny), backend=VLLMBackend()) == 2
     assert "vLLM is not installed" in capsys.readouterr().err
+
+
+def test_serve_vllm_args_without_the_vllm_backend_is_refused(capsys):
+    """--vllm-args with our backend would be ignored: refused instead, naming the flag."""
+    assert main(["serve", "--model", SHIPPED, "--vllm-args=--enforce-eager"]) == 2
+    assert "--vllm-args '--enforce-eager': for --backend vllm only" in capsys.readouterr().err
