@@ -114,3 +114,15 @@ def test_serve_vllm_args_without_the_vllm_backend_is_refused(capsys):
     """--vllm-args with our backend would be ignored: refused instead, naming the flag."""
     assert main(["serve", "--model", SHIPPED, "--vllm-args=--enforce-eager"]) == 2
     assert "--vllm-args '--enforce-eager': for --backend vllm only" in capsys.readouterr().err
+
+
+def test_serve_options_the_backend_cannot_run_are_refused(capsys):
+    """Each backend's `check` names the option before anything starts (exit 2)."""
+    assert main(["serve", "--model", SHIPPED, "--batch-invariant", "--compile-decode"]) == 2
+    assert "--batch-invariant needs eager decoding" in capsys.readouterr().err
+    assert main(["serve", "--model", SHIPPED, "--device", "tpu"]) == 2
+    assert "--device not a torch device" in capsys.readouterr().err
+    from rlfoundry.rollout.launch import EngineSpec, VLLMBackend
+
+    assert "vLLM's kernels are not batch-invariant" in VLLMBackend().check(EngineSpec(SHIPPED, batch_invariant=True))
+    assert VLLMBackend().check(EngineSpec(SHIPPED)) is None

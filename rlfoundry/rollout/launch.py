@@ -135,9 +135,15 @@ class Backend:
     """The RL loop's weight_sync paths its servers take."""
     modes: tuple[str, ...] = ()
     """The RL loop's engine modes its servers run (exact, batch_invariant, ...)."""
+    serves_in_process = False
+    """`rlfoundry serve` with one engine runs it in its own process (ours) rather than as a child."""
 
     def __init__(self, extra_args: list[str] | None = None):
         self.extra_args = list(extra_args or [])
+
+    def check(self, spec: EngineSpec) -> str | None:
+        """Why this backend cannot serve `spec` (None: it can), naming the option."""
+        return None
 
     def engine_command(self, spec: EngineSpec, port: int) -> tuple[list[str], dict]:
         """The server's command line and environment; ValueError for an option the backend lacks."""
@@ -159,8 +165,21 @@ class Backend:
 class RlfoundryBackend(Backend):
     name, supports_router, weight_syncs = "rlfoundry", True, ("distributed", "disk")
     modes = ("exact", "batch_invariant", "routing_replay", "compile_decode")
+    serves_in_process = True
 
-    def engine_command(self, spec, port):
+    def check(self, spec):
+        why = device_error(spec.device)
+        if why:
+            return f"--device {why}"
+        if spec.batch_invariant and spec.device != "cpu":
+            return ("--batch-invariant is for the CPU (its invariance rules are this CPU build's): "
+                    f"not with --device {spec.device}")
+        if spec.batch_invariant and spec.compile_decode:
+            return ("--batch-invariant needs eager decoding (compiled kernels sum in their own orders): "
+                    "drop --compile-decode")
+        return None
+
+    def engine_command(self, spec, port):  # (the device is checked where the engine runs)
         cmd = [sys.executable, "-m", "rlfoundry.cli", "serve", "--model", spec.model, "--host", "127.0.0.1",
                "--port", str(port), "--max-batch", str(spec.max_batch), "--dtype", spec.dtype, "--log-level", "error"]
         if spec.max_len:
@@ -206,11 +225,17 @@ class VLLMBackend(Backend):
         return None if found else (f"vLLM is not installed for {python} (make vllm, or RLFOUNDRY_VLLM_PYTHON "
                                    "naming a Python that has it)")
 
-    def engine_command(self, spec, port):
+    def check(self, spec):
         if spec.batch_invariant:
-            raise ValueError("batch_invariant: vLLM's kernels are not batch-invariant; use the rlfoundry backend")
+            return "batch_invariant: vLLM's kernels are not batch-invariant; use the rlfoundry backend"
         if spec.device != "cpu":
-            raise ValueError(f"--device {spec.device}: vLLM runs on the device its build is for; leave --device out")
+            return f"--device {spec.device}: vLLM runs on the device its build is for; leave --device out"
+        return None
+
+    def engine_command(self, spec, port):
+        why = self.check(spec)
+        if why:
+            raise ValueError(why)
         cmd = [self.python(), "-m", "vllm.entrypoints.openai.api_server", "--model", spec.model, "--host", "127.0.0.1",
                "--port", str(port), "--dtype", spec.dtype, "--max-num-seqs", str(spec.max_batch),
                "--served-model-name", spec.served_model_name or spec.model, "--logprobs-mode", "processed_logprobs",
@@ -286,24 +311,14 @@ def serve(spec: EngineSpec, host: str = "127.0.0.1", port: int = 30000, engines:
     if why:
         print(f"error: --backend {backend.name}: {why}", file=sys.stderr)
         return 2
-    why = device_error(spec.device) if isinstance(backend, RlfoundryBackend) else None
+    why = backend.check(spec)
     if why:
-        print(f"error: --device {why}", file=sys.stderr)
+        print(f"error: {why}", file=sys.stderr)
         return 2
-    if spec.batch_invariant and spec.device != "cpu":
-        print("error: --batch-invariant is for the CPU (its invariance rules are this CPU build's): "
-              f"not with --device {spec.device}", file=sys.stderr)
-        return 2
-    if spec.batch_invariant and spec.compile_decode:
-        print("error: --batch-invariant needs eager decoding (compiled kernels sum in their own orders): "
-              "drop --compile-decode", file=sys.stderr)
-        return 2
-    if engines == 1 and not isinstance(backend, RlfoundryBackend):
-        try:
-            cmd, env = backend.engine_command(spec, port)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    if engines == 1 and backend.serves_in_process:
+        return _serve_one(spec, host, port, log_level)
+    if engines == 1:
+        cmd, env = backend.engine_command(spec, port)
         if host != "127.0.0.1":
             cmd[cmd.index("--host") + 1] = host
         child = subprocess.Popen(cmd, env={**os.environ, **env})
@@ -313,8 +328,6 @@ def serve(spec: EngineSpec, host: str = "127.0.0.1", port: int = 30000, engines:
         except KeyboardInterrupt:
             child.terminate()
             return child.wait()
-    if engines == 1:
-        return _serve_one(spec, host, port, log_level)
 
     children: list[subprocess.Popen] = []
 
