@@ -375,7 +375,7 @@ class Engine:
         k = self.spec_steps
         new = 2 + 2 * (k + 1) if k else 2
         prompt = [0] * max(1, min(3, self.max_len - new - 1)) if k else [0]
-        sizes = [1, 2]
+        sizes = [1, 2] if self.max_batch >= 2 else [1]  # (the MTP chain's warm-up writes B cache slots)
         E = self.model.config.n_routed_experts
         if E and Experts.DENSE_MAX_ROWS // E + 1 <= self.max_batch:  # the first batch past the dense path
             sizes.append(Experts.DENSE_MAX_ROWS // E + 1)
@@ -392,10 +392,8 @@ class Engine:
                 h = torch.zeros(B, 2, self.model.config.hidden_size, dtype=self.mtp_cache.k[0].dtype, device=device)
                 ids = torch.zeros(B, 2, dtype=torch.long, device=device)
                 with torch.no_grad():
-                    self._greedy_drafts(self.model, h, ids, CacheStep.rows(self.mtp_cache, [0] * B, 2, device), k)
-                    if B > 1:  # rows of different numbers of real pairs (the padded form)
-                        self._greedy_drafts(self.model, h, ids, CacheStep.rows(self.mtp_cache, [0] * B, 2, device), k,
-                                            torch.tensor([1] + [0] * (B - 1), device=device))
+                    self._greedy_drafts(self.model, h, ids, CacheStep.rows(self.mtp_cache, [0] * B, 2, device), k,
+                                        torch.tensor([1] + [0] * (B - 1), device=device))
                     self.model.mtp_forward(h, ids, cache=self.mtp_cache, slots=torch.arange(B, device=device),
                                            input_lens=torch.tensor([2] * B), layers_fn=self._mtp_layers)
                 self.mtp_cache.lens.zero_()
@@ -719,9 +717,12 @@ class Engine:
         rngs = [s.rng for s in seqs]
         # 1. catch the MTP cache up with the pairs of the last step; its last position drafts d1
         n_new = [len(s.mtp_ids) for s in seqs]
-        T = max(n_new)
-        uniform = min(n_new) == T  # no row padded
         all_greedy = all(p.temperature == 0 for p in params)
+        compiled_chain = self._greedy_drafts is not None and all_greedy and k == self.spec_steps
+        # the compiled chain pads every catch-up to 2 pairs at least: dynamo specialises a size of
+        # 1, and this keeps it at one graph a batch-size regime
+        T = max(n_new + [2]) if compiled_chain else max(n_new)
+        uniform = min(n_new) == T  # no row padded
         if uniform:
             h = torch.stack([s.mtp_h for s in seqs]).to(device)
             ids = torch.tensor([s.mtp_ids for s in seqs])
@@ -731,10 +732,11 @@ class Engine:
             for b, s in enumerate(seqs):
                 h[b, : n_new[b]] = s.mtp_h
                 ids[b, : n_new[b]] = torch.tensor(s.mtp_ids)
-        if self._greedy_drafts is not None and all_greedy and k == self.spec_steps:
-            # compiled, greedy: the whole draft chain in one compiled call (ragged rows padded)
+        if compiled_chain:
+            # compiled, greedy: the whole draft chain in one compiled call (ragged rows padded; the
+            # rows' last real pairs passed even when none is padding: one graph for both cases)
             step = CacheStep.rows(self.mtp_cache, self.mtp_cache.lens[:B].tolist(), T, device)
-            last_B = None if uniform else (torch.tensor(n_new) - 1).to(device)
+            last_B = (torch.tensor(n_new) - 1).to(device)
             drafts_Bk = self._greedy_drafts(model, h, ids.to(device), step, k, last_B).cpu()
         else:
             # (compiled only when no row is padding: a ragged cache write has a data-dependent shape)
