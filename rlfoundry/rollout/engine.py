@@ -203,7 +203,7 @@ def _draw_one(probs_V: Tensor, rng: RandomStream) -> int:
 
 
 def greedy_drafts(model: Glm4MoeForCausalLM, hidden_BTD: Tensor, next_ids_BT: Tensor, step: CacheStep,
-                  k: int, last_B: Tensor | None = None) -> Tensor:
+                  k: int, last_B: Tensor) -> Tensor:
     """k greedy draft tokens [B, k] from the MTP layer: one forward over the T pairs (hidden state,
     next token) that catch its cache up in `step`, whose last real position drafts the first
     token, then k - 1 one-token steps, each fed the layer's own output hidden state and its draft
@@ -212,19 +212,15 @@ def greedy_drafts(model: Glm4MoeForCausalLM, hidden_BTD: Tensor, next_ids_BT: Te
     cycle instead of k times. The cache's lengths are not advanced (the engine sets them after
     verification).
 
-    `last_B`: rows of fewer real pairs than T (after verification accepted different numbers of
-    drafts, the usual case beyond batch 1): the index of each row's last real pair, the rest of
-    the row padding. The padding is written to the cache too — past the row's real positions,
-    where no real query sees it (keys are visible only up to a query's own position) and where the
-    row's next draft step writes over it — so that every row has the same shape and the chain
-    stays one graph; None: every row's T pairs are real."""
+    `last_B`: the index of each row's last real pair; the rest of the row is padding (after
+    verification accepted different numbers of drafts, the usual case beyond batch 1). The
+    padding is written to the cache too — past the row's real positions, where no real query sees
+    it (keys are visible only up to a query's own position) and where the row's next draft step
+    writes over it — so that every row has the same shape and the chain stays one graph."""
     logits, h, _, _ = model.mtp_forward_layers(hidden_BTD, next_ids_BT, step.position_ids_BT, step.mask(), step)
-    if last_B is None:
-        logits_BV, h_B1D, pos_B1 = logits[:, -1], h[:, -1:], step.position_ids_BT[:, -1:]
-    else:
-        rows_B = torch.arange(logits.shape[0], device=logits.device)
-        logits_BV, h_B1D = logits[rows_B, last_B], h[rows_B, last_B][:, None]
-        pos_B1 = step.position_ids_BT.gather(1, last_B[:, None])
+    rows_B = torch.arange(logits.shape[0], device=logits.device)
+    logits_BV, h_B1D = logits[rows_B, last_B], h[rows_B, last_B][:, None]
+    pos_B1 = step.position_ids_BT.gather(1, last_B[:, None])
     draft_B = logits_BV.argmax(-1)
     drafts = [draft_B]
     for i in range(1, k):
@@ -733,8 +729,7 @@ class Engine:
                 h[b, : n_new[b]] = s.mtp_h
                 ids[b, : n_new[b]] = torch.tensor(s.mtp_ids)
         if compiled_chain:
-            # compiled, greedy: the whole draft chain in one compiled call (ragged rows padded; the
-            # rows' last real pairs passed even when none is padding: one graph for both cases)
+            # compiled, greedy: the whole draft chain in one compiled call (ragged rows padded)
             step = CacheStep.rows(self.mtp_cache, self.mtp_cache.lens[:B].tolist(), T, device)
             last_B = (torch.tensor(n_new) - 1).to(device)
             drafts_Bk = self._greedy_drafts(model, h, ids.to(device), step, k, last_B).cpu()
