@@ -109,3 +109,40 @@ def test_speculative_sampling_keeps_the_target_distribution():
         expected = exact * n
         chi2 = ((counts - expected) ** 2 / expected).sum().item()
         assert chi2 < 20.5, (counts / n, exact)  # 5 degrees of freedom, p = 0.001
+
+
+def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch):
+    """A compile_decode engine's warm-up leaves nothing to compile: greedy and sampled speculative
+    decoding (plain decode steps too, where a response has one token left) at every batch size up
+    to max_batch, drafts accepted to every depth
+    (the shipped drafter) and k shrinking at the ends of responses, run with dynamo's
+    recompilation an error. The model's dense MoE path is made to end at 5 tokens, so that every
+    regime (its two sides for one token a row, for k + 1, and for the draft chain's catch-ups and
+    steps) is reached at small batches. The graphs are traced with dynamo's eager backend: which
+    graphs there are is the guards' business, whatever compiles them."""
+    from pathlib import Path
+
+    from rlfoundry.buffer import PromptDataset
+    from rlfoundry.data.tokenizer import load_tokenizer
+    from rlfoundry.model import load_pretrained
+    from rlfoundry.model.glm4_moe import Experts
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic, fullgraph, options=None: compile_(
+        fn, dynamic=dynamic, fullgraph=fullgraph, backend="eager"))
+    monkeypatch.setattr(Experts, "DENSE_MAX_ROWS", 16 * 4)  # 16 experts: dense up to 4 tokens
+    torch._dynamo.reset()
+    path = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "model"
+    model, tok = load_pretrained(path), load_tokenizer(path)
+    assert model.token_switches() == [5]
+    ds = PromptDataset.load("task:countdown:2", n_per_level=10, seed=10_002)
+    prompts = [ds.token_ids(i, tok) for i in range(len(ds))]
+    engine = Engine(model, max_batch=6, speculative_steps=3, compile_decode=True)
+    engine.warmup()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for B in range(1, 7):
+            for temperature in (0.0, 1.0):
+                params = [SamplingParams(temperature=temperature, max_new_tokens=5 + 2 * b, seed=b) for b in range(B)]
+                engine.generate(prompts[:B], params)
+    assert engine.stats["spec_accept_length"] >= 2.0
+    torch._dynamo.reset()

@@ -729,10 +729,24 @@ class Experts(nn.Module):
     sparse path's memory traffic for one token of GLM-4.5 (160 experts, 3.8G weights a layer, of
     which a token uses 8)."""
 
+    def _small(self) -> bool:
+        return self.gate_up_proj.numel() + self.down_proj.numel() <= self.DENSE_MAX_WEIGHTS
+
+    def token_switches(self, top_k: int) -> list[int]:
+        """The token counts N at which an inference forward (no autograd) of this block takes
+        another path from the one below N: the dense path's end and, for CPU bf16/fp16 weights,
+        where the sparse path starts padding each expert's rows (`_row_bucket`). A compiled graph
+        holds one path, so each is a graph of its own (`Engine.warmup` compiles them all)."""
+        E = self.gate_up_proj.shape[0]
+        switches = [self.DENSE_MAX_ROWS // E + 1] if self._small() else []
+        if self.gate_up_proj.device.type == "cpu" and self.gate_up_proj.dtype in (torch.bfloat16, torch.float16):
+            switches.append(4 * E // top_k + 1)  # N * K > 4 * E
+        return switches
+
     def forward(self, x_ND: Tensor, routing: Routing) -> Tensor:
         N, K = routing.ids_NK.shape
         E = self.gate_up_proj.shape[0]
-        small = self.gate_up_proj.numel() + self.down_proj.numel() <= self.DENSE_MAX_WEIGHTS
+        small = self._small()
         # (autograd's check first: a compiled training graph then gets no guard on N, which would
         # recompile it where N * E crosses DENSE_MAX_ROWS though the path is the same on both sides)
         if not torch.is_grad_enabled() and small and N * E <= self.DENSE_MAX_ROWS:
@@ -1015,6 +1029,13 @@ class Glm4MoeForCausalLM(nn.Module):
         h_BTD = mtp.shared_head.norm(x_BTD)
         return (self.lm_head(h_BTD), h_BTD, routing.ids_NK.view(B, T, 1, -1),
                 [routing.scores_NE.view(B, T, -1)] if return_router else None)
+
+    def token_switches(self) -> list[int]:
+        """The token counts (B x T of a cached forward) at which the MoE blocks of an inference
+        forward change path (`Experts.token_switches`), main model and MTP layers alike, sorted."""
+        K = self.config.num_experts_per_tok
+        return sorted({n for l in list(self.model.layers) + list(self.model.mtp_layers)
+                       if isinstance(l.mlp, MoE) for n in l.mlp.experts.token_switches(K)})
 
     def moe_routers(self) -> list[Router]:
         """The routers of the main model's MoE blocks, in order (the MTP layers' come after)."""

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from rlfoundry.model import Glm4MoeForCausalLM, KVCache
-from rlfoundry.model.glm4_moe import CacheStep, Experts, at_least_fp32
+from rlfoundry.model.glm4_moe import CacheStep, at_least_fp32
 from rlfoundry.model.hf_io import read_tensors, update_from_tensors
 
 
@@ -360,40 +360,53 @@ class Engine:
         return req
 
     def warmup(self) -> None:
-        """With compile_decode: compile now, for every batch-size regime (batch 1; 2 and up; and,
-        when max_batch reaches it, the size where the MoE layers switch to their sparse path), so
-        that no request waits for it (the server calls this before reporting healthy). With
-        speculative decoding, drafting and verification as well (one token and several a row;
-        greedy drafting, `greedy_drafts`, and sampled, `mtp_forward_layers`)."""
+        """With compile_decode: compile now every graph that decoding can need, so that no request
+        waits for one (the server calls this before reporting healthy). A compiled function keeps a
+        graph per regime of its input shapes: batch 1 or more, one token a row or more (dynamo
+        specialises sizes of 1), and each side of every token count where the model's inference
+        forward changes path (`Glm4MoeForCausalLM.token_switches`: the MoE blocks' dense decode
+        path ends; B x T tokens) or its attention does (T: `DECODE_ATTENTION_MAX_T`). Each compiled
+        function is called here once for each shape that can start a regime: every token count T a
+        row that the engine gives it, and for each T batch 1, batch 2 and the first batch size past
+        each switch (of B x T, and of B alone for the draft chain's one-token steps), up to
+        max_batch. Plain decoding: `decode_forward` on 1 token a row; speculative decoding also
+        verification (k' + 1 tokens, k' <= k as the end of a response nears), the greedy draft
+        chain (`greedy_drafts`, catch-ups of 2 to k + 1 pairs) and the sampled drafts' MTP layer
+        (catch-ups of 1 to k + 1 pairs, then one-token steps). Needs an idle engine (it writes the
+        caches' first slots)."""
         if self._forward is None:
             return
-        stats = dict(self.stats)
-        k = self.spec_steps
-        new = 2 + 2 * (k + 1) if k else 2
-        prompt = [0] * max(1, min(3, self.max_len - new - 1)) if k else [0]
-        sizes = [1, 2] if self.max_batch >= 2 else [1]  # (the MTP chain's warm-up writes B cache slots)
-        E = self.model.config.n_routed_experts
-        if E and Experts.DENSE_MAX_ROWS // E + 1 <= self.max_batch:  # the first batch past the dense path
-            sizes.append(Experts.DENSE_MAX_ROWS // E + 1)
-        for temperature in (0.0, 1.0) if k else (0.0,):
-            params = SamplingParams(temperature=temperature, max_new_tokens=new, ignore_eos=True, seed=0)
-            for B in sizes:
-                self.generate([prompt] * B, params)
-        if k:
-            # A cycle's catch-up of several pairs a row (after accepted drafts) is a graph of its
-            # own, which the generations above reach only if some drafts were accepted: compile it
-            # whatever the acceptance, called as `_decode_speculative` calls it
-            device = self.device
-            for B in sizes:
-                h = torch.zeros(B, 2, self.model.config.hidden_size, dtype=self.mtp_cache.k[0].dtype, device=device)
-                ids = torch.zeros(B, 2, dtype=torch.long, device=device)
-                with torch.no_grad():
-                    self._greedy_drafts(self.model, h, ids, CacheStep.rows(self.mtp_cache, [0] * B, 2, device), k,
-                                        torch.tensor([1] + [0] * (B - 1), device=device))
-                    self.model.mtp_forward(h, ids, cache=self.mtp_cache, slots=torch.arange(B, device=device),
-                                           input_lens=torch.tensor([2] * B), layers_fn=self._mtp_layers)
+        with self._lock:
+            if self._running or self._waiting:
+                raise RuntimeError("warmup needs an idle engine: it writes the KV caches")
+            k, switches, device = self.spec_steps, self.model.token_switches(), self.device
+            D, dtype = self.model.config.hidden_size, self.dtype
+
+            def batches(T: int) -> list[int]:
+                firsts = {1, 2} | {-(-n // t) for n in switches for t in (T, 1)}
+                return sorted(B for B in firsts if B <= self.max_batch)
+
+            def step(cache: KVCache, B: int, T: int) -> CacheStep:  # 1 token already cached: no size-1 key count
+                return CacheStep.rows(cache, [1] * B, T, device)
+
+            with torch.no_grad():
+                for T in [1] + list(range(2, k + 2)):  # decode steps; verification of k' + 1 tokens
+                    for B in batches(T):
+                        self._forward(self.model, torch.zeros(B, T, dtype=torch.long, device=device),
+                                      step(self.cache, B, T))
+                for T in range(1, k + 2) if k else []:  # drafting, after a catch-up of T pairs a row
+                    for B in batches(T):
+                        h = torch.zeros(B, T, D, dtype=dtype, device=device)
+                        ids = torch.zeros(B, T, dtype=torch.long, device=device)
+                        if T >= 2:  # the compiled greedy chain pads catch-ups to 2 pairs at least
+                            self._greedy_drafts(self.model, h, ids, step(self.mtp_cache, B, T), k,
+                                                torch.full((B,), T - 1, device=device))
+                        self.mtp_cache.lens[:B] = 1  # (T = 1: also a sampled draft step)
+                        self.model.mtp_forward(h, ids, cache=self.mtp_cache, slots=torch.arange(B, device=device),
+                                               layers_fn=self._mtp_layers)
+            self.cache.lens.zero_()
+            if self.mtp_cache is not None:
                 self.mtp_cache.lens.zero_()
-        self.stats = stats
 
     def _control(self, fn: Callable[[], Any]) -> Any:
         """fn() between two steps, on the thread that runs the model: the loop's when one runs
