@@ -382,9 +382,9 @@ class Engine:
             k, switches, device = self.spec_steps, self.model.token_switches(), self.device
             D, dtype = self.model.config.hidden_size, self.dtype
 
-            def batches(T: int) -> list[int]:
+            def batches(T: int) -> list[int]:  # (none where the context cannot hold 1 + T tokens)
                 firsts = {1, 2} | {-(-n // t) for n in switches for t in (T, 1)}
-                return sorted(B for B in firsts if B <= self.max_batch)
+                return sorted(B for B in firsts if B <= self.max_batch and 1 + T <= self.max_len)
 
             def step(cache: KVCache, B: int, T: int) -> CacheStep:  # 1 token already cached: no size-1 key count
                 return CacheStep.rows(cache, [1] * B, T, device)
