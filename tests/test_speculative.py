@@ -114,9 +114,8 @@ def test_speculative_sampling_keeps_the_target_distribution():
 def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch):
     """A compile_decode engine's warm-up leaves nothing to compile: greedy and sampled speculative
     decoding (plain decode steps too, where a response has one token left) at every batch size up
-    to max_batch, drafts accepted to every depth
-    (the shipped drafter) and k shrinking at the ends of responses, run with dynamo's
-    recompilation an error. The model's dense MoE path is made to end at 5 tokens, so that every
+    to max_batch, drafts accepted to every depth (the shipped drafter) and k shrinking at the ends
+    of responses, run with dynamo's recompilation an error. The model's dense MoE path is made to end at 5 tokens, so that every
     regime (its two sides for one token a row, for k + 1, and for the draft chain's catch-ups and
     steps) is reached at small batches. The graphs are traced with dynamo's eager backend: which
     graphs there are is the guards' business, whatever compiles them."""

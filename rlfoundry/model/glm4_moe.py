@@ -739,8 +739,9 @@ class Experts(nn.Module):
         holds one path, so each is a graph of its own (`Engine.warmup` compiles them all)."""
         E = self.gate_up_proj.shape[0]
         switches = [self.DENSE_MAX_ROWS // E + 1] if self._small() else []
-        if self.gate_up_proj.device.type == "cpu" and self.gate_up_proj.dtype in (torch.bfloat16, torch.float16):
-            switches.append(4 * E // top_k + 1)  # N * K > 4 * E
+        w = self.gate_up_proj
+        if _row_bucket(w, w.dtype, 4 * E + 1, E) > 1:  # the sparse path pads rows where N * K > 4 * E
+            switches.append(4 * E // top_k + 1)
         return switches
 
     def forward(self, x_ND: Tensor, routing: Routing) -> Tensor:

@@ -390,7 +390,7 @@ class Engine:
                 return CacheStep.rows(cache, [1] * B, T, device)
 
             with torch.no_grad():
-                for T in [1] + list(range(2, k + 2)):  # decode steps; verification of k' + 1 tokens
+                for T in range(1, k + 2):  # decode steps; verification of k' + 1 tokens
                     for B in batches(T):
                         self._forward(self.model, torch.zeros(B, T, dtype=torch.long, device=device),
                                       step(self.cache, B, T))
