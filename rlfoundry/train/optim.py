@@ -29,7 +29,6 @@ from typing import Iterable
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -51,6 +50,8 @@ def newton_schulz(M: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
 
 def _orthogonalise(m: Tensor, ns_steps: int) -> Tensor:
     """newton_schulz over whole matrices, for plain tensors and DTensors alike."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor  # ~1 s to import: not at start-up
+
     if not isinstance(m, DTensor):
         return newton_schulz(m, ns_steps)
     if all(isinstance(pl, Shard) and pl.dim < m.ndim - 2 for pl in m.placements):

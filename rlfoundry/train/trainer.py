@@ -19,7 +19,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rlfoundry.model import Glm4MoeForCausalLM, apply_loss_free_bias_update, expert_load
-from rlfoundry.model.parallelize import all_reduce_, all_reduce_grads_, clip_grad_norm_
 from rlfoundry.train.losses import balance_loss, mtp_loss, mtp_weight, token_cross_entropy
 from rlfoundry.train.optim import MuonWithAdamW
 from rlfoundry.train.schedule import warmup_cosine
@@ -160,6 +159,10 @@ class Trainer:
         tokens) sum to 1 and the step is that of one process training them all, up to rounding;
         shares of each rank's own step (the default) make it the mean of the ranks' steps. (FSDP
         averages gradients itself: there the shares must be each rank's own.)"""
+        # imported here: parallelize imports FSDP and DTensor (~1.3 s), which whoever only reads a
+        # TrainConfig (the RL driver, its buffer and rollout actors) need not pay
+        from rlfoundry.model.parallelize import all_reduce_, all_reduce_grads_, clip_grad_norm_
+
         model, cfg = self.model, self.cfg
         model.train()
         lr = self.lr_at(self.step)
