@@ -166,17 +166,18 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                 fresh_copy = True
         opts = dict(num_cpus=0, max_concurrency=1)
         buffer = ray.remote(BufferWorker).options(**opts).remote(cfg, str(out), str(db) if db else None)
-        if cfg.debug != "rollout_only":  # data-parallel trainers join one process group; rank 0 leads
+        if cfg.debug != "rollout_only":
             gpu = {"num_gpus": 1} if cfg.device == "cuda" else {}
             trainers = [ray.remote(TrainerWorker).options(**opts, **gpu).remote(cfg, str(out))
                         for _ in range(cfg.num_trainers)]
-            if len(trainers) > 1:
-                address, port = ray.get(trainers[0].address.remote())
-                ray.get([t.join_group.remote(address, port, r, len(trainers)) for r, t in enumerate(trainers)])
             trainer = trainers[0]
         visible = None if cfg.ray_address else os.environ.get("CUDA_VISIBLE_DEVICES")  # this machine's, not a node's
         rollout = ray.remote(RolloutWorker).options(**opts).remote(cfg, str(out), visible) \
             if cfg.debug != "train_only" else None
+        # (every actor is created before anything waits on one: the engines start while the trainers load)
+        if len(trainers) > 1:  # data-parallel trainers join one process group; rank 0 leads
+            address, port = ray.get(trainers[0].address.remote())
+            ray.get([t.join_group.remote(address, port, r, len(trainers)) for r, t in enumerate(trainers)])
         # the engines are up (started or found) before any phase is timed
         engine_urls = ray.get(rollout.urls.remote()) if rollout is not None else []
         start = 0
