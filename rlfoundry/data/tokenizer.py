@@ -44,9 +44,14 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
         return None
-    config = path / "tokenizer_config.json"
-    cls = json.loads(config.read_text()).get("tokenizer_class") if config.exists() else None
-    if cls in ("PreTrainedTokenizerFast", "TokenizersBackend") and (path / "tokenizer.json").exists():
+    config_file, config = path / "tokenizer_config.json", {}
+    if config_file.exists():
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    if (config.get("tokenizer_class") in ("PreTrainedTokenizerFast", "TokenizersBackend")
+            and "auto_map" not in config and (path / "tokenizer.json").exists()):
         # what AutoTokenizer would build, without importing every auto class (~3 s of each engine's,
         # buffer's and rollout worker's start-up)
         from transformers import PreTrainedTokenizerFast
