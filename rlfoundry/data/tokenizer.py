@@ -42,16 +42,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) 
 def load_tokenizer(path: str | Path):
     """The tokenizer of a checkpoint directory (None if it has none)."""
     path = Path(path)
-    if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
+    tokenizer_file, config_file, config = path / "tokenizer.json", path / "tokenizer_config.json", {}
+    if not tokenizer_file.exists() and not config_file.exists():
         return None
-    config_file, config = path / "tokenizer_config.json", {}
     if config_file.exists():
         try:
             config = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{config_file}: not valid JSON ({e})") from None
     if (config.get("tokenizer_class") in ("PreTrainedTokenizerFast", "TokenizersBackend")
-            and "auto_map" not in config and (path / "tokenizer.json").exists()):
+            and "auto_map" not in config and tokenizer_file.exists()):
         # what AutoTokenizer would build, without importing every auto class (~3 s of each engine's,
         # buffer's and rollout worker's start-up)
         from transformers import PreTrainedTokenizerFast
