@@ -643,11 +643,14 @@ class Engine:
         if self.spec_steps:
             self._mtp_prefill(batch, lens, out.hidden, slots)
         rows, seqs, params = [], [], []
+        src, dst = [], []  # the other samples of a prompt start from its first one's caches
+        for r in reqs:
+            src += [r.first_slot] * (len(r.seqs) - 1)
+            dst += [s.slot for s in r.seqs[1:]]
+        if dst:  # one copy per layer tensor for the whole prefill, not one per request
+            for cache in (self.cache, self.mtp_cache) if self.spec_steps else (self.cache,):
+                cache.copy_slots(src, dst)
         for b, r in enumerate(reqs):
-            if r.params.n > 1:  # the other samples start from the first one's caches
-                src, dst = [r.first_slot] * (len(r.seqs) - 1), [s.slot for s in r.seqs[1:]]
-                for cache in (self.cache, self.mtp_cache) if self.spec_steps else (self.cache,):
-                    cache.copy_slots(src, dst)
             for seq in r.seqs:
                 if r.params.return_routed_experts:
                     seq.routed.append(out.routed_experts[b, : lens[b]].to(torch.int16))
