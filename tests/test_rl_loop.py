@@ -76,12 +76,14 @@ def test_rl_end_to_end(tmp_path, capsys, monkeypatch):
 
 def test_time_limited_schedule_ends_at_the_last_step_that_fits():
     """Under max_minutes the learning-rate decay ends where the time runs out: at a mean step time
-    of 2 s, with 100 s used of 8 minutes after 50 steps, 190 more steps fit (this one included)."""
+    of 2 s, with 100 s used of 8 minutes after 50 steps, 190 more steps fit (this one included);
+    30 fewer when a minute of the limit is kept for the run's start-up and end."""
     from rlfoundry.rl.loop import _horizon
     from rlfoundry.train.trainer import Trainer
 
     cfg = load_rl_config(None, ["max_minutes=8", "train.total_steps=500"])
     assert _horizon(cfg, 50, 50, 100.0) == 240
+    assert _horizon(cfg, 50, 50, 100.0, reserved_s=60.0) == 210
     assert _horizon(cfg, 50, 0, 0.0) is None  # nothing timed yet: the schedule's own total_steps
     assert _horizon(cfg, 50, 50, 10.0) == 500  # a fast machine: total_steps comes first
     assert _horizon(cfg, 239, 239, 479.0) == 240  # out of time: this step is the last

@@ -168,11 +168,14 @@ class RLConfig:
     steps: int = 30
     """Rollout steps."""
     max_minutes: float = 0.0
-    """Also stop, with a final evaluation and checkpoint, once another step would end more than
-    this many minutes after the first step of this process began (judged by the mean step time so
-    far); 0: no limit. The number of steps then depends on the machine's speed, and so does the
-    learning-rate schedule: it ends (reaches train.final_lr) at the last step expected to fit, when
-    that comes before train.total_steps. `--resume` continues towards `steps`."""
+    """End the run within this many minutes of its start (`run_rl`'s: Ray, the engines and trainers
+    starting up included): after each step the loop stops, with a final evaluation and checkpoint,
+    when one more step and then the end of the run would pass the limit — a step judged by the
+    mean step time so far, the end by the last evaluation's and checkpoint's times and
+    SHUTDOWN_RESERVE_S (rlfoundry/rl/loop.py). 0: no limit. The number of steps then depends on the
+    machine's speed, and so does the learning-rate schedule: it ends (reaches train.final_lr) at
+    the last step expected to fit, when that comes before train.total_steps. A resumed run
+    (`--resume`) counts from its own start and continues towards `steps`."""
     seed: int = 0
     """Seed of prompt order, sampling and training."""
     deterministic: bool = False

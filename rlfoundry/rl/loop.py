@@ -134,6 +134,7 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    t_run = time.perf_counter()  # max_minutes counts from here
     console = console or Console()
     out = Path(out).resolve()
     ckpt = out / "checkpoints" / "latest"
@@ -227,6 +228,13 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("rl", total=cfg.steps, completed=start, info="")
             t_first = time.perf_counter()
+            # what max_minutes must also hold besides the steps: the time up to the first step, and
+            # after the last one its evaluation, checkpoint and the shut-down (as long as the last
+            # evaluation and checkpoint took, and SHUTDOWN_RESERVE_S)
+            tail = {"eval": last_eval.get("time/eval_s", 0.0), "checkpoint": 0.0}
+
+            def reserved_s() -> float:
+                return (t_first - t_run) + tail["eval"] + tail["checkpoint"] + SHUTDOWN_RESERVE_S
             train_step = ray.get(trainer.step.remote()) if trainer is not None else 0
             for step in range(start, cfg.steps):
                 m = {"step": step + 1}
@@ -246,7 +254,7 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                 m.update(ray.get(buffer.step_stats.remote(
                     step, str(out / "rollouts" / f"step_{step:06d}.jsonl") if cfg.save_rollouts else None)))
                 if trainer is not None:
-                    horizon = _horizon(cfg, train_step, step - start, time.perf_counter() - t_first)
+                    horizon = _horizon(cfg, train_step, step - start, time.perf_counter() - t_first, reserved_s())
                     if horizon is not None:
                         m["train/horizon"] = horizon
                     groups = buffer.training_groups.remote(step)  # buffer -> trainers, a reference
@@ -257,17 +265,18 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                     if rollout is not None:
                         m["time/weight_sync_s"] = _sync(ray, cfg, trainer, rollout, out, version)
                 last = step + 1 == cfg.steps
-                if cfg.max_minutes and not last:  # would one more step end past the limit?
-                    if _steps_that_fit(cfg, step + 1 - start, time.perf_counter() - t_first) < 1:
+                if cfg.max_minutes and not last:  # would one more step, then the end, pass the limit?
+                    if _steps_that_fit(cfg, step + 1 - start, time.perf_counter() - t_first, reserved_s()) < 1:
                         last = True
                         m["stopped/max_minutes"] = cfg.max_minutes
                 if eval_sets and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
                     last_eval = evaluate(step + 1)
                     m.update(last_eval)
+                    tail["eval"] = last_eval.get("time/eval_s", 0.0)
                 if trainer is not None and (last or (step + 1) % cfg.checkpoint_every == 0):
                     t0 = time.perf_counter()
                     ray.get([t.save_checkpoint.remote(str(ckpt), {"rollout_step": step + 1}) for t in trainers])
-                    m["time/checkpoint_s"] = time.perf_counter() - t0
+                    m["time/checkpoint_s"] = tail["checkpoint"] = time.perf_counter() - t0
                 m["time/step_s"] = time.perf_counter() - t_step
                 logger.log(m)
                 info = f"reward {m.get('reward/mean', float('nan')):.3f}"
@@ -303,7 +312,12 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
             raise SystemExit(128 + stopped_by[0])
 
 
-def _horizon(cfg: RLConfig, train_step: int, steps_done: int, elapsed_s: float) -> int | None:
+SHUTDOWN_RESERVE_S = 15.0
+"""Seconds that max_minutes keeps for what follows the last step's evaluation and checkpoint:
+the plot, the Hugging Face save, stopping the engines and Ray (2 – 5 s measured here)."""
+
+
+def _horizon(cfg: RLConfig, train_step: int, steps_done: int, elapsed_s: float, reserved_s: float = 0.0) -> int | None:
     """The optimizer step at which the learning-rate schedule ends when max_minutes will stop the
     run before train.total_steps: the steps that fit in the time left at the mean step time so far
     (the same estimate as the stopping rule's), so that the decay completes on a slow machine as on
@@ -311,14 +325,16 @@ def _horizon(cfg: RLConfig, train_step: int, steps_done: int, elapsed_s: float) 
     is timed. It follows the clock: a time-limited run is not replayable step for step."""
     if not cfg.max_minutes or steps_done == 0:
         return None
-    left = max(1, _steps_that_fit(cfg, steps_done, elapsed_s))  # this one included
+    left = max(1, _steps_that_fit(cfg, steps_done, elapsed_s, reserved_s))  # this one included
     return min(cfg.train.total_steps, train_step + left * cfg.algorithm.updates_per_rollout)
 
 
-def _steps_that_fit(cfg: RLConfig, steps_done: int, elapsed_s: float) -> int:
-    """Steps that would still end within max_minutes at the mean step time so far (<= 0: none).
-    The stopping rule (stop when fewer than one fits) and `_horizon` both judge by it."""
-    return math.floor((60 * cfg.max_minutes - elapsed_s) / (elapsed_s / steps_done))
+def _steps_that_fit(cfg: RLConfig, steps_done: int, elapsed_s: float, reserved_s: float = 0.0) -> int:
+    """Steps that would still end within max_minutes at the mean step time so far (<= 0: none),
+    `elapsed_s` after the first step began, with `reserved_s` of the limit kept for the rest of the
+    run (its start-up before the first step, its end after the last). The stopping rule (stop when
+    fewer than one fits) and `_horizon` both judge by it."""
+    return math.floor((60 * cfg.max_minutes - reserved_s - elapsed_s) / (elapsed_s / steps_done))
 
 
 def _sync(ray, cfg: RLConfig, trainer, rollout, out: Path, version: int) -> float:
