@@ -49,6 +49,8 @@ def test_rl_end_to_end(tmp_path, capsys, monkeypatch):
     for m in trained:  # trainer log-probs == engine log-probs up to fp32 rounding (typically 5e-6 at
         # worst, 2e-7 on average; 1.4e-5 seen once: batched decode and full forward round differently)
         assert m["train/mismatch_max"] <= 5e-5 and m["train/mismatch_mean"] <= 2e-6
+    # the start-up (Ray, workers, engines, the step-0 evaluation) logged once, with the first step
+    assert ms[1]["time/startup_s"] > ms[0]["time/eval_s"] and all("time/startup_s" not in m for m in ms[2:])
     for m in ms[1:]:
         assert 0.0 <= m["reward/mean"] <= 1.0
         for phase in ("rollout", "train", "weight_sync"):  # a step with no reward signal trains nothing

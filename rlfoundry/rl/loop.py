@@ -238,6 +238,8 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
             train_step = ray.get(trainer.step.remote()) if trainer is not None else 0
             for step in range(start, cfg.steps):
                 m = {"step": step + 1}
+                if step == start:  # what max_minutes also counts: Ray, the workers, engines, step 0's evaluation
+                    m["time/startup_s"] = t_first - t_run
                 t_step = time.perf_counter()
                 if rollout is not None:
                     t0 = time.perf_counter()
