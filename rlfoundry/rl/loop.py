@@ -228,13 +228,13 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("rl", total=cfg.steps, completed=start, info="")
             t_first = time.perf_counter()
-            # what max_minutes must also hold besides the steps: the time up to the first step, and
-            # after the last one its evaluation, checkpoint and the shut-down (as long as the last
-            # evaluation and checkpoint took, and SHUTDOWN_RESERVE_S)
-            tail = {"eval": last_eval.get("time/eval_s", 0.0), "checkpoint": 0.0}
+            last_checkpoint_s = 0.0
 
             def reserved_s() -> float:
-                return (t_first - t_run) + tail["eval"] + tail["checkpoint"] + SHUTDOWN_RESERVE_S
+                """What max_minutes must also hold besides the steps: the time up to the first step,
+                and after the last one its evaluation, checkpoint and the shut-down (as long as the
+                last evaluation and checkpoint took, and SHUTDOWN_RESERVE_S)."""
+                return (t_first - t_run) + last_eval.get("time/eval_s", 0.0) + last_checkpoint_s + SHUTDOWN_RESERVE_S
             train_step = ray.get(trainer.step.remote()) if trainer is not None else 0
             for step in range(start, cfg.steps):
                 m = {"step": step + 1}
@@ -274,11 +274,10 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                 if eval_sets and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
                     last_eval = evaluate(step + 1)
                     m.update(last_eval)
-                    tail["eval"] = last_eval.get("time/eval_s", 0.0)
                 if trainer is not None and (last or (step + 1) % cfg.checkpoint_every == 0):
                     t0 = time.perf_counter()
                     ray.get([t.save_checkpoint.remote(str(ckpt), {"rollout_step": step + 1}) for t in trainers])
-                    m["time/checkpoint_s"] = tail["checkpoint"] = time.perf_counter() - t0
+                    m["time/checkpoint_s"] = last_checkpoint_s = time.perf_counter() - t0
                 m["time/step_s"] = time.perf_counter() - t_step
                 logger.log(m)
                 info = f"reward {m.get('reward/mean', float('nan')):.3f}"
@@ -316,7 +315,7 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
 
 SHUTDOWN_RESERVE_S = 15.0
 """Seconds that max_minutes keeps for what follows the last step's evaluation and checkpoint:
-the plot, the Hugging Face save, stopping the engines and Ray (2 – 5 s measured here)."""
+the plot, the Hugging Face save, stopping the engines and Ray (3 s measured here for the demo)."""
 
 
 def _horizon(cfg: RLConfig, train_step: int, steps_done: int, elapsed_s: float, reserved_s: float = 0.0) -> int | None:
