@@ -290,3 +290,25 @@ def test_rl_drives_engines_it_did_not_start(tmp_path):
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_a_local_ray_instance_runs_its_workers_at_the_callers_priority(monkeypatch):
+    """Ray starts workers 15 nice levels down by default: every actor of the loop (and the engine
+    servers they start) would wait behind any other busy process. The loop's own instance keeps
+    the caller's priority, and leaves the environment as it found it."""
+    import ray
+
+    from rlfoundry.rl.loop import WORKER_NICENESS, _init_ray
+
+    monkeypatch.delenv(WORKER_NICENESS, raising=False)
+    _init_ray(ray, None)
+    try:
+        @ray.remote(num_cpus=0)
+        class Probe:
+            def niceness(self) -> int:
+                return os.nice(0)
+
+        assert ray.get(Probe.remote().niceness.remote()) == os.nice(0)
+        assert WORKER_NICENESS not in os.environ
+    finally:
+        ray.shutdown()
