@@ -318,8 +318,8 @@ def _init_ray(ray, address: str | None) -> None:
     starts it (`RAY_worker_niceness`, default 15: on a cluster, daemons before tasks), and every
     actor of the loop, the engine servers included, would inherit that: beside any other busy
     process the whole run waits (measured here: with a two-thread torch job alongside, a
-    two-minute demo-configuration run spent 152 s starting up and trained 1 step, against 21.7 s
-    and 30 steps of 2.3 s at the same priority). A `RAY_worker_niceness` already set is kept."""
+    two-minute demo-configuration run spent 152 s starting up and trained 1 step, against 22.8 s
+    and 30 steps of 2.2 s at the same priority). A `RAY_worker_niceness` already set is kept."""
     if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level="ERROR",
                  configure_logging=True)
