@@ -48,6 +48,10 @@ def test_demo_runs_shortened(tmp_path, capsys):
     assert (tmp_path / "curves.png").exists()
     if any("train/mismatch_max" in m for m in lines):  # a step with a reward signal was trained
         assert "log-prob mismatch" in out
+    assert main(["inspect", str(tmp_path)]) == 0  # the summary's counts are the buffer's
+    counts = json.loads(capsys.readouterr().out)
+    assert ("1 step, " in out and f"{counts['samples_trained']} samples trained of {counts['samples_generated']} "
+            "generated" in " ".join(out.split()))
 
 
 def test_compile_decode_admission_and_batch_invariance_reach_the_engine_command():
