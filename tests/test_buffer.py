@@ -44,6 +44,26 @@ def test_life_cycle_counts_and_persistence(tmp_path):
     assert b.counts()["samples_trained"] == 0 and len(b.groups(0)) == 2
 
 
+def test_sample_stats_read_in_sql_equal_the_samples_own(tmp_path):
+    """A step's statistics come from SQLite's JSON functions, not from the samples decoded in
+    Python: the same rewards, statuses, `Sample.correct` (the "correct" component, else a positive
+    reward) and response lengths, in the groups' order, for the states asked."""
+    b = Buffer(tmp_path / "buffer.sqlite", seed=0)
+    (g1, _), (g2, _), (g3, _) = b.draw(0, "main", dataset_len=10, n=3)
+    mixed = [Sample([1, 2], [3, 4, 5], [-0.1] * 3, reward=0.5, rewards={"correct": 0.0, "format": 0.5},
+                    status=Status.TRUNCATED, group_id=g1, index=0),
+             Sample([1, 2], [3], [-0.1], reward=2.0, rewards={}, status=Status.COMPLETED, group_id=g1, index=1),
+             Sample([1, 2], [], [], reward=None, status=Status.FAILED, group_id=g1, index=2)]
+    b.put(g1, mixed)
+    b.put(g2, group(g2, [1.0, 1.0]), filtered="zero_variance")
+    b.put(g3, group(g3, [0.0, 1.0]))
+    b.mark_trained(0, train_step=1)
+    for states in (("generated", "filtered", "trained"), ("filtered",), ("generated",)):
+        want = [(s.reward, s.status.value, s.correct, len(s.response_ids)) for g in b.groups(0, states) for s in g]
+        assert b.sample_stats(0, states) == want
+    assert [c for _, _, c, _ in b.sample_stats(0, ("trained", "filtered"))] == [0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+
+
 def test_refill_draws_are_counted_per_rollout(tmp_path):
     """Dynamic-sampling refills draw more prompts for the same rollout: the buffer counts the draws
     and the groups per state, which decide (persistently) whether another refill is due."""

@@ -246,6 +246,20 @@ class Buffer:
             out.append([Sample.from_json(r[0]) for r in rows])
         return out
 
+    def sample_stats(self, rollout_id: int, states: tuple[str, ...]) -> list[tuple]:
+        """(reward, status, correct, response length) of every stored sample of a rollout's groups
+        in `states`, read by SQLite's JSON functions from the stored records: a step's statistics
+        without building its samples in Python (~30 ms of each RL step for ~700 samples).
+        `correct` as `Sample.correct`: the "correct" reward component, or else 1.0 for a positive
+        reward."""
+        q = ",".join("?" * len(states))
+        rows = self.db.execute(
+            "SELECT s.reward, s.status, json_extract(s.data, '$.rewards.correct'), "
+            "json_array_length(s.data, '$.response_ids') FROM samples s JOIN groups g ON s.group_id = g.id "
+            f"WHERE g.rollout_id = ? AND g.state IN ({q}) ORDER BY g.id, s.idx", (rollout_id, *states)).fetchall()
+        return [(reward, status, float(correct) if correct is not None else float((reward or 0) > 0), length)
+                for reward, status, correct, length in rows]
+
     def mark_trained(self, rollout_id: int, train_step: int) -> int:
         with self._tx() as db:
             return db.execute("UPDATE groups SET state = 'trained', train_step = ? WHERE rollout_id = ? AND "

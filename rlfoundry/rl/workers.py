@@ -593,25 +593,25 @@ class BufferWorker:
     def step_stats(self, step: int, save_to: str | None = None) -> dict:
         """Group counts of rollout `step`, and reward and length statistics of every stored sample
         (filtered ones included); with `save_to`, also write them as JSONL there."""
-        groups = self.buffer.groups(step, ("generated", "filtered", "trained"))
-        samples = [s for g in groups for s in g]
+        states = ("generated", "filtered", "trained")
         if save_to:
             Path(save_to).parent.mkdir(parents=True, exist_ok=True)
             with open(save_to, "w") as f:
-                f.writelines(s.to_json() + "\n" for s in samples)
+                f.writelines(s.to_json() + "\n" for g in self.buffer.groups(step, states) for s in g)
         counts = {"groups_kept": self.buffer.count_groups(step, ("generated", "trained")),
                   "groups_filtered": self.buffer.count_groups(step, ("filtered",)),
                   "rollout/refill_rounds": max(self.buffer.draws(step) - 1, 0),
                   "rollout/prompts_skipped": self.buffer.skipped(step)}
-        rewards = [s.reward for s in samples if s.reward is not None]
+        stats = self.buffer.sample_stats(step, states)  # (reward, status, correct, response length)
+        rewards = [r for r, _, _, _ in stats if r is not None]
         if not rewards:
             return counts
-        lens = [len(s.response_ids) for s in samples]
+        n = len(stats)
         return {**counts,
                 "reward/mean": sum(rewards) / len(rewards),
-                "reward/accuracy": sum(s.correct for s in samples) / len(samples),
-                "response/length_mean": sum(lens) / len(lens),
-                "response/truncated_frac": sum(s.status == Status.TRUNCATED for s in samples) / len(samples)}
+                "reward/accuracy": sum(c for _, _, c, _ in stats) / n,
+                "response/length_mean": sum(length for _, _, _, length in stats) / n,
+                "response/truncated_frac": sum(st == Status.TRUNCATED.value for _, st, _, _ in stats) / n}
 
     def mark_trained(self, step: int, train_step: int) -> int:
         return self.buffer.mark_trained(step, train_step)
