@@ -62,6 +62,19 @@ def test_sample_stats_read_in_sql_equal_the_samples_own(tmp_path):
         want = [(s.reward, s.status.value, s.correct, len(s.response_ids)) for g in b.groups(0, states) for s in g]
         assert b.sample_stats(0, states) == want
     assert [c for _, _, c, _ in b.sample_stats(0, ("trained", "filtered"))] == [0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    want = b.sample_stats(0, ("trained", "filtered"))
+
+    class NoJSON:  # an SQLite built without its JSON functions
+        def __init__(self, db):
+            self.db = db
+
+        def execute(self, sql, *args):
+            if "json_" in sql:
+                raise sqlite3.OperationalError("no such function: json_extract")
+            return self.db.execute(sql, *args)
+
+    b.db = NoJSON(b.db)
+    assert b.sample_stats(0, ("trained", "filtered")) == want  # the samples decoded instead
 
 
 def test_refill_draws_are_counted_per_rollout(tmp_path):

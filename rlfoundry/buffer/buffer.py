@@ -253,10 +253,14 @@ class Buffer:
         `correct` as `Sample.correct`: the "correct" reward component, or else 1.0 for a positive
         reward."""
         q = ",".join("?" * len(states))
-        rows = self.db.execute(
-            "SELECT s.reward, s.status, json_extract(s.data, '$.rewards.correct'), "
-            "json_array_length(s.data, '$.response_ids') FROM samples s JOIN groups g ON s.group_id = g.id "
-            f"WHERE g.rollout_id = ? AND g.state IN ({q}) ORDER BY g.id, s.idx", (rollout_id, *states)).fetchall()
+        try:
+            rows = self.db.execute(
+                "SELECT s.reward, s.status, json_extract(s.data, '$.rewards.correct'), "
+                "json_array_length(s.data, '$.response_ids') FROM samples s JOIN groups g ON s.group_id = g.id "
+                f"WHERE g.rollout_id = ? AND g.state IN ({q}) ORDER BY g.id, s.idx", (rollout_id, *states)).fetchall()
+        except sqlite3.OperationalError:  # an SQLite built without its JSON functions: decode the samples
+            return [(s.reward, s.status.value, s.correct, len(s.response_ids))
+                    for g in self.groups(rollout_id, states) for s in g]
         return [(reward, status, float(correct) if correct is not None else float((reward or 0) > 0), length)
                 for reward, status, correct, length in rows]
 
