@@ -57,9 +57,8 @@ def run_demo(out: Path, seed: int = 0, overrides: list[str] | None = None) -> in
         # what the gain follows: on 2-core VMs of different speeds the same demo trained 41K - 86K
         # samples in its minutes and gained accordingly (README, Quick start, Figures)
         line = (f"{len(timed)} step{'s' * (len(timed) != 1)}, {sum(timed) / len(timed):.2f} s each on average; "
-                f"{counts['samples_trained']} "
-                f"samples trained of {counts['samples_generated']} generated (groups with no reward signal "
-                f"are not trained)")
+                f"{counts['samples_trained']} samples trained of {counts['samples_generated']} generated "
+                "(groups with no reward signal are not trained)")
         if cfg.max_minutes:
             line += f"; the gain follows the samples trained: a slower machine trains fewer in {cfg.max_minutes:g} min"
         console.print(line)

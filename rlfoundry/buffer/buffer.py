@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from rlfoundry.data.datasets import DataError, DataStats, read_records
-from rlfoundry.rl.sample import Sample
+from rlfoundry.rl.sample import Sample, correct_of
 
 
 @dataclass
@@ -249,9 +249,8 @@ class Buffer:
     def sample_stats(self, rollout_id: int, states: tuple[str, ...]) -> list[tuple]:
         """(reward, status, correct, response length) of every stored sample of a rollout's groups
         in `states`, read by SQLite's JSON functions from the stored records: a step's statistics
-        without building its samples in Python (~30 ms of each RL step for ~700 samples).
-        `correct` as `Sample.correct`: the "correct" reward component, or else 1.0 for a positive
-        reward."""
+        without building its samples in Python (~20 ms of each RL step for ~700 samples), `correct`
+        by `Sample.correct`'s rule (`correct_of`)."""
         q = ",".join("?" * len(states))
         try:
             rows = self.db.execute(
@@ -261,8 +260,7 @@ class Buffer:
         except sqlite3.OperationalError:  # an SQLite built without its JSON functions: decode the samples
             return [(s.reward, s.status.value, s.correct, len(s.response_ids))
                     for g in self.groups(rollout_id, states) for s in g]
-        return [(reward, status, float(correct) if correct is not None else float((reward or 0) > 0), length)
-                for reward, status, correct, length in rows]
+        return [(reward, status, correct_of(correct, reward), length) for reward, status, correct, length in rows]
 
     def mark_trained(self, rollout_id: int, train_step: int) -> int:
         with self._tx() as db:

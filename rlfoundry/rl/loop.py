@@ -312,6 +312,9 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
             raise SystemExit(128 + stopped_by[0])
 
 
+WORKER_NICENESS = "RAY_worker_niceness"
+
+
 def _init_ray(ray, address: str | None) -> None:
     """`ray.init`: connect to the cluster at `address`, or start a local instance whose workers run
     at this process's own priority. Ray starts its workers 15 nice levels below the process that
@@ -320,20 +323,16 @@ def _init_ray(ray, address: str | None) -> None:
     process the whole run waits (measured here: with a two-thread torch job alongside, a
     two-minute demo-configuration run spent 152 s starting up and trained 1 step, against 22.8 s
     and 30 steps of 2.2 s at the same priority). A `RAY_worker_niceness` already set is kept."""
-    if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level="ERROR",
-                 configure_logging=True)
-        return
-    had = os.environ.get(WORKER_NICENESS)
-    os.environ.setdefault(WORKER_NICENESS, "0")  # read by the raylet that ray.init starts
+    set_here = not address and WORKER_NICENESS not in os.environ
+    if set_here:
+        os.environ[WORKER_NICENESS] = "0"  # read by the raylet that ray.init starts, and only then
     try:
-        ray.init(include_dashboard=False, log_to_driver=True, logging_level="ERROR", configure_logging=True)
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=True, logging_level="ERROR",
+                 configure_logging=True)
     finally:
-        if had is None:
-            os.environ.pop(WORKER_NICENESS, None)
+        if set_here:
+            del os.environ[WORKER_NICENESS]
 
-
-WORKER_NICENESS = "RAY_worker_niceness"
 
 SHUTDOWN_RESERVE_S = 15.0
 """Seconds that max_minutes keeps for what follows the last step's evaluation and checkpoint:

@@ -16,6 +16,13 @@ class Status(str, Enum):
     FAILED = "failed"          # generation or reward raised; kept for inspection, never trained
 
 
+def correct_of(correct: float | None, reward: float | None) -> float:
+    """`Sample.correct` from a sample's "correct" reward component (None: it has none) and its
+    reward: the component, or else 1.0 for a positive reward. Reward components are numbers
+    (`rlfoundry.rewards` converts them), so None means only that the component is missing."""
+    return correct if correct is not None else float((reward or 0) > 0)
+
+
 @dataclass
 class Sample:
     prompt_ids: list[int]
@@ -59,7 +66,7 @@ class Sample:
     @property
     def correct(self) -> float:
         """The "correct" reward component, or else 1.0 for a positive reward (pass rates, accuracy)."""
-        return self.rewards.get("correct", float((self.reward or 0) > 0))
+        return correct_of(self.rewards.get("correct"), self.reward)
 
     def to_dict(self) -> dict:
         """Plain data (status as its string), as actors exchange it. Shallow: the dict holds the
