@@ -262,6 +262,13 @@ class Buffer:
                     for g in self.groups(rollout_id, states) for s in g]
         return [(reward, status, correct_of(correct, reward), length) for reward, status, correct, length in rows]
 
+    def filter_groups(self, group_ids: list[int], reason: str) -> int:
+        """Stored groups that are not to be trained after all (async mode: stale), filtered with the
+        reason; returns how many."""
+        with self._tx() as db:
+            return sum(db.execute("UPDATE groups SET state = 'filtered', reason = ? WHERE id = ? AND "
+                                  "state = 'generated'", (reason, gid)).rowcount for gid in group_ids)
+
     def mark_trained(self, rollout_id: int, train_step: int) -> int:
         with self._tx() as db:
             return db.execute("UPDATE groups SET state = 'trained', train_step = ? WHERE rollout_id = ? AND "

@@ -209,7 +209,19 @@ class RLConfig:
     takes one rank per GPU, and a colocated engine shares its trainer's. Not with batch_invariant
     (its invariance rules are this CPU build's). Written for GPUs, run on CPU only so far."""
     mode: str = "sync"
-    """sync: colocated, generate -> reward -> train -> update weights, one after another."""
+    """sync: colocated, generate -> reward -> train -> update weights, one after another (on-policy).
+    async: disaggregated, the engines generate the next rollouts while the trainers train: rollout
+    r starts once rollout r - max_staleness is trained, the weights go to the engines as each step
+    ends (requests in flight are paused for the update and go on under the new weights: partial
+    rollouts, each token's log-prob from the weights that sampled it), and every sample carries the
+    version of the weights it was requested under. Off-policy samples are corrected by truncated
+    importance sampling against the engines' log-probs (algorithm.tis_cap, required). The engines
+    and the trainers compute at once, so the cores are shared out among all of them. Timing decides
+    which weights sample what: not with deterministic."""
+    max_staleness: int = 1
+    """async: the most policy versions a trained sample may lag the weights it trains: rollout r is
+    generated while rollouts up to r - 1 train, at most this many ahead of the trainer; a group
+    requested under older weights (after a resume, say) is filtered as stale."""
     ray_address: str = ""
     """Ray cluster to join; empty starts a local instance."""
     weight_sync: str = "distributed"
@@ -284,8 +296,17 @@ class RLConfig:
                     f"{torch.cuda.device_count()} GPU(s) visible")
         if self.device == "cuda" and self.batch_invariant:
             bad("batch_invariant", "is for the CPU (its invariance rules are this CPU build's): not with device cuda")
-        if self.mode != "sync":
-            bad("mode", f"must be 'sync' (the async mode is not built yet), got {self.mode!r}")
+        if self.mode not in ("sync", "async"):
+            bad("mode", f"must be sync or async, got {self.mode!r}")
+        if self.mode == "async":
+            if self.max_staleness < 1:
+                bad("max_staleness", f"must be >= 1 with mode async, got {self.max_staleness!r}")
+            if not self.algorithm.tis_cap > 0:
+                bad("algorithm.tis_cap", "must be > 0 with mode async (truncated importance sampling corrects "
+                    f"the off-policy samples), got {self.algorithm.tis_cap!r}")
+            for name, on in (("deterministic", self.deterministic), ("debug", self.debug)):
+                if on:
+                    bad("mode", f"async generates while it trains: it does not combine with {name}={on!r}")
         if self.weight_sync not in ("distributed", "disk"):
             bad("weight_sync", f"must be distributed or disk, got {self.weight_sync!r}")
         if self.debug not in ("", "rollout_only", "train_only"):

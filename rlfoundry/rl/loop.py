@@ -1,10 +1,13 @@
-"""`rlfoundry rl`: the synchronous colocated RL loop on Ray.
+"""`rlfoundry rl`: the RL loop on Ray, synchronous (colocated) or asynchronous (disaggregated).
 
 The trainer, the rollout side (engines behind sglang-router) and the buffer run as three Ray actors
 (a local Ray instance unless `ray_address` names a cluster). Each step:
 
     buffer.requests -> rollout.generate (+ rewards as groups finish) -> buffer.put
     -> trainer.train -> buffer.mark_trained -> weight sync (broadcast or disk) -> eval -> checkpoint
+
+In async mode the first line runs in a thread of its own (`_RolloutsAhead`), up to max_staleness
+rollouts ahead of the rest, and the weight sync reaches the engines while they generate.
 
 Resume (`--resume`): the trainer reloads its last checkpoint (step S), the buffer rolls back what
 was trained after S, and the loop continues at rollout S: rollouts already stored are trained from
@@ -145,7 +148,7 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
 
     ray = _ray()
     started_ray = not ray.is_initialized()
-    buffer = trainer = rollout = None
+    buffer = trainer = rollout = ahead = None
     trainers: list = []
     restore_sigterm, stopped_by = (lambda: None), []
     try:
@@ -166,13 +169,15 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                 fresh_copy = True
         opts = dict(num_cpus=0, max_concurrency=1)
         buffer = ray.remote(BufferWorker).options(**opts).remote(cfg, str(out), str(db) if db else None)
+        # async mode: the rollout actor generates, evaluates and updates its engines' weights at once
+        rollout_opts = opts | dict(max_concurrency=4) if cfg.mode == "async" else opts
         if cfg.debug != "rollout_only":
             gpu = {"num_gpus": 1} if cfg.device == "cuda" else {}
             trainers = [ray.remote(TrainerWorker).options(**opts, **gpu).remote(cfg, str(out))
                         for _ in range(cfg.num_trainers)]
             trainer = trainers[0]
         visible = None if cfg.ray_address else os.environ.get("CUDA_VISIBLE_DEVICES")  # this machine's, not a node's
-        rollout = ray.remote(RolloutWorker).options(**opts).remote(cfg, str(out), visible) \
+        rollout = ray.remote(RolloutWorker).options(**rollout_opts).remote(cfg, str(out), visible) \
             if cfg.debug != "train_only" else None
         # (every actor is created before anything waits on one: the engines start while the trainers load)
         if len(trainers) > 1:  # data-parallel trainers join one process group; rank 0 leads
@@ -223,6 +228,27 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
         elif eval_sets:
             before = next((m for m in logger.metrics if m["step"] == 0 and "eval/accuracy" in m), {})
         last_eval = before
+
+        def generate_rollout(step: int, version_now, stopping=lambda: False) -> dict:
+            """Generate rollout `step` into the buffer: its prompts, then refill rounds while any
+            are due; `version_now()` is the engines' policy version when each round is requested;
+            no further round once `stopping()`."""
+            t0 = time.perf_counter()
+            m = {"time/generate_s": 0.0}  # of which: generating and scoring (the rest is the buffer's)
+            reqs = ray.get(buffer.requests.remote(step, version_now()))
+            while reqs and not stopping():
+                t1 = time.perf_counter()
+                groups = rollout.generate.remote(reqs)  # a reference: the samples go from the
+                ray.wait([groups])                      # rollout worker to the buffer directly
+                m["time/generate_s"] += time.perf_counter() - t1
+                ray.get(buffer.put.remote(groups))
+                reqs = ray.get(buffer.requests.remote(step, version_now()))
+            m["time/rollout_s"] = time.perf_counter() - t0
+            return m
+
+        ahead = None
+        if cfg.mode == "async" and rollout is not None:
+            ahead = _RolloutsAhead(generate_rollout, start, cfg.max_staleness)
         with Progress(TextColumn("[bold]rl"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("rl", total=cfg.steps, completed=start, info="")
@@ -240,36 +266,35 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                 if step == start:  # what max_minutes also counts: Ray, the workers, engines, step 0's evaluation
                     m["time/startup_s"] = t_first - t_run
                 t_step = time.perf_counter()
-                if rollout is not None:
+                if ahead is not None:  # generated (or being generated) while earlier steps trained
                     t0 = time.perf_counter()
-                    m["time/generate_s"] = 0.0  # of which: generating and scoring (the rest is the buffer's)
-                    reqs = ray.get(buffer.requests.remote(step, version))
-                    while reqs:  # the step's prompts, then refill rounds while any are due
-                        t1 = time.perf_counter()
-                        groups = rollout.generate.remote(reqs)  # a reference: the samples go from the
-                        ray.wait([groups])                      # rollout worker to the buffer directly
-                        m["time/generate_s"] += time.perf_counter() - t1
-                        ray.get(buffer.put.remote(groups))
-                        reqs = ray.get(buffer.requests.remote(step, version))
-                    m["time/rollout_s"] = time.perf_counter() - t0
+                    m.update(ahead.result(step))
+                    m["time/rollout_wait_s"] = time.perf_counter() - t0
+                elif rollout is not None:
+                    m.update(generate_rollout(step, lambda: version))
                 m.update(ray.get(buffer.step_stats.remote(
                     step, str(out / "rollouts" / f"step_{step:06d}.jsonl") if cfg.save_rollouts else None)))
                 if trainer is not None:
                     horizon = _horizon(cfg, train_step, step - start, time.perf_counter() - t_first, reserved_s())
                     if horizon is not None:
                         m["train/horizon"] = horizon
-                    groups = buffer.training_groups.remote(step)  # buffer -> trainers, a reference
-                    m.update(ray.get([t.train.remote(groups, horizon) for t in trainers])[0])
+                    # buffer -> trainers, a reference (async: groups older than the staleness bound left out)
+                    groups = buffer.training_groups.remote(step, step - cfg.max_staleness if ahead else None)
+                    m.update(ray.get([t.train.remote(groups, horizon, step) for t in trainers])[0])
                     train_step = ray.get(trainer.step.remote())
                     ray.get(buffer.mark_trained.remote(step, train_step))
                     version = step + 1
                     if rollout is not None:
                         m["time/weight_sync_s"] = _sync(ray, cfg, trainer, rollout, out, version)
+                    if ahead is not None:
+                        ahead.trained(version)
                 last = step + 1 == cfg.steps
                 if cfg.max_minutes and not last:  # would one more step, then the end, pass the limit?
                     if _steps_that_fit(cfg, step + 1 - start, time.perf_counter() - t_first, reserved_s()) < 1:
                         last = True
                         m["stopped/max_minutes"] = cfg.max_minutes
+                if last and ahead is not None:  # the rollout being generated ahead stays pending
+                    ahead.close()
                 if eval_sets and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
                     last_eval = evaluate(step + 1)
                     m.update(last_eval)
@@ -300,6 +325,8 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
             result["weights_digest"] = digests[0]
         return result
     finally:
+        if ahead is not None:
+            ahead.close()
         if rollout is not None:
             ray.get(rollout.shutdown.remote())
         for actor in (buffer, rollout, *trainers):
@@ -310,6 +337,67 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
         restore_sigterm()
         if stopped_by:  # Ray's get() turns the SystemExit into exit code 1: keep the signal's
             raise SystemExit(128 + stopped_by[0])
+
+
+class _RolloutsAhead:
+    """Async mode's generation: a thread of the driver that generates rollout after rollout into
+    the buffer (`generate(step, version_now, stopping)`), starting rollout r once rollout r - max_staleness
+    is trained (`trained`), while the loop trains the earlier ones; `result(step)` waits for
+    rollout `step` and returns its timings. The policy version requests carry is the engines' as
+    `trained` last set it: a weight update that lands while a round is in flight makes the samples
+    newer than their version says, never older, so staleness is never under-counted. `close` stops
+    it after the round in flight (the rest of that rollout stays pending in the buffer, and a
+    resumed run generates it again)."""
+
+    def __init__(self, generate, first: int, max_staleness: int):
+        self._generate, self._max_staleness = generate, max_staleness
+        self._cond = threading.Condition()
+        self._trained = first  # rollouts trained so far: the engines' policy version
+        self._done: dict[int, dict] = {}
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, args=(first,), name="rollouts-ahead", daemon=True)
+        self._thread.start()
+
+    def _version(self) -> int:
+        with self._cond:
+            return self._trained
+
+    def _run(self, step: int) -> None:
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stop or step - self._trained <= self._max_staleness)
+                    if self._stop:
+                        return
+                times = self._generate(step, self._version, lambda: self._stop)
+                with self._cond:
+                    self._done[step] = times
+                    self._cond.notify_all()
+                step += 1
+        except BaseException as e:  # noqa: BLE001 - handed to the loop, which raises it
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+
+    def result(self, step: int) -> dict:
+        with self._cond:
+            self._cond.wait_for(lambda: step in self._done or self._error is not None or self._stop)
+            if step in self._done:
+                return self._done.pop(step)
+        raise RuntimeError(f"generating rollout {step} failed: {self._error!r}") from self._error
+
+    def trained(self, version: int) -> None:
+        """The engines now hold the weights of `version` (rollouts trained so far)."""
+        with self._cond:
+            self._trained = version
+            self._cond.notify_all()
+
+    def close(self, timeout_s: float = 120.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
 
 
 WORKER_NICENESS = "RAY_worker_niceness"

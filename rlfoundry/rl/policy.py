@@ -56,6 +56,7 @@ class RLBatch:
     ref_logprobs: Tensor | None = None  # [B, T-1], when kl_coef > 0
     routed_experts: Tensor | None = None  # [B, T, L_moe, K], routing replay
     packed: PackedRows | None = None      # share_prompts: what the model computes
+    stale: Tensor | None = None  # [B] bool, async mode: requested under weights older than the trainer's
 
     def to(self, device: torch.device | str) -> "RLBatch":
         """The micro-batch with its tensors on `device` (the trainer's model's; tensors already
@@ -148,12 +149,13 @@ def pack_prompts(chunk: list[Sample], T: int, pad_id: int = 0, routing_replay: b
 
 def make_batches(samples: list[Sample], advantages: list[float], micro_batch_size: int, aggregation: str,
                  pad_id: int = 0, routing_replay: bool = False, share_prompts: bool = False,
-                 of: tuple[int, int] | None = None) -> list[RLBatch]:
+                 of: tuple[int, int] | None = None, version: int | None = None) -> list[RLBatch]:
     """Pad samples into micro-batches of at most `micro_batch_size` (in the given order); with
     `share_prompts`, also pack each micro-batch's shared prompts (`pack_prompts`). Each micro-batch's
     `weight` is its share of the step: of the step's loss tokens (token-mean) or samples. `of`:
     (loss tokens, samples) of the whole step when `samples` are one data-parallel rank's part of it
-    (default: `samples` are the step)."""
+    (default: `samples` are the step). `version` (async mode): the trainer's policy version; samples
+    of older ones are marked `stale`."""
     total_tokens, total_samples = of or (sum(sum(s.loss_mask) for s in samples), len(samples))
     out = []
     for start in range(0, len(samples), micro_batch_size):
@@ -175,8 +177,9 @@ def make_batches(samples: list[Sample], advantages: list[float], micro_batch_siz
         else:
             weight = B / total_samples
         packed = pack_prompts(chunk, T, pad_id, routing_replay) if share_prompts else None
+        stale = None if version is None else torch.tensor([s.policy_version < version for s in chunk])
         out.append(RLBatch(ids, attn, resp, elp, torch.tensor(advantages[start:start + B], dtype=torch.float32),
-                           weight, routed_experts=routed, packed=packed))
+                           weight, routed_experts=routed, packed=packed, stale=stale))
     return out
 
 
@@ -243,10 +246,21 @@ def policy_loss(model, batch: RLBatch, algo, temperature: float) -> tuple[Tensor
     n = mask.sum().clamp(min=1)
     metrics = {"pg_loss": pg.item(), "clip_frac": float((clipped.float() * mask).sum() / n),
                "logprob_mean": float((logp.detach() * mask).sum() / n)}
-    if not batch.old_from_engine:  # the trainer's log-probs under the weights that generated the samples
-        diff = (old - engine).abs() * mask
+    if not batch.old_from_engine and batch.stale is None:  # the trainer's log-probs under the weights
+        diff = (old - engine).abs() * mask                     # that generated the samples
         metrics["mismatch_mean"] = float(diff.sum() / n)
         metrics["mismatch_max"] = float(diff.max()) if mask.any() else 0.0
+    elif not batch.old_from_engine:  # async: the mismatch on the samples of the trainer's weights, and how far
+        on = mask * (~batch.stale)[:, None].to(mask.dtype)  # the policy has moved since the others were sampled
+        off, share = mask - on, batch.weight or 1.0
+        diff = (old - engine) * on
+        if on.any():
+            metrics["mismatch_max"] = float(diff.abs().max())
+        # token means over the whole step: sums and counts over the share, which the trainer's
+        # share-weighted mean of micro-batches turns back into sums (`token_means`)
+        metrics["_sum/mismatch_mean"], metrics["_n/mismatch_mean"] = float(diff.abs().sum()) / share, float(on.sum()) / share
+        metrics["_sum/offpolicy_logratio_mean"] = float(((old - engine) * off).sum()) / share
+        metrics["_n/offpolicy_logratio_mean"] = float(off.sum()) / share
     if algo.entropy_coef:
         ent = aggregate(entropy(), mask, agg)
         loss = loss - algo.entropy_coef * ent
@@ -261,3 +275,14 @@ def policy_loss(model, batch: RLBatch, algo, temperature: float) -> tuple[Tensor
     metrics["loss"] = loss.item()
     metrics["_weight"] = batch.weight
     return loss, metrics
+
+
+def token_means(metrics: dict) -> dict:
+    """The metrics with each "_sum/K" and "_n/K" pair (both share-weighted means over the step's
+    micro-batches, as `Trainer.train_step` returns them) replaced by K = their ratio: a mean over
+    the step's tokens; K is left out where the count is 0."""
+    out = {k: v for k, v in metrics.items() if not k.startswith(("_sum/", "_n/"))}
+    for k, v in metrics.items():
+        if k.startswith("_sum/") and metrics.get("_n/" + k[5:], 0) > 0:
+            out[k[5:]] = v / metrics["_n/" + k[5:]]
+    return out

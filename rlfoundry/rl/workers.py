@@ -49,6 +49,15 @@ def _threads(sharers: int = 1) -> None:
     torch.set_num_threads(threads_each(sharers))
 
 
+def _computing_at_once(cfg, role: str) -> int:
+    """How many processes of this machine compute at once with one of `role` (trainer or engine):
+    sync mode's phases take turns (the trainers, then the engines), async mode's run together
+    (engines the loop starts on the CPU share it with the trainers)."""
+    trainers, engines = cfg.num_trainers, cfg.rollout.num_engines
+    together = cfg.mode == "async" and cfg.device == "cpu" and not cfg.rollout.engine_urls
+    return trainers + engines if together else (trainers if role == "trainer" else engines)
+
+
 def _shard(samples: list, rank: int, world: int) -> list:
     """Rank `rank`'s part of a step's (sample, advantage) pairs for `world` data-parallel trainers:
     a contiguous run (groups stay together but at the W - 1 cuts) holding about 1 / world of the
@@ -75,7 +84,7 @@ class TrainerWorker:
         from rlfoundry.train.trainer import Trainer
 
         self.rank, self.world = 0, 1
-        _threads(cfg.num_trainers)
+        _threads(_computing_at_once(cfg, "trainer"))
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.seed)
@@ -101,7 +110,8 @@ class TrainerWorker:
                 self.ref = ComputeIn(self.ref, torch.float64)
         # exact and batch-invariant runs: the engines' log-probs are the trainer's bit for bit, so
         # they stand in for the sampling policy's wherever the trainer would compute those again
-        self.engine_logprobs_exact = cfg.exact or cfg.batch_invariant
+        # (not in async mode: there the engines may have sampled under older weights)
+        self.engine_logprobs_exact = (cfg.exact or cfg.batch_invariant) and cfg.mode == "sync"
         self.sender = None
         if cfg.train.compile:
             self._compile_now()
@@ -171,10 +181,13 @@ class TrainerWorker:
     def step(self) -> int:
         return self.trainer.step
 
-    def train(self, groups: list[list[dict]], horizon: int | None = None) -> dict:
+    def train(self, groups: list[list[dict]], horizon: int | None = None, version: int | None = None) -> dict:
         """One RL step (updates_per_rollout optimizer steps) on the groups; returns metrics.
         `horizon`: the optimizer step at which the learning-rate schedule is to end, when the loop
-        expects the run to stop before train.total_steps (None: total_steps).
+        expects the run to stop before train.total_steps (None: total_steps). `version`: the
+        policy version of the weights before this step (the rollouts trained so far); samples
+        requested under older weights are off-policy (async mode): their staleness is logged, and
+        the train-inference mismatch is measured on the others only.
 
         Data-parallel (num_trainers > 1): every trainer gets all the groups and computes their
         advantages, then trains on its own part of each update's samples (`_shard`), each
@@ -183,7 +196,7 @@ class TrainerWorker:
         trainer on all the samples would, up to float rounding. Metrics are over all of them."""
         from rlfoundry.model.parallelize import all_reduce_
         from rlfoundry.rl.algorithms import group_advantages
-        from rlfoundry.rl.policy import make_batches, policy_loss, sequence_logprobs
+        from rlfoundry.rl.policy import make_batches, policy_loss, sequence_logprobs, token_means
 
         cfg, algo = self.cfg, self.cfg.algorithm
         t0 = time.perf_counter()
@@ -201,10 +214,16 @@ class TrainerWorker:
         if not samples:  # no group with a reward signal this step: nothing to train on
             return {"train/skipped": 1.0, "train/samples": 0, "time/train_s": time.perf_counter() - t0}
         temperature = cfg.rollout.temperature
+        if version is not None and cfg.mode == "async":
+            behind = [version - s.policy_version for s in samples]
+            metrics_behind = {"train/staleness_mean": sum(behind) / len(behind), "train/staleness_max": max(behind),
+                              "train/stale_frac": sum(b > 0 for b in behind) / len(behind)}
+        else:
+            version, metrics_behind = None, {}
         n_updates = min(algo.updates_per_rollout, len(samples))
         per_update = -(-len(samples) // n_updates)
         metrics: dict = {}
-        worst = 0.0
+        worst = -1.0  # none measured
         updates = []
         for u in range(n_updates):
             part = list(zip(samples[u * per_update:(u + 1) * per_update], advs[u * per_update:(u + 1) * per_update]))
@@ -213,7 +232,8 @@ class TrainerWorker:
                 part = _shard(part, self.rank, self.world)
             updates.append([b.to(self.device) for b in make_batches(
                 [s for s, _ in part], [a for _, a in part], algo.micro_batch_size, algo.aggregation,
-                routing_replay=cfg.rollout.routing_replay, share_prompts=algo.share_prompts, of=whole)])
+                routing_replay=cfg.rollout.routing_replay, share_prompts=algo.share_prompts, of=whole,
+                version=version)])
         # Before any update: the log-probs of the policy that generated the samples, the PPO
         # ratios' denominators. The first update is that policy (its own log-probs, ratio 1), so
         # only the later updates' samples need a no-grad pass; in exact and batch-invariant runs
@@ -232,7 +252,7 @@ class TrainerWorker:
         def loss_fn(b):
             nonlocal worst
             loss, m = policy_loss(self.policy, b, algo, temperature)
-            worst = max(worst, m.get("mismatch_max", 0.0))
+            worst = max(worst, m.get("mismatch_max", -1.0))
             return loss, m
 
         counts: dict[str, int] = {}
@@ -243,10 +263,13 @@ class TrainerWorker:
                 counts[k] = counts.get(k, 0) + 1
         # means over the updates (the mismatch over those that measured it: the ones whose
         # denominators the trainer computed)
-        metrics = {k: v / counts[k] if k not in ("step", "tokens") else v for k, v in metrics.items()}
-        metrics["mismatch_max"] = float(all_reduce_(torch.tensor(worst, dtype=torch.float64, device=self.device),
-                                                    "max"))  # over all trainers
+        metrics = token_means({k: v / counts[k] if k not in ("step", "tokens") else v for k, v in metrics.items()})
+        worst = float(all_reduce_(torch.tensor(worst, dtype=torch.float64, device=self.device), "max"))  # all trainers
+        metrics.pop("mismatch_max", None)
+        if worst >= 0:  # (async mode: none when every sample is off-policy)
+            metrics["mismatch_max"] = worst
         out = {f"train/{k}": v for k, v in metrics.items() if k != "step"}
+        out.update(metrics_behind)
         out["train/samples"] = len(samples)
         out["time/train_s"] = time.perf_counter() - t0
         return out
@@ -369,7 +392,7 @@ class RolloutWorker:
         from rlfoundry.rollout.launch import EngineSpec, engine_device, free_port, threads_each, wait_healthy
 
         cfg, r = self.cfg, self.cfg.rollout
-        threads = r.engine_threads or threads_each(r.num_engines)
+        threads = r.engine_threads or threads_each(_computing_at_once(cfg, "engine"))
         if cfg.device == "cuda":
             # Ray hides the GPUs from actors that asked for none, as this one: its engines see
             # the node's GPUs (or those the run was started with) and spread over them
@@ -420,10 +443,13 @@ class RolloutWorker:
             except subprocess.TimeoutExpired:
                 p.kill()
 
-    def update_from_disk(self, path: str, version: int) -> float:
+    async def update_from_disk(self, path: str, version: int) -> float:
+        """Every engine loads the weights at `path` (in async mode while it generates: each pauses
+        its requests in flight for the update, between two decode steps, and goes on with them)."""
         t0 = time.perf_counter()
-        for e in self.engines:
-            e.update_weights_from_disk(path, version=str(version))
+        # (threads of their own: the generation's pool may be busy with the requests in flight)
+        await asyncio.gather(*(asyncio.to_thread(e.update_weights_from_disk, path, version=str(version))
+                               for e in self.engines))
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ generation
@@ -587,8 +613,16 @@ class BufferWorker:
                            for i in range(min(len(ds), self.cfg.eval_n))]
         return out
 
-    def training_groups(self, step: int) -> list[list[dict]]:
-        return [[s.to_dict() for s in g] for g in self.buffer.groups(step)]
+    def training_groups(self, step: int, min_version: int | None = None) -> list[list[dict]]:
+        """The groups of rollout `step` to train; with `min_version` (async mode), those with a
+        sample requested under an older policy version are filtered as stale instead."""
+        groups = self.buffer.groups(step)
+        if min_version is not None:
+            stale = [g[0].group_id for g in groups if min(s.policy_version for s in g) < min_version]
+            if stale:
+                self.buffer.filter_groups(stale, "stale")
+                groups = [g for g in groups if g[0].group_id not in set(stale)]
+        return [[s.to_dict() for s in g] for g in groups]
 
     def step_stats(self, step: int, save_to: str | None = None) -> dict:
         """Group counts of rollout `step`, and reward and length statistics of every stored sample
