@@ -169,6 +169,7 @@ def test_async_mode_end_to_end_and_resume(tmp_path, capsys):
     for rollout in range(5):
         for g in buf.groups(rollout, ("trained",)):
             assert all(rollout - 1 <= s.policy_version <= rollout for s in g), (rollout, [s.policy_version for s in g])
+            assert all(s.policy_version <= s.last_policy_version <= rollout for s in g)  # partial rollouts: <
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     c = json.loads(capsys.readouterr().out)

@@ -284,10 +284,15 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                     train_step = ray.get(trainer.step.remote())
                     ray.get(buffer.mark_trained.remote(step, train_step))
                     version = step + 1
-                    if rollout is not None:
-                        m["time/weight_sync_s"] = _sync(ray, cfg, trainer, rollout, out, version)
-                    if ahead is not None:
+                    if ahead is not None:  # the engines are generating: paused for the update, then on
+                        ray.get(rollout.pause.remote())
+                        try:
+                            m["time/weight_sync_s"] = _sync(ray, cfg, trainer, rollout, out, version)
+                        finally:
+                            ray.get(rollout.resume.remote())
                         ahead.trained(version)
+                    elif rollout is not None:
+                        m["time/weight_sync_s"] = _sync(ray, cfg, trainer, rollout, out, version)
                 last = step + 1 == cfg.steps
                 if cfg.max_minutes and not last:  # would one more step, then the end, pass the limit?
                     if _steps_that_fit(cfg, step + 1 - start, time.perf_counter() - t_first, reserved_s()) < 1:
@@ -393,7 +398,7 @@ class _RolloutsAhead:
             self._trained = version
             self._cond.notify_all()
 
-    def close(self, timeout_s: float = 120.0) -> None:
+    def close(self, timeout_s: float = 30.0) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify_all()

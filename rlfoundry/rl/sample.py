@@ -39,7 +39,11 @@ class Sample:
     """Named reward components (e.g. correct, format, overlong)."""
     status: Status = Status.PENDING
     policy_version: int = 0
-    """Weight version of the engine that generated it."""
+    """Weight version of the engines when it was requested: the policy that generated it, or in
+    async mode, where a weight update may reach it while it generates, its first and oldest."""
+    last_policy_version: int | None = None
+    """Weight version of the engine that produced its last token, as the engine reported it (None
+    where it did not): above policy_version for a partial rollout (async mode)."""
     group_id: int = -1
     """Samples of one prompt share a group id (GRPO's group)."""
     index: int = 0

@@ -443,6 +443,15 @@ class RolloutWorker:
             except subprocess.TimeoutExpired:
                 p.kill()
 
+    async def pause(self) -> None:
+        """Async mode, before a weight update: the engines stop generating between two decode steps,
+        their requests in flight kept with their caches (engines that cannot pause go on)."""
+        await asyncio.gather(*(asyncio.to_thread(e.pause) for e in self.engines if hasattr(e, "pause")))
+
+    async def resume(self) -> None:
+        """After the update: the paused requests go on under the new weights (partial rollouts)."""
+        await asyncio.gather(*(asyncio.to_thread(e.resume) for e in self.engines if hasattr(e, "resume")))
+
     async def update_from_disk(self, path: str, version: int) -> float:
         """Every engine loads the weights at `path` (in async mode while it generates: each pauses
         its requests in flight for the update, between two decode steps, and goes on with them)."""
@@ -482,6 +491,7 @@ class RolloutWorker:
             gens = await self.ctx.generate(req["prompt_ids"], client=client, seed=req["seed"], **params)
             return [Sample(**base, index=i, response_ids=g.output_ids, logprobs=g.logprobs,
                            status=finish_status(g.finish_reason), routed_experts=g.routed_experts,
+                           last_policy_version=int(g.weight_version) if str(g.weight_version).isdigit() else None,
                            text=self.tokenizer.decode(g.output_ids, skip_special_tokens=True))
                     for i, g in enumerate(gens)]
         sampling = {k: v for k, v in params.items() if k != "n"}
