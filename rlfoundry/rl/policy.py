@@ -258,7 +258,8 @@ def policy_loss(model, batch: RLBatch, algo, temperature: float) -> tuple[Tensor
             metrics["mismatch_max"] = float(diff.abs().max())
         # token means over the whole step: sums and counts over the share, which the trainer's
         # share-weighted mean of micro-batches turns back into sums (`token_means`)
-        metrics["_sum/mismatch_mean"], metrics["_n/mismatch_mean"] = float(diff.abs().sum()) / share, float(on.sum()) / share
+        metrics["_sum/mismatch_mean"] = float(diff.abs().sum()) / share
+        metrics["_n/mismatch_mean"] = float(on.sum()) / share
         metrics["_sum/offpolicy_logratio_mean"] = float(((old - engine) * off).sum()) / share
         metrics["_n/offpolicy_logratio_mean"] = float(off.sum()) / share
     if algo.entropy_coef:
