@@ -27,6 +27,7 @@ def test_life_cycle_counts_and_persistence(tmp_path):
     with pytest.raises(ValueError, match="already generated"):
         b.put(drawn[0][0], group(drawn[0][0], [1.0]))
     assert b.counts()["samples_generated"] == 4 and b.counts()["samples_filtered"] == 2
+    assert b.counts()["groups_filtered_by_reason"] == {"zero variance": 1}
     assert b.pass_rate("main", drawn[0][1]) == 0.5
     b.close()
     # reopened (as after a kill): the same state; the cursor continues the same epoch order

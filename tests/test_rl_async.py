@@ -4,6 +4,10 @@ the train-inference mismatch measured on the on-policy samples only, and the loo
 a resume."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +20,7 @@ from rlfoundry.rl.config import load_rl_config
 from rlfoundry.rl.sample import Sample, Status
 from rlfoundry.train.stages import ConfigError
 
-from test_rl_loop import SMALL, lines
+from test_rl_loop import SMALL, lines, no_times
 
 
 def test_async_configs_are_checked_before_anything_starts():
@@ -140,39 +144,52 @@ def test_stale_groups_are_filtered_not_trained(tmp_path):
     kept = bw.training_groups(4, min_version=2)
     assert [g[0]["group_id"] for g in kept] == [reqs[0]["group_id"], reqs[1]["group_id"]]
     assert bw.step_stats(4)["groups_filtered"] == 1 and bw.counts()["samples_filtered"] == 2
+    assert bw.counts()["groups_filtered_by_reason"] == {"stale": 1}
     assert len(bw.training_groups(4)) == 2  # and it stays out
 
 
-def test_async_mode_end_to_end_and_resume(tmp_path, capsys):
+def test_async_mode_end_to_end_killed_and_resumed(tmp_path, capsys):
     """The loop in async mode: each rollout generated while the previous one trains (requested
     under the weights one version back), every trained sample within max_staleness of the step
-    that trains it, the cores shared out among engines and trainers computing at once, and a
-    resumed run continues the step count with no group trained twice."""
+    that trains it, the cores shared out among engines and trainers computing at once; killed with
+    SIGKILL mid-run (a rollout ahead half generated, perhaps) and resumed, it logs every step once
+    and its buffer accounts for every sample, none trained twice."""
     from rlfoundry.buffer import Buffer
     from rlfoundry.rollout.launch import threads_each
 
     out = tmp_path / "run"
-    common = [*SMALL, "mode=async", "algorithm.tis_cap=2", "max_staleness=1", "eval_every=0", "checkpoint_every=1"]
-    assert main(["rl", "--out", str(out), *common, "steps=3"]) == 0
+    common = [*SMALL, "mode=async", "algorithm.tis_cap=2", "max_staleness=1", "eval_every=0", "checkpoint_every=1",
+              "steps=8"]
+    proc = subprocess.Popen([sys.executable, "-m", "rlfoundry.cli", "rl", "--out", str(out), *common],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(lines(out)) >= 2):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, Ray, the engines
+    proc.wait()
+    assert 2 <= len(lines(out)) < 8
+    assert main(["rl", "--out", str(out), "--resume", *common]) == 0
     ms = lines(out)
-    assert [m["step"] for m in ms] == [1, 2, 3]
+    assert [m["step"] for m in ms] == list(range(1, 9))
     trained = [m for m in ms if "train/staleness_max" in m]
     assert trained and all(m["train/staleness_max"] <= 1 for m in trained)
     assert any(m["train/stale_frac"] > 0 for m in trained)  # generated ahead, under the previous weights
     assert all("time/rollout_wait_s" in m for m in ms)
     engines = json.loads((out / "engines.json").read_text())
     assert [e["torch_threads"] for e in engines] == [threads_each(2)]  # one engine beside one trainer
-
-    assert main(["rl", "--out", str(out), "--resume", *common, "steps=5"]) == 0
-    assert [m["step"] for m in lines(out)] == [1, 2, 3, 4, 5]
     buf = Buffer(out / "buffer.sqlite")
-    for rollout in range(5):
+    for rollout in range(8):
         for g in buf.groups(rollout, ("trained",)):
             assert all(rollout - 1 <= s.policy_version <= rollout for s in g), (rollout, [s.policy_version for s in g])
             assert all(s.policy_version <= s.last_policy_version <= rollout for s in g)  # partial rollouts: <
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     c = json.loads(capsys.readouterr().out)
-    assert c["samples_trained"] == sum(m.get("train/samples", 0) for m in lines(out))
+    assert c["samples_trained"] == sum(m.get("train/samples", 0) for m in ms)
     assert c["samples_generated"] == c["samples_trained"] + c["samples_filtered"] + c["samples_pending"]
     assert (Path(out) / "hf" / "model.safetensors").exists()
+    # killed after a checkpoint but before its step's line was written: the resumed run writes it
+    # from the checkpoint (here: the last line removed by hand, and nothing left to run)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in ms[:-1]))
+    assert main(["rl", "--out", str(out), "--resume", *common]) == 0
+    assert no_times(lines(out)) == no_times(ms)

@@ -305,6 +305,8 @@ class Buffer:
         c["samples_generated"] = sum(by_state.get(k, 0) for k in ("generated", "trained", "filtered"))
         c["samples_trained"] = by_state.get("trained", 0)
         c["samples_filtered"] = by_state.get("filtered", 0)
+        c["groups_filtered_by_reason"] = dict(self.db.execute(  # zero_variance, failed, stale (async mode)
+            "SELECT COALESCE(reason, ''), COUNT(*) FROM groups WHERE state = 'filtered' GROUP BY reason"))
         c["samples_pending"] = by_state.get("generated", 0)   # stored, not trained yet
         c["groups_pending"] = pending_groups                  # handed out, not generated yet
         statuses = dict(self.db.execute("SELECT status, COUNT(*) FROM samples GROUP BY status"))

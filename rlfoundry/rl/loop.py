@@ -185,7 +185,7 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
             ray.get([t.join_group.remote(address, port, r, len(trainers)) for r, t in enumerate(trainers)])
         # the engines are up (started or found) before any phase is timed
         engine_urls = ray.get(rollout.urls.remote()) if rollout is not None else []
-        start = 0
+        start, extra = 0, {}
         if fresh_copy:  # everything the other run trained is to be trained here
             ray.get(buffer.rollback.remote(-1))
         if resume and ckpt.exists():
@@ -194,6 +194,8 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
             ray.get(buffer.rollback.remote(ray.get(trainer.step.remote())))
             console.print(f"resumed from {ckpt} at rollout step {start}")
         logger = _Logger(out, cfg, keep_steps=start if resume else None)
+        if resume and start > 0 and "metrics" in extra and not any(m["step"] == start for m in logger.metrics):
+            logger.log(extra["metrics"])  # killed between the checkpoint and its step's line: the line
         version = start
         if rollout is not None and trainer is not None:
             if cfg.weight_sync == "distributed":
@@ -247,7 +249,7 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
             return m
 
         ahead = None
-        if cfg.mode == "async" and rollout is not None:
+        if cfg.mode == "async" and rollout is not None and start < cfg.steps:
             ahead = _RolloutsAhead(generate_rollout, start, cfg.max_staleness)
         with Progress(TextColumn("[bold]rl"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as progress:
@@ -305,7 +307,10 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                     m.update(last_eval)
                 if trainer is not None and (last or (step + 1) % cfg.checkpoint_every == 0):
                     t0 = time.perf_counter()
-                    ray.get([t.save_checkpoint.remote(str(ckpt), {"rollout_step": step + 1}) for t in trainers])
+                    # the step's metrics go with it: a kill after the checkpoint and before the line
+                    # below is written would otherwise lose the line (the resumed run starts after it)
+                    ray.get([t.save_checkpoint.remote(str(ckpt), {"rollout_step": step + 1, "metrics": dict(m)})
+                             for t in trainers])
                     m["time/checkpoint_s"] = last_checkpoint_s = time.perf_counter() - t0
                 m["time/step_s"] = time.perf_counter() - t_step
                 logger.log(m)
