@@ -216,8 +216,9 @@ class RLConfig:
     rollouts, each token's log-prob from the weights that sampled it), and every sample carries the
     version of the weights it was requested under. Off-policy samples are corrected by truncated
     importance sampling against the engines' log-probs (algorithm.tis_cap, required). The engines
-    and the trainers compute at once, so the cores are shared out among all of them. Timing decides
-    which weights sample what: not with deterministic."""
+    and the trainers compute at once: on the CPU the cores are shared out among all of them, with
+    device cuda each engine gets a GPU of its own beside the trainers' (Ray's placement). Timing
+    decides which weights sample what: not with deterministic."""
     max_staleness: int = 1
     """async: the most policy versions a trained sample may lag the weights it trains: rollout r is
     generated while rollouts up to r - 1 train, at most this many ahead of the trainer; a group
@@ -294,6 +295,10 @@ class RLConfig:
             if self.num_trainers > torch.cuda.device_count():
                 bad("num_trainers", f"needs a GPU each with device cuda: {self.num_trainers} trainers, "
                     f"{torch.cuda.device_count()} GPU(s) visible")
+            engines_own = self.mode == "async" and not self.rollout.engine_urls
+            if engines_own and self.num_trainers + self.rollout.num_engines > torch.cuda.device_count():
+                bad("mode", f"async with device cuda gives every trainer and every engine a GPU of its own: "
+                    f"{self.num_trainers} + {self.rollout.num_engines} needed, {torch.cuda.device_count()} visible")
         if self.device == "cuda" and self.batch_invariant:
             bad("batch_invariant", "is for the CPU (its invariance rules are this CPU build's): not with device cuda")
         if self.mode not in ("sync", "async"):

@@ -169,14 +169,21 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                 fresh_copy = True
         opts = dict(num_cpus=0, max_concurrency=1)
         buffer = ray.remote(BufferWorker).options(**opts).remote(cfg, str(out), str(db) if db else None)
-        # async mode: the rollout actor generates, evaluates and updates its engines' weights at once
-        rollout_opts = opts | dict(max_concurrency=4) if cfg.mode == "async" else opts
+        # async mode: the rollout actor generates, evaluates and updates its engines' weights at once;
+        # with device cuda its engines get GPUs of their own (Ray's, as the trainers get theirs)
+        # rather than sharing the trainers' (sync mode's colocation)
+        rollout_opts = opts
+        if cfg.mode == "async":
+            own_gpus = cfg.device == "cuda" and not cfg.rollout.engine_urls
+            rollout_opts = opts | dict(max_concurrency=4, **({"num_gpus": cfg.rollout.num_engines} if own_gpus else {}))
         if cfg.debug != "rollout_only":
             gpu = {"num_gpus": 1} if cfg.device == "cuda" else {}
             trainers = [ray.remote(TrainerWorker).options(**opts, **gpu).remote(cfg, str(out))
                         for _ in range(cfg.num_trainers)]
             trainer = trainers[0]
         visible = None if cfg.ray_address else os.environ.get("CUDA_VISIBLE_DEVICES")  # this machine's, not a node's
+        if "num_gpus" in rollout_opts:
+            visible = "ray"  # the GPUs Ray gave the rollout actor
         rollout = ray.remote(RolloutWorker).options(**rollout_opts).remote(cfg, str(out), visible) \
             if cfg.debug != "train_only" else None
         # (every actor is created before anything waits on one: the engines start while the trainers load)

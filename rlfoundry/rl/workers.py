@@ -334,7 +334,8 @@ class RolloutWorker:
         """Starts rollout.num_engines engine servers of rollout.backend's kind (or finds them at
         rollout.engine_urls) and, for SGLang-protocol engines, sglang-router in front of them.
         `visible_gpus`: with device cuda, the CUDA_VISIBLE_DEVICES the engines get (the value the
-        run was started with on this machine; None: all the node's GPUs)."""
+        run was started with on this machine; None: all the node's GPUs; "ray": the GPUs Ray gave
+        this actor, async mode's engines' own)."""
         from rlfoundry.data.tokenizer import eos_token_ids, load_tokenizer
         from rlfoundry.rewards import RewardContext, load_function, load_reward
         from rlfoundry.rl.generate import GenerateContext
@@ -393,9 +394,9 @@ class RolloutWorker:
 
         cfg, r = self.cfg, self.cfg.rollout
         threads = r.engine_threads or threads_each(_computing_at_once(cfg, "engine"))
-        if cfg.device == "cuda":
-            # Ray hides the GPUs from actors that asked for none, as this one: its engines see
-            # the node's GPUs (or those the run was started with) and spread over them
+        if cfg.device == "cuda" and visible_gpus != "ray":
+            # Ray hides the GPUs from actors that asked for none, as this one in sync mode: its
+            # engines see the node's GPUs (or those the run was started with) and spread over them
             if visible_gpus is None:
                 os.environ.pop("CUDA_VISIBLE_DEVICES", None)
             else:
