@@ -293,15 +293,11 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                     train_step = ray.get(trainer.step.remote())
                     ray.get(buffer.mark_trained.remote(step, train_step))
                     version = step + 1
-                    if ahead is not None:  # the engines are generating: paused for the update, then on
-                        ray.get(rollout.pause.remote())
-                        try:
-                            m["time/weight_sync_s"] = _sync(ray, cfg, trainer, rollout, out, version)
-                        finally:
-                            ray.get(rollout.resume.remote())
+                    if rollout is not None:  # (async: the engines are generating, paused for it)
+                        m["time/weight_sync_s"] = _sync(ray, cfg, trainer, rollout, out, version,
+                                                        pause=ahead is not None)
+                    if ahead is not None:
                         ahead.trained(version)
-                    elif rollout is not None:
-                        m["time/weight_sync_s"] = _sync(ray, cfg, trainer, rollout, out, version)
                 last = step + 1 == cfg.steps
                 if cfg.max_minutes and not last:  # would one more step, then the end, pass the limit?
                     if _steps_that_fit(cfg, step + 1 - start, time.perf_counter() - t_first, reserved_s()) < 1:
@@ -464,13 +460,21 @@ def _steps_that_fit(cfg: RLConfig, steps_done: int, elapsed_s: float, reserved_s
     return math.floor((60 * cfg.max_minutes - reserved_s - elapsed_s) / (elapsed_s / steps_done))
 
 
-def _sync(ray, cfg: RLConfig, trainer, rollout, out: Path, version: int) -> float:
-    """Push the trainer's weights to every engine; returns the seconds it took."""
+def _sync(ray, cfg: RLConfig, trainer, rollout, out: Path, version: int, pause: bool = False) -> float:
+    """Push the trainer's weights to every engine; returns the seconds it took. `pause` (async
+    mode, the engines generating): the engines pause their requests in flight for the update and
+    go on with them after it (partial rollouts), whether or not the update succeeds."""
     t0 = time.perf_counter()
-    if cfg.weight_sync == "distributed":
-        ray.get(trainer.broadcast_weights.remote(version))
-    else:
-        path = (out / "weights" / "latest").absolute()  # as the engines, in their own directories, find it
-        ray.get(trainer.save_hf.remote(str(path)))
-        ray.get(rollout.update_from_disk.remote(str(path), version))
+    if pause:
+        ray.get(rollout.pause.remote())
+    try:
+        if cfg.weight_sync == "distributed":
+            ray.get(trainer.broadcast_weights.remote(version))
+        else:
+            path = (out / "weights" / "latest").absolute()  # as the engines, in their own directories, find it
+            ray.get(trainer.save_hf.remote(str(path)))
+            ray.get(rollout.update_from_disk.remote(str(path), version))
+    finally:
+        if pause:
+            ray.get(rollout.resume.remote())
     return time.perf_counter() - t0

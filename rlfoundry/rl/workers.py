@@ -629,10 +629,10 @@ class BufferWorker:
         sample requested under an older policy version are filtered as stale instead."""
         groups = self.buffer.groups(step)
         if min_version is not None:
-            stale = [g[0].group_id for g in groups if min(s.policy_version for s in g) < min_version]
+            stale = {g[0].group_id for g in groups if min(s.policy_version for s in g) < min_version}
             if stale:
-                self.buffer.filter_groups(stale, "stale")
-                groups = [g for g in groups if g[0].group_id not in set(stale)]
+                self.buffer.filter_groups(sorted(stale), "stale")
+                groups = [g for g in groups if g[0].group_id not in stale]
         return [[s.to_dict() for s in g] for g in groups]
 
     def step_stats(self, step: int, save_to: str | None = None) -> dict:
