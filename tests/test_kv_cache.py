@@ -127,3 +127,30 @@ def test_cache_step_rows_equals_make_for_slots_in_order():
         assert torch.equal(got.mask(), ref.mask())
     with pytest.raises(ValueError, match="KV cache overflow"):
         CacheStep.rows(cache, [5, 0, 9], 8, torch.device("cpu"))
+
+
+def test_value_ones_cache_gives_the_plain_cache_bits():
+    """A `value_ones` cache (the batch-invariant engine's: [V | 1] kept, not built each step) gives
+    the same logits bit for bit as a plain one, with and without batch invariance, short key
+    counts (< 12, padded) included; the ones survive writes and slot copies."""
+    cfg = small_config()
+    gen = torch.Generator().manual_seed(5)
+    seqs = torch.randint(0, cfg.vocab_size, (3, 14), generator=gen)
+    lens = torch.tensor([3, 6, 2])
+    for invariant in (True, False):
+        model = random_model(cfg, seed=6).set_batch_invariant(invariant)
+        runs = []
+        for ones in (False, True):
+            cache = KVCache.for_model(cfg, num_slots=4, max_len=24, value_ones=ones)
+            slots = torch.tensor([1, 0, 3])
+            with torch.no_grad():
+                out = [model(seqs[:, :6], cache=cache, slots=slots, input_lens=lens).logits]
+                cache.copy_slots([0], [2])  # slot 2 becomes a copy of slot 0 (length 6)
+                slots = torch.tensor([1, 2, 3])
+                for t in range(8):  # every row one token a step from its own length
+                    out.append(model(seqs[:, 6 + t:7 + t], cache=cache, slots=slots).logits)
+            if ones:
+                assert all(bool((v[..., -1] == 1).all()) for v in cache.v)
+            runs.append(out)
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)

@@ -178,7 +178,8 @@ def invariant_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor,
     its vector lanes change with the row length). Visible keys must therefore sit at the same
     index on both sides: a decode's cache holds a sequence's keys at positions 0..p, and so does a
     trainer's row of one sample; packed rows (`PackedSequences`) are unpacked into their sequences
-    for the attention alone. `mask_BTS` None is causal."""
+    for the attention alone. `mask_BTS` None is causal. Values [B, G, S, D + 1] are taken to be
+    [V | 1] already (a `value_ones` KV cache's)."""
     B, H, T, D = q_BHTD.shape
     if isinstance(mask_BTS, PackedSequences):  # attend within each sequence, laid out on its own
         seqs = mask_BTS
@@ -204,7 +205,7 @@ def invariant_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor,
     # in place (the product's output is not kept for its backward); the max is a constant to the
     # softmax, so no gradient flows through it
     e_BGMS = s_BGMS.masked_fill_(hidden_B1MS, float("-inf")).sub_(s_BGMS.detach().amax(-1, keepdim=True)).exp_()
-    v1_BGSE = torch.cat([v_BGSD, v_BGSD.new_ones(B, G, S, 1)], dim=-1)
+    v1_BGSE = v_BGSD if v_BGSD.shape[-1] == D + 1 else torch.cat([v_BGSD, v_BGSD.new_ones(B, G, S, 1)], dim=-1)
     o_BGME = (_pad_rows(e_BGMS, P) @ v1_BGSE)[:, :, :M]
     return (o_BGME[..., :D] / o_BGME[..., D:]).view(B, H, T, D)
 
@@ -268,19 +269,30 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, num_slots: int, max_len: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 head_dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 value_ones: bool = False):
+        """`value_ones`: the values carry one more channel, 1 at every position, which
+        `invariant_attention` needs beside them ([V | 1]); kept in the cache it is written once,
+        where building it each step copied every cached value (~7% of a batch-invariant engine's
+        decoding). Attention reads `update`'s values with it; other attention drops it."""
         shape = (num_slots, num_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape[:-1] + (head_dim + value_ones,), dtype=dtype, device=device)
+                  for _ in range(num_layers)]
+        self.value_ones = value_ones
+        if value_ones:
+            for v in self.v:
+                v[..., -1] = 1
         self.lens = torch.zeros(num_slots, dtype=torch.long, device=device)
         self.max_len = max_len
         self.rope: tuple[Tensor, Tensor] | None = None  # cos, sin [max_len, Dh] in at_least_fp32(dtype)
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, num_slots: int, max_len: int, num_layers: int | None = None,
-                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "KVCache":
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  value_ones: bool = False) -> "KVCache":
         cache = cls(cfg.num_hidden_layers if num_layers is None else num_layers, num_slots, max_len,
-                    cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+                    cfg.num_key_value_heads, cfg.head_dim, dtype, device, value_ones)
         cos, sin = rope_cos_sin(torch.arange(max_len, device=device)[None], cfg, at_least_fp32(dtype))
         cache.rope = (cos[0], sin[0])
         return cache
@@ -361,17 +373,19 @@ class CacheStep:
         self.cache.lens[self.slots_B] = self.cache.lens[self.slots_B] + added_B
 
     def update(self, layer: int, k_BGTD: Tensor, v_BGTD: Tensor) -> tuple[Tensor, Tensor]:
-        """Write this step's keys/values for layer `layer`; return all keys/values [B, G, S, Dh]."""
+        """Write this step's keys/values for layer `layer`; return all keys/values [B, G, S, Dh]
+        (values [B, G, S, Dh + 1] in a `value_ones` cache)."""
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        v_into = v_cache[..., :k_cache.shape[-1]] if self.cache.value_ones else v_cache
         k_BTGD, v_BTGD = k_BGTD.transpose(1, 2).to(k_cache.dtype), v_BGTD.transpose(1, 2).to(v_cache.dtype)
         slot_BT = self.slots_B[:, None].expand_as(self.position_ids_BT)
         if self.valid_BT is None:  # every row is T real tokens
             k_cache[slot_BT, :, self.position_ids_BT] = k_BTGD
-            v_cache[slot_BT, :, self.position_ids_BT] = v_BTGD
+            v_into[slot_BT, :, self.position_ids_BT] = v_BTGD
         else:
             slot_n, pos_n = slot_BT[self.valid_BT], self.position_ids_BT[self.valid_BT]
             k_cache[slot_n, :, pos_n] = k_BTGD[self.valid_BT]
-            v_cache[slot_n, :, pos_n] = v_BTGD[self.valid_BT]
+            v_into[slot_n, :, pos_n] = v_BTGD[self.valid_BT]
         S = self.num_keys
         if self.slot_range is not None:
             a, b = self.slot_range
@@ -443,6 +457,8 @@ class Attention(nn.Module):
         q, k, v = q_BTHD.transpose(1, 2), k_BTGD.transpose(1, 2), v_BTGD.transpose(1, 2)
         if cache_step is not None:
             k, v = cache_step.update(layer, k, v)
+            if v.shape[-1] != Dh and not self.batch_invariant:  # a `value_ones` cache's [V | 1]
+                v = v[..., :Dh]
         if self.batch_invariant:
             out_BHTD = invariant_attention(q, k, v, mask_BTS, Dh ** -0.5)
         elif T <= DECODE_ATTENTION_MAX_T and cache_step is not None and torch.compiler.is_compiling():

@@ -299,10 +299,10 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         dtype = self.dtype
         self.cache = KVCache.for_model(cfg, max_batch, self.max_len, dtype=dtype,
-                                       device=self.device)
+                                       device=self.device, value_ones=batch_invariant)
         # the MTP layer's own cache: position t holds the pair (h_t, token t+1)
         self.mtp_cache = KVCache.for_model(cfg, max_batch, self.max_len, num_layers=1, dtype=dtype,
-                                           device=self.device) if speculative_steps else None
+                                           device=self.device, value_ones=batch_invariant) if speculative_steps else None
         if compile_decode:  # the batch size varies, the cache's shape never does
             for c in (self.cache, self.mtp_cache):
                 for t in (c.k + c.v if c is not None else []):
