@@ -195,8 +195,9 @@ class RLConfig:
     trainer's log-probs equal the engines' bit for bit (mismatch 0) with fp32 arithmetic
     throughout. It also makes runs bit-reproducible with requests concurrent (batching no longer
     changes a bit; `deterministic` serialises them instead), up to max_minutes' clock. Costs ~1.2x
-    the training time here (attention without a fused kernel) and little in the rollout. Eager only (not with train.compile or rollout.compile_decode), fp32 only (not with
-    exact or train.bf16)."""
+    the training time here (attention without a fused kernel) and little in the rollout. Eager
+    only (not with train.compile or rollout.compile_decode), fp32 only (not with exact or
+    train.bf16)."""
     num_trainers: int = 1
     """Data-parallel trainer processes (Ray actors in one torch.distributed group, over gloo: the
     RL trainer computes on CPU). Each holds the whole model and optimizer and trains on about 1 / num_trainers
