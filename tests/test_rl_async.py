@@ -175,6 +175,8 @@ def test_async_mode_end_to_end_killed_and_resumed(tmp_path, capsys):
     assert trained and all(m["train/staleness_max"] <= 1 for m in trained)
     assert any(m["train/stale_frac"] > 0 for m in trained)  # generated ahead, under the previous weights
     assert all("time/rollout_wait_s" in m for m in ms)
+    # a step's kept groups are those it trained (groups filtered as stale count as filtered)
+    assert all(m.get("train/samples", 0) == 4 * m["groups_kept"] for m in ms), [(m.get("train/samples"), m["groups_kept"]) for m in ms]
     engines = json.loads((out / "engines.json").read_text())
     assert [e["torch_threads"] for e in engines] == [threads_each(2)]  # one engine beside one trainer
     buf = Buffer(out / "buffer.sqlite")

@@ -281,8 +281,6 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                     m["time/rollout_wait_s"] = time.perf_counter() - t0
                 elif rollout is not None:
                     m.update(generate_rollout(step, lambda: version))
-                m.update(ray.get(buffer.step_stats.remote(
-                    step, str(out / "rollouts" / f"step_{step:06d}.jsonl") if cfg.save_rollouts else None)))
                 if trainer is not None:
                     horizon = _horizon(cfg, train_step, step - start, time.perf_counter() - t_first, reserved_s())
                     if horizon is not None:
@@ -298,6 +296,9 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                                                         pause=ahead is not None)
                     if ahead is not None:
                         ahead.trained(version)
+                # after training: the groups async mode filtered as stale count as filtered
+                m.update(ray.get(buffer.step_stats.remote(
+                    step, str(out / "rollouts" / f"step_{step:06d}.jsonl") if cfg.save_rollouts else None)))
                 last = step + 1 == cfg.steps
                 if cfg.max_minutes and not last:  # would one more step, then the end, pass the limit?
                     if _steps_that_fit(cfg, step + 1 - start, time.perf_counter() - t_first, reserved_s()) < 1:
