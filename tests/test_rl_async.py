@@ -4,10 +4,6 @@ the train-inference mismatch measured on the on-policy samples only, and the loo
 a resume."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +16,7 @@ from rlfoundry.rl.config import load_rl_config
 from rlfoundry.rl.sample import Sample, Status
 from rlfoundry.train.stages import ConfigError
 
-from test_rl_loop import SMALL, lines, no_times
+from test_rl_loop import SMALL, _kill_after_two_lines, _run, lines, no_times
 
 
 def test_async_configs_are_checked_before_anything_starts():
@@ -160,13 +156,7 @@ def test_async_mode_end_to_end_killed_and_resumed(tmp_path, capsys):
     out = tmp_path / "run"
     common = [*SMALL, "mode=async", "algorithm.tis_cap=2", "max_staleness=1", "eval_every=0", "checkpoint_every=1",
               "steps=8"]
-    proc = subprocess.Popen([sys.executable, "-m", "rlfoundry.cli", "rl", "--out", str(out), *common],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(lines(out)) >= 2):
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, Ray, the engines
-    proc.wait()
+    _kill_after_two_lines(_run(out, common), out)  # SIGKILL to the driver, Ray, the engines
     assert 2 <= len(lines(out)) < 8
     assert main(["rl", "--out", str(out), "--resume", *common]) == 0
     ms = lines(out)
@@ -176,7 +166,8 @@ def test_async_mode_end_to_end_killed_and_resumed(tmp_path, capsys):
     assert any(m["train/stale_frac"] > 0 for m in trained)  # generated ahead, under the previous weights
     assert all("time/rollout_wait_s" in m for m in ms)
     # a step's kept groups are those it trained (groups filtered as stale count as filtered)
-    assert all(m.get("train/samples", 0) == 4 * m["groups_kept"] for m in ms), [(m.get("train/samples"), m["groups_kept"]) for m in ms]
+    assert all(m.get("train/samples", 0) == 4 * m["groups_kept"] for m in ms), \
+        [(m.get("train/samples"), m["groups_kept"]) for m in ms]
     engines = json.loads((out / "engines.json").read_text())
     assert [e["torch_threads"] for e in engines] == [threads_each(2)]  # one engine beside one trainer
     buf = Buffer(out / "buffer.sqlite")
