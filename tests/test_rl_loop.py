@@ -113,7 +113,9 @@ def test_bad_configs_name_the_field(tmp_path):
              "rollout.max_len=96": "rollout.max_len", "rollout.max_len=-1": "rollout.max_len",
              "rollout.max_len=97": None, "rollout.engine_threads=-1": "rollout.engine_threads",
              "rollout.max_len=4096": "max_position_embeddings",
-             "rollout.engine_threads=1": None, "device=tpu": "field 'device'", "device=cpu": None}
+             "rollout.engine_threads=1": None, "device=tpu": "field 'device'", "device=cpu": None,
+             "algorithm.hindsight=-1": "algorithm.hindsight", "algorithm.hindsight_per_group=0": "hindsight_per_group",
+             "algorithm.hindsight_fn=no.such.fn": "algorithm.hindsight_fn", "algorithm.hindsight=1": None}
     for override, field in cases.items():
         if field is None:
             load_rl_config(None, [override])
@@ -122,6 +124,8 @@ def test_bad_configs_name_the_field(tmp_path):
             load_rl_config(None, [override])
     with pytest.raises(ConfigError, match="field 'exact'"):
         load_rl_config(None, ["exact=true", "train.bf16=true"])
+    with pytest.raises(ConfigError, match="field 'algorithm.hindsight'.*routing_replay"):
+        load_rl_config(None, ["algorithm.hindsight=1", "rollout.routing_replay=true"])
     import torch
 
     if not torch.cuda.is_available():  # device cuda where no GPU is visible: refused before anything starts

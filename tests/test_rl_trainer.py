@@ -330,3 +330,87 @@ def test_trainers_join_their_group_over_the_backend_of_their_tensors(tmp_path, m
     worker.join_group("127.0.0.1", 29999, 1, 2)
     assert joined["backend"] == "gloo" and joined["rank"] == 1 and joined["world_size"] == 2
     assert worker.trainer.replicated
+
+
+def test_hindsight_samples_train_by_likelihood_and_stay_out_of_the_mismatch():
+    """algorithm.hindsight: a relabelled sample (metadata "hindsight") in a micro-batch takes its
+    ratio against the trainer's own log-probs whatever the old log-probs given (here the engines',
+    which for a relabelled prompt mean nothing), so the loss's gradient is the closed form
+    -(A * sum of the on-policy sample's log-probs + lambda * sum of the relabelled one's) / tokens;
+    and the train-inference mismatch is measured on the on-policy sample alone."""
+    from rlfoundry.model import load_pretrained
+    from rlfoundry.rl.policy import make_batches, policy_loss, sequence_logprobs
+    from rlfoundry.rollout.engine import Engine, SamplingParams
+
+    cfg = load_rl_config(None, ["algorithm.hindsight=0.7"])
+    model = load_pretrained(cfg.model)
+    prompt = [5, 9, 13, 17, 21, 25]
+    outs = Engine(model, max_batch=8).generate(
+        [prompt], SamplingParams(temperature=0.8, max_new_tokens=8, n=2, seed=0, ignore_eos=True))[0]
+    on = Sample(prompt, outs[0].output_ids, outs[0].logprobs)
+    relabelled = Sample([5, 9, 14, 17], outs[1].output_ids, [-7.0] * 8, metadata={"hindsight": {"question": "q"}})
+    A, lam = -1.3, cfg.algorithm.hindsight
+    for share in (False, True):
+        batch = make_batches([on, relabelled], [A, lam], 8, "token-mean", share_prompts=share)[0]
+        assert batch.relabelled.tolist() == [False, True]
+        batch.old_logprobs, batch.old_from_engine = batch.engine_logprobs[:, 1:], False
+        model.zero_grad(set_to_none=True)
+        loss, m = policy_loss(model, batch, cfg.algorithm, 0.8)
+        loss.backward()
+        got = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        assert m["_n/mismatch_mean"] == 8 and m["mismatch_max"] < 1e-5  # the on-policy sample's 8 tokens only
+
+        model.zero_grad(set_to_none=True)
+        logp = sequence_logprobs(model, batch, 0.8)[0]
+        mask = batch.response_mask[:, 1:].float()
+        (-(A * (logp[0] * mask[0]).sum() + lam * (logp[1] * mask[1]).sum()) / mask.sum()).backward()
+        want = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        scale = max(w.abs().max().item() for w in want)
+        assert len(got) == len(want) and max((g - w).abs().max().item() for g, w in zip(got, want)) < 1e-5 * scale
+
+
+def test_hindsight_relabels_a_groups_wrong_answers_into_its_first_update(tmp_path):
+    """TrainerWorker with algorithm.hindsight: the trained groups' wrong Countdown answers come back
+    as right answers to the problems they solve — the prompt's question replaced, the response
+    token for token, at most hindsight_per_group distinct problems a group, none held out — and
+    join the step's samples."""
+    from rlfoundry.data.tasks import Countdown
+    from rlfoundry.data.tasks.base import is_held_out
+    from rlfoundry.rl.workers import TrainerWorker
+
+    worker = TrainerWorker(load_rl_config(None, ["algorithm.hindsight=0.5", "algorithm.hindsight_per_group=2"]),
+                           str(tmp_path))
+    tok = worker.tokenizer
+    for a in range(2, 13):  # numbers with a wrong answer whose relabelled problem is held out
+        nums, target = [a, 3, 2], a * 3 * 2
+        held = next((e for e in (f"{a} + 3", f"{a} - 2", f"{a} + 3 + 2", f"{a} * 3 - 2", f"{a} * 2 + 3")
+                     if is_held_out(Countdown.question(nums, eval(e)))), None)
+        if held:
+            break
+    assert held is not None
+    question = Countdown.question(nums, target)
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                                tokenize=False), add_special_tokens=False)
+    meta = {"task": "countdown", "level": 2, "numbers": nums, "target": target, "question": question}
+    texts = [f"<answer>{a} * 3 * 2</answer>",   # right
+             f"<answer>{held}</answer>",         # wrong, but its problem is held out
+             f"<answer>{a} * 3</answer>",        # wrong: relabelled
+             f"<answer>3 * {a}</answer>",        # the same problem again
+             f"<answer>{a} * 2 * 2</answer>",    # uses a 2 it was not given twice
+             f"<answer>{a} * 3 + 2</answer>",    # wrong: relabelled
+             f"<answer>{a} + 2</answer>"]        # a third problem: over hindsight_per_group
+    group = [Sample(prompt, tok.encode(t, add_special_tokens=False), [-1.0] * len(tok.encode(t, add_special_tokens=False)),
+                    reward=float(i == 0), status=Status.COMPLETED, group_id=7, index=i, metadata=meta, text=t)
+             for i, t in enumerate(texts)]
+    for s in group:
+        s.loss_mask = [1] * len(s.response_ids)
+    out = worker._hindsight([group])
+    assert [s.text for s in out] == [texts[2], texts[5]]
+    for s, value in zip(out, (a * 3, a * 3 + 2)):
+        want = question.replace(f"make {target}.", f"make {value}.")
+        assert s.metadata["question"] == want and s.metadata["target"] == value
+        assert s.metadata["hindsight"] == {"question": question, "label": None}
+        assert tok.decode(s.prompt_ids) == tok.decode(prompt).replace(question, want)
+        assert s.response_ids == group[texts.index(s.text)].response_ids and s.reward == 1.0
+    m = worker.train([[s.to_dict() for s in group]])
+    assert m["train/hindsight_samples"] == 2 and m["train/samples"] == len(texts)

@@ -83,3 +83,24 @@ def test_countdown_accepts_any_valid_expression_and_rejects_cheats():
         warnings.simplefilter("always")                   # scores 0, quietly
         assert task.score("<answer>3if 4</answer>", alt) == 0.0
     assert not seen
+
+
+def test_countdown_hindsight_relabels_a_wrong_answer_as_the_right_one_for_the_value_it_reaches():
+    """Hindsight relabelling (algorithm.hindsight): a well-formed wrong answer becomes the right
+    answer to the problem with the same numbers whose target is its value — which then scores 1 —
+    and nothing else is relabelled."""
+    task = Countdown()
+    meta = {"task": "countdown", "level": 2, "numbers": [4, 2, 2], "target": 8,
+            "question": Countdown.question([4, 2, 2], 8)}
+    new = task.hindsight("<answer>(2 * 4 + 2)</answer>", meta)
+    assert new == {**meta, "target": 10, "question": "Using the numbers [4, 2, 2], each at most once, and + - *, make 10."}
+    p = task.problems(1, 2, seed=0)[0]
+    assert p.question == Countdown.question(p.metadata["numbers"], p.metadata["target"])  # the same wording
+    relabelled = type(p)(p.task, p.level, new["question"], "10", "", new)
+    assert task.score("<answer>(2 * 4 + 2)</answer>", relabelled) == 1.0
+    assert task.hindsight("<answer>2 * 4</answer>", meta) is None           # right: nothing to relabel
+    assert task.hindsight("<answer>4 * 4 - 2</answer>", meta) is None       # a number not given twice
+    assert task.hindsight("<answer>2 - 4</answer>", meta) is None           # out of the task's range
+    assert task.hindsight("<answer>4 ** 2</answer>", meta) is None          # malformed
+    assert task.hindsight("no answer", meta) is None
+    assert get_task("arithmetic").hindsight("<answer>3</answer>", {"task": "arithmetic"}) is None  # no relabelling

@@ -152,6 +152,24 @@ class AlgorithmConfig:
     clipped). Their ratios' denominators come from a no-grad pass of the trainer over their samples
     before the first update (about a third more training time for them), or, with exact or
     batch_invariant, from the engines' log-probs, which equal them bit for bit (no pass)."""
+    hindsight: float = 0.0
+    """Hindsight relabelling (0: off): each wrong answer of a trained group that its task can
+    relabel — as the right answer to the problem it does solve (`Task.hindsight`; Countdown: the
+    same numbers, the value the answer reaches as the target) — joins the step's first update as
+    one more sample with this advantage, its ratio taken against the trainer's own log-probs
+    (ratio 1: the gradient of this weight times its log-likelihood), in the step's aggregation.
+    Hindsight Experience Replay (Andrychowicz et al., 2017) for goal-conditioned problems, trained
+    by likelihood as in goal-conditioned supervised learning (Ghosh et al., 2021, "Learning to
+    Reach Goals via Iterated Supervised Learning"). Deviations: only groups that are trained
+    (kept) give answers; the relabelled prompt is the sample's prompt with its metadata's
+    "question" replaced, so prompts without one give none; relabelled problems that are held
+    out are left out."""
+    hindsight_per_group: int = 2
+    """At most this many relabelled answers a group, each a different problem."""
+    hindsight_fn: str = ""
+    """Relabel function by dotted path, `relabel(response: str, metadata: dict) -> dict | None`
+    returning the new problem's metadata with its "question" (or None), as `Task.hindsight`;
+    empty: the built-in task named by the sample's metadata["task"]."""
     micro_batch_size: int = 32
     """Samples per forward/backward."""
     share_prompts: bool = True
@@ -392,6 +410,13 @@ class RLConfig:
             bad("algorithm.dual_clip", "applies to policy_loss ppo only")
         if a.updates_per_rollout <= 0 or a.micro_batch_size <= 0:
             bad("algorithm.updates_per_rollout", "and micro_batch_size must be positive")
+        if a.hindsight < 0:
+            bad("algorithm.hindsight", f"must be >= 0 (0: off), got {a.hindsight}")
+        if a.hindsight_per_group < 1:
+            bad("algorithm.hindsight_per_group", f"must be >= 1, got {a.hindsight_per_group}")
+        if a.hindsight and r.routing_replay:
+            bad("algorithm.hindsight", "cannot be used with rollout.routing_replay: relabelled prompts have no "
+                "routes to replay")
         if self.reward.overlong_cache < 0 or self.reward.overlong_cache >= r.max_new_tokens:
             bad("reward.overlong_cache", f"must be in [0, rollout.max_new_tokens), got {self.reward.overlong_cache}")
         if self.reward.fn == "remote" and not self.reward.remote_url:
@@ -408,6 +433,11 @@ class RLConfig:
             if not asyncio.iscoroutinefunction(fn):
                 bad("rollout.generate_fn", "must be an async function (async def generate(ctx, sample, sampling))")
 
+        if a.hindsight_fn:
+            try:
+                load_function(a.hindsight_fn, "hindsight_fn")
+            except ValueError as e:
+                bad("algorithm.hindsight_fn", f"is not usable: {e}")
         try:
             load_reward(self.reward.fn)
         except ValueError as e:

@@ -57,6 +57,7 @@ class RLBatch:
     routed_experts: Tensor | None = None  # [B, T, L_moe, K], routing replay
     packed: PackedRows | None = None      # share_prompts: what the model computes
     stale: Tensor | None = None  # [B] bool, async mode: requested under weights older than the trainer's
+    relabelled: Tensor | None = None  # [B] bool: hindsight samples (algorithm.hindsight), trained by likelihood
 
     def to(self, device: torch.device | str) -> "RLBatch":
         """The micro-batch with its tensors on `device` (the trainer's model's; tensors already
@@ -155,7 +156,8 @@ def make_batches(samples: list[Sample], advantages: list[float], micro_batch_siz
     `weight` is its share of the step: of the step's loss tokens (token-mean) or samples. `of`:
     (loss tokens, samples) of the whole step when `samples` are one data-parallel rank's part of it
     (default: `samples` are the step). `version` (async mode): the trainer's policy version; samples
-    of older ones are marked `stale`."""
+    of older ones are marked `stale`. Samples whose metadata holds "hindsight" (relabelled answers,
+    see `TrainerWorker._hindsight`) are marked `relabelled`."""
     total_tokens, total_samples = of or (sum(sum(s.loss_mask) for s in samples), len(samples))
     out = []
     for start in range(0, len(samples), micro_batch_size):
@@ -178,8 +180,10 @@ def make_batches(samples: list[Sample], advantages: list[float], micro_batch_siz
             weight = B / total_samples
         packed = pack_prompts(chunk, T, pad_id, routing_replay) if share_prompts else None
         stale = None if version is None else torch.tensor([s.policy_version < version for s in chunk])
+        relabelled = [bool(s.metadata.get("hindsight")) for s in chunk]
         out.append(RLBatch(ids, attn, resp, elp, torch.tensor(advantages[start:start + B], dtype=torch.float32),
-                           weight, routed_experts=routed, packed=packed, stale=stale))
+                           weight, routed_experts=routed, packed=packed, stale=stale,
+                           relabelled=torch.tensor(relabelled) if any(relabelled) else None))
     return out
 
 
@@ -228,11 +232,20 @@ def sequence_logprobs(model, batch: RLBatch, temperature: float) -> tuple[Tensor
 
 
 def policy_loss(model, batch: RLBatch, algo, temperature: float) -> tuple[Tensor, dict]:
-    """The RL loss of one micro-batch and its metrics (see rlfoundry.rl.algorithms for the math)."""
+    """The RL loss of one micro-batch and its metrics (see rlfoundry.rl.algorithms for the math).
+    Relabelled rows (hindsight answers to prompts no engine saw) take their ratio against the
+    trainer's own log-probs (ratio 1: the gradient of advantage x log-likelihood), no importance
+    weight, and stay out of the train-inference mismatch."""
     logp, entropy = sequence_logprobs(model, batch, temperature)
     mask = batch.response_mask[:, 1:].float()
     engine = batch.engine_logprobs[:, 1:]
     old = batch.old_logprobs if batch.old_logprobs is not None else logp.detach()
+    measured = mask  # the tokens whose engine log-probs are the sampling policy's
+    if batch.relabelled is not None:
+        relabelled = batch.relabelled[:, None]
+        old = torch.where(relabelled, logp.detach(), old)
+        engine = torch.where(relabelled, old, engine)
+        measured = mask * (~relabelled).to(mask.dtype)
     if algo.policy_loss == "gspo":
         loss_t, clipped = gspo_loss(logp, old, batch.advantages, mask, algo.eps_low, algo.eps_high)
     else:
@@ -246,18 +259,21 @@ def policy_loss(model, batch: RLBatch, algo, temperature: float) -> tuple[Tensor
     n = mask.sum().clamp(min=1)
     metrics = {"pg_loss": pg.item(), "clip_frac": float((clipped.float() * mask).sum() / n),
                "logprob_mean": float((logp.detach() * mask).sum() / n)}
+    share = batch.weight or 1.0
+    # token means over the whole step: sums and counts over the micro-batch's share, which the
+    # trainer's share-weighted mean of micro-batches turns back into sums (`token_means`)
     if not batch.old_from_engine and batch.stale is None:  # the trainer's log-probs under the weights
-        diff = (old - engine).abs() * mask                     # that generated the samples
-        metrics["mismatch_mean"] = float(diff.sum() / n)
-        metrics["mismatch_max"] = float(diff.max()) if mask.any() else 0.0
+        diff = (old - engine).abs() * measured                 # that generated the samples
+        if measured.any():
+            metrics["mismatch_max"] = float(diff.max())
+        metrics["_sum/mismatch_mean"] = float(diff.sum()) / share
+        metrics["_n/mismatch_mean"] = float(measured.sum()) / share
     elif not batch.old_from_engine:  # async: the mismatch on the samples of the trainer's weights, and how far
-        on = mask * (~batch.stale)[:, None].to(mask.dtype)  # the policy has moved since the others were sampled
-        off, share = mask - on, batch.weight or 1.0
+        on = measured * (~batch.stale)[:, None].to(mask.dtype)  # the policy has moved since the others were sampled
+        off = measured - on
         diff = (old - engine) * on
         if on.any():
             metrics["mismatch_max"] = float(diff.abs().max())
-        # token means over the whole step: sums and counts over the share, which the trainer's
-        # share-weighted mean of micro-batches turns back into sums (`token_means`)
         metrics["_sum/mismatch_mean"] = float(diff.abs().sum()) / share
         metrics["_n/mismatch_mean"] = float(on.sum()) / share
         metrics["_sum/offpolicy_logratio_mean"] = float(((old - engine) * off).sum()) / share

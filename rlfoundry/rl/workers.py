@@ -112,6 +112,14 @@ class TrainerWorker:
         # they stand in for the sampling policy's wherever the trainer would compute those again
         # (not in async mode: there the engines may have sampled under older weights)
         self.engine_logprobs_exact = (cfg.exact or cfg.batch_invariant) and cfg.mode == "sync"
+        self.tokenizer = self.relabel_fn = None
+        if cfg.algorithm.hindsight:  # relabelled prompts are re-tokenized here
+            from rlfoundry.data.tokenizer import load_tokenizer
+            from rlfoundry.rewards import load_function
+
+            self.tokenizer = load_tokenizer(cfg.model)
+            if cfg.algorithm.hindsight_fn:
+                self.relabel_fn = load_function(cfg.algorithm.hindsight_fn, "algorithm.hindsight_fn")
         self.sender = None
         if cfg.train.compile:
             self._compile_now()
@@ -222,18 +230,27 @@ class TrainerWorker:
             version, metrics_behind = None, {}
         n_updates = min(algo.updates_per_rollout, len(samples))
         per_update = -(-len(samples) // n_updates)
+        # hindsight: the groups' wrong answers relabelled as right ones, trained in the first update
+        relabelled = self._hindsight([g for gs in by_size.values() for g in gs]) if algo.hindsight else []
         metrics: dict = {}
         worst = -1.0  # none measured
         updates = []
         for u in range(n_updates):
             part = list(zip(samples[u * per_update:(u + 1) * per_update], advs[u * per_update:(u + 1) * per_update]))
+            if u == 0:
+                part += [(s, algo.hindsight) for s in relabelled]
             whole = (sum(sum(s.loss_mask) for s, _ in part), len(part))
             if self.world > 1:
                 part = _shard(part, self.rank, self.world)
-            updates.append([b.to(self.device) for b in make_batches(
-                [s for s, _ in part], [a for _, a in part], algo.micro_batch_size, algo.aggregation,
-                routing_replay=cfg.rollout.routing_replay, share_prompts=algo.share_prompts, of=whole,
-                version=version)])
+            batches = []
+            # relabelled samples in micro-batches of their own: packed among groups (share_prompts),
+            # each of their one-response rows would be padded to a whole group's row
+            for kind in (False, True):
+                sub = [(s, a) for s, a in part if bool(s.metadata.get("hindsight")) == kind]
+                batches += make_batches([s for s, _ in sub], [a for _, a in sub], algo.micro_batch_size,
+                                        algo.aggregation, routing_replay=cfg.rollout.routing_replay,
+                                        share_prompts=algo.share_prompts, of=whole, version=version) if sub else []
+            updates.append([b.to(self.device) for b in batches])
         # Before any update: the log-probs of the policy that generated the samples, the PPO
         # ratios' denominators. The first update is that policy (its own log-probs, ratio 1), so
         # only the later updates' samples need a no-grad pass; in exact and batch-invariant runs
@@ -271,7 +288,48 @@ class TrainerWorker:
         out = {f"train/{k}": v for k, v in metrics.items() if k != "step"}
         out.update(metrics_behind)
         out["train/samples"] = len(samples)
+        if algo.hindsight:
+            out["train/hindsight_samples"] = len(relabelled)
         out["time/train_s"] = time.perf_counter() - t0
+        return out
+
+    def _hindsight(self, groups: list[list[Sample]]) -> list[Sample]:
+        """algorithm.hindsight's samples: wrong answers of the groups relabelled as right answers to
+        the problems they do solve, by the relabel function (algorithm.hindsight_fn, else the
+        built-in task named in the sample's metadata: `Task.hindsight`), at most
+        algorithm.hindsight_per_group distinct problems a group and none of the held-out ones
+        (`is_held_out`). The relabelled prompt is the sample's own prompt with its question
+        (metadata["question"]) replaced by the new one; samples without it are passed over. The
+        response is kept token for token; metadata["hindsight"] records the problem it came from."""
+        from rlfoundry.data.tasks import TASKS
+        from rlfoundry.data.tasks.base import is_held_out
+
+        out = []
+        for g in groups:
+            seen: set[str] = set()
+            for s in g:
+                if len(seen) >= self.cfg.algorithm.hindsight_per_group:
+                    break
+                question = s.metadata.get("question")
+                task = TASKS.get(s.metadata.get("task", ""))
+                relabel = self.relabel_fn or (task.hindsight if task is not None else None)
+                if relabel is None or not isinstance(question, str) or (s.reward or 0) > 0 \
+                        or s.status != Status.COMPLETED:
+                    continue
+                meta = relabel(s.text, s.metadata)
+                if meta is None or meta["question"] in seen or is_held_out(meta["question"]):
+                    continue
+                prompt = self.tokenizer.decode(s.prompt_ids)
+                if question not in prompt:
+                    continue
+                seen.add(meta["question"])
+                ids = self.tokenizer.encode(prompt.replace(question, meta["question"]), add_special_tokens=False)
+                R = len(s.response_ids)
+                out.append(Sample(prompt_ids=ids, response_ids=list(s.response_ids), logprobs=[0.0] * R,
+                                  loss_mask=list(s.loss_mask), reward=1.0, status=Status.COMPLETED,
+                                  policy_version=s.policy_version, group_id=s.group_id, index=s.index,
+                                  prompt_index=s.prompt_index, text=s.text,
+                                  metadata={**meta, "hindsight": {"question": question, "label": s.label}}))
         return out
 
     # ------------------------------------------------------------------ weights

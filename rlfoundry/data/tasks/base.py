@@ -49,6 +49,11 @@ class Task:
         """1.0 for a correct final answer in <answer>...</answer>, else 0.0."""
         raise NotImplementedError
 
+    def hindsight(self, response: str, metadata: dict) -> dict | None:
+        """The metadata (with "question") of a problem that `response`, wrong for the problem of
+        `metadata`, answers rightly; None where there is none (the default: no relabelling)."""
+        return None
+
     # ---------------------------------------------------------------- shared helpers
     def problems(self, n: int, level: int, seed: int = 0, held_out: bool = False) -> list[Problem]:
         """n problems of a level drawn with `seed` (repeats possible), from the training share of

@@ -57,7 +57,7 @@ class Countdown(Task):
             value = _eval(expr)[0]
             if 0 < value <= 200:
                 break
-        question = f"Using the numbers {nums}, each at most once, and + - *, make {value}."
+        question = self.question(nums, value)
         return Problem(self.name, level, question, str(value), f"<answer>{expr}</answer>",
                        {"numbers": nums, "target": value})
 
@@ -71,6 +71,25 @@ class Countdown(Task):
         value, used = result
         available = Counter(problem.metadata["numbers"])
         return float(value == problem.metadata["target"] and not (Counter(used) - available))
+
+    def hindsight(self, response: str, metadata: dict) -> dict | None:
+        """Hindsight relabelling (Andrychowicz et al., 2017, "Hindsight Experience Replay"): a
+        well-formed answer that misses the target is a right answer to the problem whose target is
+        the value it reaches. Returns that problem's metadata (same numbers, target = the value), or
+        None when the answer is right, malformed, uses numbers it was not given, or reaches a value
+        outside the task's range (1 - 200)."""
+        got = self.final_answer(response)
+        result = None if got is None else _eval(got)
+        if result is None:
+            return None
+        value, used = result
+        if value == metadata["target"] or not 0 < value <= 200 or Counter(used) - Counter(metadata["numbers"]):
+            return None
+        return {**metadata, "target": value, "question": self.question(metadata["numbers"], value)}
+
+    @staticmethod
+    def question(numbers: list[int], target: int) -> str:
+        return f"Using the numbers {numbers}, each at most once, and + - *, make {target}."
 
     @staticmethod
     def solvable(numbers: list[int], target: int) -> bool:
