@@ -333,7 +333,7 @@ def test_trainers_join_their_group_over_the_backend_of_their_tensors(tmp_path, m
 
 
 def test_hindsight_samples_train_by_likelihood_and_stay_out_of_the_mismatch():
-    """algorithm.hindsight: a relabelled sample (metadata "hindsight") in a micro-batch takes its
+    """algorithm.hindsight: a relabelled sample (`relabelled_from`) in a micro-batch takes its
     ratio against the trainer's own log-probs whatever the old log-probs given (here the engines',
     which for a relabelled prompt mean nothing), so the loss's gradient is the closed form
     -(A * sum of the on-policy sample's log-probs + lambda * sum of the relabelled one's) / tokens;
@@ -348,7 +348,7 @@ def test_hindsight_samples_train_by_likelihood_and_stay_out_of_the_mismatch():
     outs = Engine(model, max_batch=8).generate(
         [prompt], SamplingParams(temperature=0.8, max_new_tokens=8, n=2, seed=0, ignore_eos=True))[0]
     on = Sample(prompt, outs[0].output_ids, outs[0].logprobs)
-    relabelled = Sample([5, 9, 14, 17], outs[1].output_ids, [-7.0] * 8, metadata={"hindsight": {"question": "q"}})
+    relabelled = Sample([5, 9, 14, 17], outs[1].output_ids, [-7.0] * 8, relabelled_from={"question": "q", "label": "1"})
     A, lam = -1.3, cfg.algorithm.hindsight
     for share in (False, True):
         batch = make_batches([on, relabelled], [A, lam], 8, "token-mean", share_prompts=share)[0]
@@ -409,7 +409,7 @@ def test_hindsight_relabels_a_groups_wrong_answers_into_its_first_update(tmp_pat
     for s, value in zip(out, (a * 3, a * 3 + 2)):
         want = question.replace(f"make {target}.", f"make {value}.")
         assert s.metadata["question"] == want and s.metadata["target"] == value
-        assert s.metadata["hindsight"] == {"question": question, "label": None}
+        assert s.relabelled_from == {"question": question, "label": None}
         assert tok.decode(s.prompt_ids) == tok.decode(prompt).replace(question, want)
         assert s.response_ids == group[texts.index(s.text)].response_ids and s.reward == 1.0
     m = worker.train([[s.to_dict() for s in group]])

@@ -156,8 +156,7 @@ def make_batches(samples: list[Sample], advantages: list[float], micro_batch_siz
     `weight` is its share of the step: of the step's loss tokens (token-mean) or samples. `of`:
     (loss tokens, samples) of the whole step when `samples` are one data-parallel rank's part of it
     (default: `samples` are the step). `version` (async mode): the trainer's policy version; samples
-    of older ones are marked `stale`. Samples whose metadata holds "hindsight" (relabelled answers,
-    see `TrainerWorker._hindsight`) are marked `relabelled`."""
+    of older ones are marked `stale`; relabelled samples (`Sample.relabelled_from`), `relabelled`."""
     total_tokens, total_samples = of or (sum(sum(s.loss_mask) for s in samples), len(samples))
     out = []
     for start in range(0, len(samples), micro_batch_size):
@@ -180,7 +179,7 @@ def make_batches(samples: list[Sample], advantages: list[float], micro_batch_siz
             weight = B / total_samples
         packed = pack_prompts(chunk, T, pad_id, routing_replay) if share_prompts else None
         stale = None if version is None else torch.tensor([s.policy_version < version for s in chunk])
-        relabelled = [bool(s.metadata.get("hindsight")) for s in chunk]
+        relabelled = [s.relabelled_from is not None for s in chunk]
         out.append(RLBatch(ids, attn, resp, elp, torch.tensor(advantages[start:start + B], dtype=torch.float32),
                            weight, routed_experts=routed, packed=packed, stale=stale,
                            relabelled=torch.tensor(relabelled) if any(relabelled) else None))

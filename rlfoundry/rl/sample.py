@@ -57,6 +57,10 @@ class Sample:
     metadata: dict = field(default_factory=dict)
     text: str = ""
     """Decoded response, for rewards and logs."""
+    relabelled_from: dict | None = None
+    """Hindsight relabelling (algorithm.hindsight): the problem the response was generated for
+    ({"question", "label"}), the prompt being another one's that it answers rightly; None for a
+    sample generated for its own prompt."""
 
     def __post_init__(self) -> None:
         self.status = Status(self.status)

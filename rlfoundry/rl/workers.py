@@ -246,7 +246,7 @@ class TrainerWorker:
             # relabelled samples in micro-batches of their own: packed among groups (share_prompts),
             # each of their one-response rows would be padded to a whole group's row
             for kind in (False, True):
-                sub = [(s, a) for s, a in part if bool(s.metadata.get("hindsight")) == kind]
+                sub = [(s, a) for s, a in part if (s.relabelled_from is not None) == kind]
                 batches += make_batches([s for s, _ in sub], [a for _, a in sub], algo.micro_batch_size,
                                         algo.aggregation, routing_replay=cfg.rollout.routing_replay,
                                         share_prompts=algo.share_prompts, of=whole, version=version) if sub else []
@@ -300,7 +300,7 @@ class TrainerWorker:
         algorithm.hindsight_per_group distinct problems a group and none of the held-out ones
         (`is_held_out`). The relabelled prompt is the sample's own prompt with its question
         (metadata["question"]) replaced by the new one; samples without it are passed over. The
-        response is kept token for token; metadata["hindsight"] records the problem it came from."""
+        response is kept token for token; `Sample.relabelled_from` records the problem it came from."""
         from rlfoundry.data.tasks import TASKS
         from rlfoundry.data.tasks.base import is_held_out
 
@@ -329,7 +329,7 @@ class TrainerWorker:
                                   loss_mask=list(s.loss_mask), reward=1.0, status=Status.COMPLETED,
                                   policy_version=s.policy_version, group_id=s.group_id, index=s.index,
                                   prompt_index=s.prompt_index, text=s.text,
-                                  metadata={**meta, "hindsight": {"question": question, "label": s.label}}))
+                                  metadata=meta, relabelled_from={"question": question, "label": s.label}))
         return out
 
     # ------------------------------------------------------------------ weights
