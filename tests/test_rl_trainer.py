@@ -414,3 +414,24 @@ def test_hindsight_relabels_a_groups_wrong_answers_into_its_first_update(tmp_pat
         assert s.response_ids == group[texts.index(s.text)].response_ids and s.reward == 1.0
     m = worker.train([[s.to_dict() for s in group]])
     assert m["train/hindsight_samples"] == 2 and m["train/samples"] == len(texts)
+
+
+def shout(response: str, metadata: dict) -> dict | None:
+    """A relabel function for the test below: any answer answers the question asked louder."""
+    return {**metadata, "question": metadata["question"].upper()} if response else None
+
+
+def test_a_custom_relabel_function_by_dotted_path(tmp_path):
+    """algorithm.hindsight_fn: the function given by dotted path relabels in place of the built-in
+    tasks' (here for samples of no built-in task); its question replaces the prompt's."""
+    from rlfoundry.rl.workers import TrainerWorker
+
+    worker = TrainerWorker(load_rl_config(None, ["algorithm.hindsight=1", "algorithm.hindsight_fn=test_rl_trainer.shout"]),
+                           str(tmp_path))
+    tok = worker.tokenizer
+    prompt = tok.encode("say: make it so", add_special_tokens=False)
+    group = [Sample(prompt, [7, 8], [-1.0, -1.0], reward=float(i), status=Status.COMPLETED, text=t,
+                    metadata={"question": "make it so"}) for i, t in enumerate(["a", "b"])]
+    out = worker._hindsight([group])
+    assert len(out) == 1 and out[0].text == "a" and tok.decode(out[0].prompt_ids) == "say: MAKE IT SO"
+    assert out[0].relabelled_from == {"question": "make it so", "label": None} and out[0].response_ids == [7, 8]
