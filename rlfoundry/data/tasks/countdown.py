@@ -61,16 +61,17 @@ class Countdown(Task):
         return Problem(self.name, level, question, str(value), f"<answer>{expr}</answer>",
                        {"numbers": nums, "target": value})
 
-    def score(self, response: str, problem: Problem) -> float:
+    def _reached(self, response: str, numbers: list[int]) -> int | None:
+        """The value of the response's final answer, or None when it is malformed or uses numbers
+        it was not given."""
         got = self.final_answer(response)
-        if got is None:
-            return 0.0
-        result = _eval(got)
-        if result is None:
-            return 0.0
-        value, used = result
-        available = Counter(problem.metadata["numbers"])
-        return float(value == problem.metadata["target"] and not (Counter(used) - available))
+        result = None if got is None else _eval(got)
+        if result is None or Counter(result[1]) - Counter(numbers):
+            return None
+        return result[0]
+
+    def score(self, response: str, problem: Problem) -> float:
+        return float(self._reached(response, problem.metadata["numbers"]) == problem.metadata["target"])
 
     def hindsight(self, response: str, metadata: dict) -> dict | None:
         """Hindsight relabelling (Andrychowicz et al., 2017, "Hindsight Experience Replay"): a
@@ -78,12 +79,8 @@ class Countdown(Task):
         the value it reaches. Returns that problem's metadata (same numbers, target = the value), or
         None when the answer is right, malformed, uses numbers it was not given, or reaches a value
         outside the task's range (1 - 200)."""
-        got = self.final_answer(response)
-        result = None if got is None else _eval(got)
-        if result is None:
-            return None
-        value, used = result
-        if value == metadata["target"] or not 0 < value <= 200 or Counter(used) - Counter(metadata["numbers"]):
+        value = self._reached(response, metadata["numbers"])
+        if value is None or value == metadata["target"] or not 0 < value <= 200:
             return None
         return {**metadata, "target": value, "question": self.question(metadata["numbers"], value)}
 
