@@ -232,26 +232,3 @@ def test_oversampled_draws_follow_the_recent_fraction_kept(tmp_path):
         plain = worker(tmp_path / f"plain{n_kept}", "algorithm.refill_rounds=0")
         store(plain, plain.requests(0, 0), n_kept)
         assert plain.requests(0, 0) == [] and len(plain.requests(1, 1)) == expected
-
-
-def test_unsolved_groups_are_the_filtered_ones_with_no_right_answer(tmp_path):
-    """algorithm.hindsight_unsolved: BufferWorker.unsolved_groups hands out the step's groups
-    filtered for zero variance with no positive reward — not the all-right ones, not the failed or
-    kept ones, not another step's — and trains none of them."""
-    from rlfoundry.rl.config import load_rl_config
-    from rlfoundry.rl.workers import BufferWorker
-
-    cfg = load_rl_config(None, ["data.curriculum=[{source: 'task:countdown:2', steps: 0}]", "data.n_per_level=200",
-                                "rollout.prompts_per_step=5", "algorithm.hindsight=1",
-                                "algorithm.hindsight_unsolved=true"])
-    w = BufferWorker(cfg, str(tmp_path))
-    for step in (0, 1):
-        reqs = w.requests(step, step)
-        outcomes = [([0.0, 0.0], "zero_variance"), ([1.0, 1.0], "zero_variance"), ([1.0, 0.0], None),
-                    ([0.0, 0.0], "failed"), ([0.0, 0.0], "zero_variance")]
-        w.buffer.put_many([(r["group_id"], group(r["group_id"], rewards), reason)
-                           for r, (rewards, reason) in zip(reqs, outcomes)])
-        unsolved = w.unsolved_groups(step)
-        assert [g[0]["group_id"] for g in unsolved] == [reqs[0]["group_id"], reqs[4]["group_id"]]
-        assert all(s["reward"] == 0.0 for g in unsolved for s in g)
-        assert [g[0]["group_id"] for g in w.training_groups(step)] == [reqs[2]["group_id"]]

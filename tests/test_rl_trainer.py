@@ -1,7 +1,5 @@
 """The trainer workshop's RL step (TrainerWorker without Ray) on samples the model generated itself."""
 
-import dataclasses
-
 import pytest
 
 from rlfoundry.rl.config import load_rl_config
@@ -416,10 +414,6 @@ def test_hindsight_relabels_a_groups_wrong_answers_into_its_first_update(tmp_pat
         assert s.response_ids == group[texts.index(s.text)].response_ids and s.reward == 1.0
     m = worker.train([[s.to_dict() for s in group]])
     assert m["train/hindsight_samples"] == 2 and m["train/samples"] == len(texts)
-    # algorithm.hindsight_unsolved: a group with no right answer, not trained, relabelled too
-    unsolved = [dataclasses.replace(s, reward=0.0, group_id=8) for s in group]
-    m = worker.train([[s.to_dict() for s in group]], unsolved=[[s.to_dict() for s in unsolved]])
-    assert m["train/hindsight_samples"] == 4 and m["train/samples"] == len(texts)
 
 
 def shout(response: str, metadata: dict) -> dict | None:

@@ -235,14 +235,11 @@ class Buffer:
                            "last_passed = ? WHERE stage = ? AND idx = ?",
                            (len(samples), passed, len(samples), passed, stage, prompt_idx))
 
-    def groups(self, rollout_id: int, states: tuple[str, ...] = ("generated",),
-               reason: str | None = None) -> list[list[Sample]]:
-        """The stored groups of a rollout, in the order they were drawn; with `reason`, only the
-        groups filtered for it."""
+    def groups(self, rollout_id: int, states: tuple[str, ...] = ("generated",)) -> list[list[Sample]]:
+        """The stored groups of a rollout, in the order they were drawn."""
         q = ",".join("?" * len(states))
-        where, args = (" AND reason = ?", (reason,)) if reason is not None else ("", ())
-        ids = [r[0] for r in self.db.execute(f"SELECT id FROM groups WHERE rollout_id = ? AND state IN ({q}){where} "
-                                             "ORDER BY id", (rollout_id, *states, *args))]
+        ids = [r[0] for r in self.db.execute(
+            f"SELECT id FROM groups WHERE rollout_id = ? AND state IN ({q}) ORDER BY id", (rollout_id, *states))]
         out = []
         for gid in ids:
             rows = self.db.execute("SELECT data FROM samples WHERE group_id = ? ORDER BY idx", (gid,)).fetchall()

@@ -166,10 +166,6 @@ class AlgorithmConfig:
     out are left out."""
     hindsight_per_group: int = 2
     """At most this many relabelled answers a group, each a different problem."""
-    hindsight_unsolved: bool = False
-    """Also relabel the wrong answers of the groups filtered for having no right one
-    (filter_zero_variance: all rewards equal and none positive), which are not trained otherwise:
-    their relabelled answers join the step's first update as the kept groups' do."""
     hindsight_fn: str = ""
     """Relabel function by dotted path, `relabel(response: str, metadata: dict) -> dict | None`
     returning the new problem's metadata with its "question" (or None), as `Task.hindsight`;
@@ -416,8 +412,6 @@ class RLConfig:
             bad("algorithm.updates_per_rollout", "and micro_batch_size must be positive")
         if a.hindsight < 0:
             bad("algorithm.hindsight", f"must be >= 0 (0: off), got {a.hindsight}")
-        if a.hindsight_unsolved and not a.hindsight:
-            bad("algorithm.hindsight_unsolved", "needs algorithm.hindsight > 0")
         if a.hindsight_per_group < 1:
             bad("algorithm.hindsight_per_group", f"must be >= 1, got {a.hindsight_per_group}")
         if a.hindsight and r.routing_replay:

@@ -287,8 +287,7 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
                         m["train/horizon"] = horizon
                     # buffer -> trainers, a reference (async: groups older than the staleness bound left out)
                     groups = buffer.training_groups.remote(step, step - cfg.max_staleness if ahead else None)
-                    unsolved = buffer.unsolved_groups.remote(step) if cfg.algorithm.hindsight_unsolved else None
-                    m.update(ray.get([t.train.remote(groups, horizon, step, unsolved) for t in trainers])[0])
+                    m.update(ray.get([t.train.remote(groups, horizon, step) for t in trainers])[0])
                     train_step = ray.get(trainer.step.remote())
                     ray.get(buffer.mark_trained.remote(step, train_step))
                     version = step + 1

@@ -189,15 +189,13 @@ class TrainerWorker:
     def step(self) -> int:
         return self.trainer.step
 
-    def train(self, groups: list[list[dict]], horizon: int | None = None, version: int | None = None,
-              unsolved: list[list[dict]] | None = None) -> dict:
+    def train(self, groups: list[list[dict]], horizon: int | None = None, version: int | None = None) -> dict:
         """One RL step (updates_per_rollout optimizer steps) on the groups; returns metrics.
         `horizon`: the optimizer step at which the learning-rate schedule is to end, when the loop
         expects the run to stop before train.total_steps (None: total_steps). `version`: the
         policy version of the weights before this step (the rollouts trained so far); samples
         requested under older weights are off-policy (async mode): their staleness is logged, and
-        the train-inference mismatch is measured on the others only. `unsolved`: groups not to be
-        trained whose wrong answers are relabelled too (algorithm.hindsight_unsolved).
+        the train-inference mismatch is measured on the others only.
 
         Data-parallel (num_trainers > 1): every trainer gets all the groups and computes their
         advantages, then trains on its own part of each update's samples (`_shard`), each
@@ -221,8 +219,7 @@ class TrainerWorker:
             for g, row in zip(gs, a.tolist()):
                 samples += g
                 advs += row
-        if not samples:  # no group with a reward signal this step: nothing to train on (deviation:
-            # unsolved groups' relabelled answers are left out with them)
+        if not samples:  # no group with a reward signal this step: nothing to train on
             return {"train/skipped": 1.0, "train/samples": 0, "time/train_s": time.perf_counter() - t0}
         temperature = cfg.rollout.temperature
         if version is not None and cfg.mode == "async":
@@ -234,8 +231,7 @@ class TrainerWorker:
         n_updates = min(algo.updates_per_rollout, len(samples))
         per_update = -(-len(samples) // n_updates)
         # hindsight: the groups' wrong answers relabelled as right ones, trained in the first update
-        relabelled = self._hindsight([g for gs in by_size.values() for g in gs]
-                                     + [[Sample(**s) for s in g] for g in unsolved or []]) if algo.hindsight else []
+        relabelled = self._hindsight([g for gs in by_size.values() for g in gs]) if algo.hindsight else []
         metrics: dict = {}
         worst = -1.0  # none measured
         updates = []
@@ -696,12 +692,6 @@ class BufferWorker:
                 self.buffer.filter_groups(sorted(stale), "stale")
                 groups = [g for g in groups if g[0].group_id not in stale]
         return [[s.to_dict() for s in g] for g in groups]
-
-    def unsolved_groups(self, step: int) -> list[list[dict]]:
-        """The groups of rollout `step` filtered for having no right answer (zero_variance, no
-        positive reward): algorithm.hindsight_unsolved's."""
-        return [[s.to_dict() for s in g] for g in self.buffer.groups(step, ("filtered",), reason="zero_variance")
-                if all((s.reward or 0) <= 0 for s in g)]
 
     def step_stats(self, step: int, save_to: str | None = None) -> dict:
         """Group counts of rollout `step`, and reward and length statistics of every stored sample
