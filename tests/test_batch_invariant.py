@@ -96,6 +96,16 @@ def test_a_sequence_gets_the_same_bits_alone_batched_decoded_and_trained(threads
         pos = torch.tensor([list(range(P)) + list(range(P, P + R)) * 3])
         out = model(packed, segment_ids=seg, position_ids=pos, prefix_lens=torch.tensor([P])).logits[0]
         assert torch.equal(torch.cat([out[P - 1:P], out[P + R:P + 2 * R - 1]]), alone)
+        # a prompt sharing only its first 3 tokens with the row's (a hindsight-relabelled sample's),
+        # packed after it as its rest and its response, seeing those 3 (per-segment prefix_lens)
+        other = prompt[:3] + tokens(4)
+        want = model(torch.tensor([other + responses[0]])).logits[0, len(other) - 1:-1]
+        L = len(other) - 3
+        row = torch.tensor([prompt + responses[1] + other[3:] + responses[0]])
+        seg = torch.tensor([[0] * P + [1] * R + [2] * (L + R)])
+        pos = torch.tensor([list(range(P)) + list(range(P, P + R)) + list(range(3, 3 + L + R))])
+        out = model(row, segment_ids=seg, position_ids=pos, prefix_lens=torch.tensor([[P, P, 3]])).logits[0]
+        assert torch.equal(out[P + R + L - 1:P + R + L + R - 1], want)
 
 
 def test_packed_sequences_lists_each_sequences_keys_and_own_queries_in_order():

@@ -206,6 +206,11 @@ def test_shared_prompt_packing_gives_the_per_sample_loss_and_gradients(routing_r
                     for i, o in enumerate(outs)]
     samples[4] = Sample(samples[4].prompt_ids, [], [], group_id=1,  # an empty response (nothing to train)
                         routed_experts=samples[4].routed_experts[: len(samples[4].prompt_ids)] if routing_replay else None)
+    if not routing_replay:  # hindsight-relabelled samples after their groups: prompts that share
+        for at, g in ((3, 0), (10, 2)):  # all but their last tokens with the group's join its row
+            src = samples[at - 1]
+            samples.insert(at, Sample(src.prompt_ids[:-3] + [7, 9, 11, 13], src.response_ids[:6], [0.0] * 6,
+                                      group_id=g, relabelled_from={"question": "q", "label": None}))
     advs = [(-1.0) ** i * (1 + i / 10) for i in range(len(samples))]
     policy = ComputeIn(model, torch.float64)
 
@@ -229,6 +234,8 @@ def test_shared_prompt_packing_gives_the_per_sample_loss_and_gradients(routing_r
         assert max(abs(a - b) for a, b in zip(logp_a, logp_b)) < 1e-12
     assert sum(b.num_tokens for b in packed) < 0.8 * sum(b.num_tokens for b in plain)
     assert all(b.packed.input_ids.shape[0] < b.input_ids.shape[0] for b in packed[:1])
+    if not routing_replay:  # the first micro-batch: group 0 and its relabelled sample in one row, group 1
+        assert packed[0].packed.input_ids.shape[0] == 2 and packed[0].packed.prefix_lens[0].tolist() == [20] * 4 + [17]
     # a micro-batch goes to the trainer's device whole (`train.device`), packed rows and routes too;
     # one already there keeps its tensors (no copy)
     import dataclasses

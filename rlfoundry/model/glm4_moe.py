@@ -140,16 +140,28 @@ class PackedSequences:
     scatter_N: Tensor  # [B * T] where each row token's query is (q * T' + t)
 
 
-def packed_sequences(segment_ids_BT: Tensor, prefix_lens_B: Tensor | None, valid_BT: Tensor) -> PackedSequences:
+def segment_prefixes(prefix_lens: Tensor, n_segments: int) -> Tensor:
+    """`forward`'s prefix_lens, [B] (one for every segment of a row) or [B, K] (one per segment id),
+    as [B, n_segments]."""
+    if prefix_lens.dim() == 1:
+        return prefix_lens[:, None].expand(-1, n_segments)
+    if prefix_lens.shape[1] < n_segments:
+        raise ValueError(f"prefix_lens has {prefix_lens.shape[1]} columns for segment ids up to {n_segments - 1}")
+    return prefix_lens[:, :n_segments]
+
+
+def packed_sequences(segment_ids_BT: Tensor, prefix_lens: Tensor | None, valid_BT: Tensor) -> PackedSequences:
     """The sequences of packed rows: one per (row, segment id) present; a token belongs to its own
-    segment's sequence, and the first prefix_lens[b] tokens of row b to every sequence of the row."""
+    segment's sequence, and the first prefix_lens[b] (or prefix_lens[b, s]: `segment_prefixes`)
+    tokens of row b to every sequence of the row (to segment s's)."""
     B, T = segment_ids_BT.shape
     dev = segment_ids_BT.device
-    prefix_BT = torch.arange(T, device=dev)[None] < prefix_lens_B.to(dev)[:, None] if prefix_lens_B is not None \
-        else torch.zeros(B, T, dtype=torch.bool, device=dev)
     seg_BT = segment_ids_BT.long()
-    own_BST = (seg_BT[:, None, :] == torch.arange(int(seg_BT.max()) + 1, device=dev)[None, :, None]) & valid_BT[:, None, :]
-    member_BST = own_BST | (prefix_BT & valid_BT)[:, None, :]
+    S = int(seg_BT.max()) + 1
+    prefix_BST = torch.zeros(B, S, T, dtype=torch.bool, device=dev) if prefix_lens is None else \
+        torch.arange(T, device=dev)[None, None] < segment_prefixes(prefix_lens.to(dev), S)[:, :, None]
+    own_BST = (seg_BT[:, None, :] == torch.arange(S, device=dev)[None, :, None]) & valid_BT[:, None, :]
+    member_BST = own_BST | (prefix_BST & valid_BT[:, None, :])
     exists_BS = own_BST.any(-1)
     row_B11 = (torch.arange(B, device=dev) * T)[:, None, None]
 
@@ -925,7 +937,9 @@ class Glm4MoeForCausalLM(nn.Module):
         token) hides padding keys, `segment_ids` [B, T] keeps packed documents apart, and
         `position_ids` [B, T] defaults to 0..T-1. With `segment_ids`, `prefix_lens` [B] makes the
         first prefix_lens[b] tokens of row b visible to every later query of the row whatever its
-        segment: a prompt shared by the responses packed after it (RL trains a group this way).
+        segment: a prompt shared by the responses packed after it (RL trains a group this way);
+        [B, K] gives each segment id its own (a prompt that shares only its beginning with the
+        row's: hindsight's relabelled ones).
         With `cache`, row b holds the next `input_lens[b]` (default T; the rest is padding) tokens of
         the sequence in cache slot `slots[b]` (default b); their positions continue from
         `cache.lens`, which advances. `routed_experts` [B, T, L_moe, K] replays given expert choices.
@@ -948,8 +962,10 @@ class Glm4MoeForCausalLM(nn.Module):
                     mask_BTS = mask_BTS & attention_mask.bool()[:, None, :]
                 if segment_ids is not None:
                     same_BTS = segment_ids[:, :, None] == segment_ids[:, None, :]
-                    if prefix_lens is not None:
-                        same_BTS = same_BTS | (torch.arange(T, device=device) < prefix_lens.to(device)[:, None])[:, None]
+                    if prefix_lens is not None:  # the prefix of each query's segment
+                        pl = prefix_lens.to(device)
+                        prefix_BT = pl[:, None].expand(B, T) if pl.dim() == 1 else pl.gather(1, segment_ids.long())
+                        same_BTS = same_BTS | (torch.arange(T, device=device)[None, None] < prefix_BT[:, :, None])
                     mask_BTS = mask_BTS & same_BTS
                 # a query that may see nothing (left padding) sees itself, so no row is all -inf
                 mask_BTS = mask_BTS | torch.eye(T, dtype=torch.bool, device=device)

@@ -37,7 +37,8 @@ class PackedRows:
     position_ids: Tensor    # [G, Tp] each response continues from the prompt's positions
     attention_mask: Tensor  # [G, Tp]
     segment_ids: Tensor     # [G, Tp] 0 on the prompt, k on the k-th response of the row
-    prefix_lens: Tensor     # [G] the prompt's length: visible to every response of the row
+    prefix_lens: Tensor     # [G, K] the prompt tokens that segment k of the row sees: the prompt's
+    #                         length, or a relabelled sample's shared beginning of it
     row_S: Tensor           # [S] the row of each sample
     pos_ST: Tensor          # [S, T] where each position of each sample (RLBatch layout) is in its row
     routed_experts: Tensor | None = None  # [G, Tp, L_moe, K]
@@ -104,12 +105,26 @@ def _no_route(samples: list[Sample]) -> list | None:
     return None if first is None else [[0] * len(first[0][0])] * len(first[0])
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def pack_prompts(chunk: list[Sample], T: int, pad_id: int = 0, routing_replay: bool = False) -> PackedRows:
     """Rows of one prompt and the responses of the consecutive samples sharing it (see the module
-    docstring); `T` is the longest sample of the RLBatch whose layout `pos_ST` indexes."""
+    docstring); `T` is the longest sample of the RLBatch whose layout `pos_ST` indexes. A
+    relabelled sample (`Sample.relabelled_from`) right after its group joins the group's row too:
+    its segment is the rest of its own prompt after the beginning it shares with the row's (the
+    question's last words, a few tokens), then its response, seeing that beginning only."""
     runs: list[list[int]] = []
     for i, s in enumerate(chunk):
-        if runs and _same_prompt(chunk[runs[-1][0]], s, routing_replay):
+        first = chunk[runs[-1][0]] if runs else None
+        if first is not None and (_same_prompt(first, s, routing_replay) or (
+                s.relabelled_from is not None and s.group_id == first.group_id and not routing_replay)):
             runs[-1].append(i)
         else:
             runs.append([i])
@@ -128,23 +143,27 @@ def pack_prompts(chunk: list[Sample], T: int, pad_id: int = 0, routing_replay: b
         ids.append(list(chunk[run[0]].prompt_ids))
         pos.append(list(range(P)))
         seg.append([0] * P)
-        prefix.append(P)
         routes.append(_routes(chunk[run[0]], 0, P) if replay else [])
+        prefix.append([P])
         for k, i in enumerate(run, start=1):
-            R, at = len(chunk[i].response_ids), len(ids[-1])
-            ids[-1] += chunk[i].response_ids
-            pos[-1] += range(P, P + R)
+            s = chunk[i]
+            c = P if s.prompt_ids == chunk[run[0]].prompt_ids else _common_prefix(chunk[run[0]].prompt_ids, s.prompt_ids)
+            own = s.prompt_ids[c:] + s.response_ids  # the tokens of segment k
+            R, at = len(own), len(ids[-1])
+            ids[-1] += own
+            pos[-1] += range(c, c + R)
             seg[-1] += [k] * R
+            prefix[-1].append(c)
             if replay:  # the last token was never fed to the engine: its route is missing (zeros)
-                routes[-1] += _routes(chunk[i], P, P + R)
-            row_S[i], pos_S[i] = g, list(range(P)) + list(range(at, at + R))
+                routes[-1] += _routes(s, c, c + R)
+            row_S[i], pos_S[i] = g, list(range(c)) + list(range(at, at + R))
     Tp = max(map(len, ids))
     routed = None
     if replay:
         routed = _padded(routes, Tp, no_route, torch.long)
     return PackedRows(_padded(ids, Tp, pad_id, torch.long), _padded(pos, Tp, 0, torch.long),
                       _padded([[1] * len(r) for r in ids], Tp, 0, torch.long), _padded(seg, Tp, 0, torch.long),
-                      torch.tensor(prefix, dtype=torch.long), torch.tensor(row_S, dtype=torch.long),
+                      _padded(prefix, max(map(len, prefix)), 0, torch.long), torch.tensor(row_S, dtype=torch.long),
                       _padded(pos_S, T, 0, torch.long), routed)
 
 
@@ -201,6 +220,7 @@ def _forward(model, batch: RLBatch) -> tuple[Tensor, tuple[Tensor, Tensor] | Non
                      routed_experts=batch.routed_experts).logits, None
     for t in (p.prefix_lens, p.row_S):
         torch._dynamo.maybe_mark_dynamic(t, 0)
+    torch._dynamo.maybe_mark_dynamic(p.prefix_lens, 1)
     out = model(p.input_ids, position_ids=p.position_ids, attention_mask=p.attention_mask,
                 segment_ids=p.segment_ids, prefix_lens=p.prefix_lens, routed_experts=p.routed_experts)
     return out.logits, (p.row_S[:, None], p.pos_ST[:, :-1])

@@ -71,6 +71,21 @@ def _shard(samples: list, rank: int, world: int) -> list:
     return part
 
 
+def _after_their_groups(part: list, relabelled: list) -> list:
+    """The (sample, advantage) pairs with each relabelled one right after the last sample of the
+    group it came from (there `pack_prompts` adds it to the group's row: it shares most of its
+    prompt), those of groups not in `part` at the end."""
+    after: dict[int, list] = {}
+    for pair in relabelled:
+        after.setdefault(pair[0].group_id, []).append(pair)
+    out = []
+    for i, pair in enumerate(part):
+        out.append(pair)
+        if i + 1 == len(part) or part[i + 1][0].group_id != pair[0].group_id:
+            out += after.pop(pair[0].group_id, [])
+    return out + [pair for pairs in after.values() for pair in pairs]
+
+
 # ============================================================================ training workshop
 class TrainerWorker:
     """One trainer process. With cfg.num_trainers > 1 the loop starts that many, joins them in one
@@ -237,19 +252,14 @@ class TrainerWorker:
         updates = []
         for u in range(n_updates):
             part = list(zip(samples[u * per_update:(u + 1) * per_update], advs[u * per_update:(u + 1) * per_update]))
-            if u == 0:
-                part += [(s, algo.hindsight) for s in relabelled]
+            if u == 0 and relabelled:
+                part = _after_their_groups(part, [(s, algo.hindsight) for s in relabelled])
             whole = (sum(sum(s.loss_mask) for s, _ in part), len(part))
             if self.world > 1:
                 part = _shard(part, self.rank, self.world)
-            batches = []
-            # relabelled samples in micro-batches of their own: packed among groups (share_prompts),
-            # each of their one-response rows would be padded to a whole group's row
-            for kind in (False, True):
-                sub = [(s, a) for s, a in part if (s.relabelled_from is not None) == kind]
-                batches += make_batches([s for s, _ in sub], [a for _, a in sub], algo.micro_batch_size,
-                                        algo.aggregation, routing_replay=cfg.rollout.routing_replay,
-                                        share_prompts=algo.share_prompts, of=whole, version=version) if sub else []
+            batches = make_batches([s for s, _ in part], [a for _, a in part], algo.micro_batch_size,
+                                   algo.aggregation, routing_replay=cfg.rollout.routing_replay,
+                                   share_prompts=algo.share_prompts, of=whole, version=version)
             updates.append([b.to(self.device) for b in batches])
         # Before any update: the log-probs of the policy that generated the samples, the PPO
         # ratios' denominators. The first update is that policy (its own log-probs, ratio 1), so
