@@ -309,6 +309,25 @@ def test_data_parallel_trainers_take_one_trainers_steps(tmp_path, world, n_group
     assert delta_one.norm() > 0 and (delta_dp - delta_one).norm() / delta_one.norm() < 1e-2
 
 
+def test_relabelled_samples_follow_their_groups_and_groups_go_shortest_first():
+    """`_after_their_groups` puts each relabelled sample right after its group (those of groups not
+    in the update at the end); `_shortest_first` then orders whole groups by their packed row's
+    length (or their longest sample's), stably, keeping each group's samples together in order."""
+    from rlfoundry.rl.workers import _after_their_groups, _shortest_first
+
+    def sample(g, n, relabelled=False):
+        return Sample([g] * 4, [g] * n, group_id=g, relabelled_from={"question": "q"} if relabelled else None)
+
+    part = [(sample(g, n), float(i)) for i, (g, n) in enumerate([(0, 5), (0, 5), (1, 1), (1, 2), (2, 9), (3, 1)])]
+    rel = [(sample(2, 3, True), 2.0), (sample(0, 4, True), 2.0), (sample(7, 1, True), 2.0)]
+    merged = _after_their_groups(part, rel)
+    assert merged == part[:2] + [rel[1]] + part[2:5] + [rel[0]] + part[5:] + [rel[2]]
+    ordered = _shortest_first(merged, share_prompts=True)  # rows 4 + 1 (3), 4 + 1 (7), 4 + 3 (1), 4 + 12 (2), 4 + 14 (0)
+    assert ordered == part[5:] + [rel[2]] + part[2:4] + [part[4], rel[0]] + part[:2] + [rel[1]]
+    by_sample = _shortest_first(merged, share_prompts=False)  # longest samples: 5 (3), 6 (1), 5 (7), 13 (2), 9 (0)
+    assert by_sample == part[5:] + [rel[2]] + part[2:4] + part[:2] + [rel[1]] + [part[4], rel[0]]
+
+
 def test_shard_splits_a_step_by_tokens_into_contiguous_parts():
     from rlfoundry.rl.workers import _shard
 

@@ -86,6 +86,26 @@ def _after_their_groups(part: list, relabelled: list) -> list:
     return out + [pair for pairs in after.values() for pair in pairs]
 
 
+def _shortest_first(part: list, share_prompts: bool) -> list:
+    """The (sample, advantage) pairs group by group (consecutive samples of one group_id, relabelled
+    ones included) from the shortest group to the longest (stable): a micro-batch pads its rows to
+    its longest, so rows of about one length waste least (in the demo's steps, a quarter of the
+    positions computed were padding in the groups' order). A group's length: its row's with
+    `share_prompts` (prompt and responses), else its longest sample's."""
+    groups: list[list] = []
+    for pair in part:
+        if groups and groups[-1][0][0].group_id == pair[0].group_id:
+            groups[-1].append(pair)
+        else:
+            groups.append([pair])
+
+    def length(group: list) -> int:
+        if share_prompts:
+            return len(group[0][0].prompt_ids) + sum(len(s.response_ids) for s, _ in group)
+        return max(len(s.tokens) for s, _ in group)
+    return [pair for group in sorted(groups, key=length) for pair in group]
+
+
 # ============================================================================ training workshop
 class TrainerWorker:
     """One trainer process. With cfg.num_trainers > 1 the loop starts that many, joins them in one
@@ -254,6 +274,7 @@ class TrainerWorker:
             part = list(zip(samples[u * per_update:(u + 1) * per_update], advs[u * per_update:(u + 1) * per_update]))
             if u == 0 and relabelled:
                 part = _after_their_groups(part, [(s, algo.hindsight) for s in relabelled])
+            part = _shortest_first(part, algo.share_prompts)
             whole = (sum(sum(s.loss_mask) for s, _ in part), len(part))
             if self.world > 1:
                 part = _shard(part, self.rank, self.world)
