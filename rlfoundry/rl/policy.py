@@ -36,7 +36,7 @@ class PackedRows:
     input_ids: Tensor       # [G, Tp] a prompt, then the responses of its samples, right-padded
     position_ids: Tensor    # [G, Tp] each response continues from the prompt's positions
     attention_mask: Tensor  # [G, Tp]
-    segment_ids: Tensor     # [G, Tp] 0 on the prompt, k on the k-th response of the row
+    segment_ids: Tensor     # [G, Tp] 0 on the prompt, k on the k-th sample's own tokens in the row
     prefix_lens: Tensor     # [G, K] the prompt tokens that segment k of the row sees: the prompt's
     #                         length, or a relabelled sample's shared beginning of it
     row_S: Tensor           # [S] the row of each sample
