@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import itertools
 import json
 import math
 import os
@@ -79,10 +80,8 @@ def _after_their_groups(part: list, relabelled: list) -> list:
     for pair in relabelled:
         after.setdefault(pair[0].group_id, []).append(pair)
     out = []
-    for i, pair in enumerate(part):
-        out.append(pair)
-        if i + 1 == len(part) or part[i + 1][0].group_id != pair[0].group_id:
-            out += after.pop(pair[0].group_id, [])
+    for group_id, pairs in itertools.groupby(part, key=lambda pair: pair[0].group_id):
+        out += list(pairs) + after.pop(group_id, [])
     return out + [pair for pairs in after.values() for pair in pairs]
 
 
@@ -92,12 +91,7 @@ def _shortest_first(part: list, share_prompts: bool) -> list:
     its longest, so rows of about one length waste least (in the demo's steps, a quarter of the
     positions computed were padding in the groups' order). A group's length: its row's with
     `share_prompts` (prompt and responses), else its longest sample's."""
-    groups: list[list] = []
-    for pair in part:
-        if groups and groups[-1][0][0].group_id == pair[0].group_id:
-            groups[-1].append(pair)
-        else:
-            groups.append([pair])
+    groups = [list(pairs) for _, pairs in itertools.groupby(part, key=lambda pair: pair[0].group_id)]
 
     def length(group: list) -> int:
         if share_prompts:
