@@ -51,26 +51,26 @@ def main() -> None:
         # the advantages do not change the cost; the relabelled samples' is lambda, as in training
         steps.append(([(s, 0.5) for g in groups for s in g], [(s, lam) for s in worker._hindsight(groups)]))
 
-    def layouts(part: list, relabelled: list) -> dict[str, list]:
-        def batches(pairs: list) -> list:
-            return make_batches([s for s, _ in pairs], [a for _, a in pairs], algo.micro_batch_size, algo.aggregation,
-                                share_prompts=algo.share_prompts) if pairs else []
-        return {"before": batches(part) + batches(relabelled),
-                "now": batches(_shortest_first(_after_their_groups(part, relabelled), algo.share_prompts))}
+    def batches(pairs: list) -> list:
+        return make_batches([s for s, _ in pairs], [a for _, a in pairs], algo.micro_batch_size, algo.aggregation,
+                            share_prompts=algo.share_prompts) if pairs else []
+
+    # each timed run builds its own layout's micro-batches only, as the trainer does every step
+    layouts = {"before": lambda part, relabelled: batches(part) + batches(relabelled),
+               "now": lambda part, relabelled: batches(_shortest_first(_after_their_groups(part, relabelled),
+                                                                       algo.share_prompts))}
 
     def run(name: str) -> float:
         t0 = time.perf_counter()
         for part, relabelled in steps:
-            for b in layouts(part, relabelled)[name]:
+            for b in layouts[name](part, relabelled):
                 loss, _ = policy_loss(worker.policy, b, algo, cfg.rollout.temperature)
                 (loss * b.weight).backward()
         worker.model.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    positions = {k: 0 for k in ("before", "now")}
-    for part, relabelled in steps:
-        for k, bs in layouts(part, relabelled).items():
-            positions[k] += sum(b.num_tokens for b in bs)
+    positions = {k: sum(b.num_tokens for part, relabelled in steps for b in layout(part, relabelled))
+                 for k, layout in layouts.items()}
     n_rel = sum(len(r) for _, r in steps)
     n = sum(len(p) for p, _ in steps)
     print(f"{len(steps)} steps of {args.run}: {n} samples, {n_rel} relabelled (lambda {lam})")
