@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlfoundry.rl.algorithms import (aggregate, entropy_from_logits, group_advantages, gspo_loss, kl_penalty,
-                                     overlong_penalty, ppo_clip_loss, tis_weights, token_logprobs)
+                                     overlong_penalty, ppo_clip_loss, tis_weights, token_logprobs, weight_positive)
 
 R = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
 
@@ -31,6 +31,18 @@ def test_group_advantages():
     assert group_advantages(torch.ones(1, 4)).abs().max() == 0
     with pytest.raises(ValueError, match="unknown advantage"):
         group_advantages(R, "ppo")
+
+
+def test_weight_positive():
+    # Dr. GRPO's [[.5, -.5, -.5, .5], [.25, .25, .25, -.75]] with the positive ones doubled: the
+    # group sums become +1 and 0 (the policy pushed towards what it samples right)
+    a = weight_positive(group_advantages(R, "dr_grpo"), 2.0)
+    close(a, [[1.0, -.5, -.5, 1.0], [.5, .5, .5, -.75]])
+    close(a.sum(1), [1.0, .75])
+    # W-REINFORCE (Zhu et al. 2025): rewards +-1, positive ones weighted 0.1
+    close(weight_positive(torch.tensor([1.0, -1.0, 1.0]), 0.1), [.1, -1.0, .1])
+    x = torch.tensor([.3, -.2, 0.0])
+    assert weight_positive(x) is x  # weight 1: unchanged, no copy
 
 
 def test_ppo_clip_higher_and_dual_clip():

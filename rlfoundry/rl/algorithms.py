@@ -12,6 +12,13 @@ Advantages (one scalar per sample, broadcast over its tokens):
   normalises over the batch. Deviation: the paper folds a per-token KL into the reward; here KL is a
   separate loss term (`kl_penalty`), off by default as in GLM-4.5's RL.
 
+Weighted positive and negative reinforcement (Zhu et al. 2025, "The Surprising Effectiveness of
+Negative Reinforcement in LLM Reasoning", arXiv 2506.01347): the advantages of the samples that
+are reinforced (A > 0) times a weight w, the others' unchanged. Their W-REINFORCE takes w = 0.1 with
+rewards +-1 and no baseline, to keep the policy's diversity (pass@k); here w applies to any
+estimator's advantages above, and w > 1 leans towards the right answers a policy already samples
+(pass@1, greedy accuracy).
+
 Policy losses (per token, before aggregation):
 - PPO-clip (Schulman et al. 2017) with asymmetric clip-higher bounds [1 - eps_low, 1 + eps_high]
   (DAPO, Yu et al. 2025, arXiv 2503.14476: eps_high = 0.28), and optionally dual-clip (Ye et al. 2020,
@@ -66,6 +73,11 @@ def group_advantages(rewards_PG: Tensor, method: str = "grpo", eps: float = 1e-6
         centred = r - r.mean(dim=1, keepdim=True)
         return centred / (centred.std() + eps) if centred.numel() > 1 else centred
     raise ValueError(f"unknown advantage estimator {method!r}; choose from {ADVANTAGES}")
+
+
+def weight_positive(adv: Tensor, weight: float = 1.0) -> Tensor:
+    """Advantages with the positive ones times `weight` (see the module docstring); 1: unchanged."""
+    return adv if weight == 1.0 else torch.where(adv > 0, adv * weight, adv)
 
 
 def ppo_clip_loss(logp_NT: Tensor, old_logp_NT: Tensor, adv_N: Tensor, eps_low: float = 0.2,

@@ -114,6 +114,10 @@ class RewardConfig:
 class AlgorithmConfig:
     advantage: str = "grpo"
     """grpo, dr_grpo, rloo, reinforce++ or reinforce++_baseline."""
+    positive_weight: float = 1.0
+    """Weight on the positive advantages, the negative ones unchanged (Zhu et al. 2025's weighted
+    positive and negative reinforcement, `weight_positive` in rlfoundry/rl/algorithms.py): above 1
+    favours the right answers the policy samples (pass@1), below 1 keeps its diversity (pass@k)."""
     policy_loss: str = "ppo"
     """ppo (token ratios, clip-higher, optional dual clip) or gspo (sequence ratios)."""
     eps_low: float = 0.2
@@ -398,6 +402,8 @@ class RLConfig:
             bad("algorithm.advantage", f"must be one of {ADVANTAGES}, got {a.advantage!r}")
         if a.advantage in ("grpo", "dr_grpo", "rloo", "reinforce++_baseline") and r.n_samples_per_prompt < 2:
             bad("rollout.n_samples_per_prompt", f"must be >= 2 for {a.advantage} (group baselines)")
+        if a.positive_weight <= 0:
+            bad("algorithm.positive_weight", f"must be > 0, got {a.positive_weight}")
         if a.policy_loss not in ("ppo", "gspo"):
             bad("algorithm.policy_loss", f"must be ppo or gspo, got {a.policy_loss!r}")
         if a.aggregation not in AGGREGATIONS:

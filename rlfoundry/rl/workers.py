@@ -232,7 +232,7 @@ class TrainerWorker:
         trainers before the optimizer step, so that every trainer takes the same step as one
         trainer on all the samples would, up to float rounding. Metrics are over all of them."""
         from rlfoundry.model.parallelize import all_reduce_
-        from rlfoundry.rl.algorithms import group_advantages
+        from rlfoundry.rl.algorithms import group_advantages, weight_positive
         from rlfoundry.rl.policy import make_batches, policy_loss, sequence_logprobs, token_means
 
         cfg, algo = self.cfg, self.cfg.algorithm
@@ -244,7 +244,7 @@ class TrainerWorker:
             by_size.setdefault(len(g), []).append([Sample(**s) for s in g])
         for gs in by_size.values():  # groups of equal size share one advantage computation
             rewards = torch.tensor([[s.reward for s in g] for g in gs])
-            a = group_advantages(rewards, algo.advantage)
+            a = weight_positive(group_advantages(rewards, algo.advantage), algo.positive_weight)
             for g, row in zip(gs, a.tolist()):
                 samples += g
                 advs += row
