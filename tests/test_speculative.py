@@ -58,9 +58,10 @@ def test_speculative_greedy_with_the_shipped_drafter_accepts_several_tokens_and_
 def test_compiled_speculative_decoding_equals_eager_plain_decoding():
     """compile_decode with speculative_steps: verification goes through the compiled main-model
     layers (k+1 tokens a row) and the greedy draft chain through one compiled graph (`greedy_drafts`;
-    in a batch the rows' catch-ups are padded to one length). With the shipped drafter (drafts
-    accepted several at a time, to different depths per row), one prompt at a time and a batch:
-    the same greedy tokens as eager plain decoding, log-probs within 1e-5."""
+    in a batch the rows' catch-ups are padded to one length), and from a sequence's second cycle on
+    both through one (`greedy_cycle`: verification, then the next drafts). With the shipped drafter
+    (drafts accepted several at a time, to different depths per row), one prompt at a time and a
+    batch: the same greedy tokens as eager plain decoding, log-probs within 1e-5."""
     from pathlib import Path
 
     from rlfoundry.buffer import PromptDataset
@@ -74,11 +75,20 @@ def test_compiled_speculative_decoding_equals_eager_plain_decoding():
     params = SamplingParams(temperature=0, max_new_tokens=32)
     plain = Engine(model, max_batch=6).generate(prompts, params)
     engine = Engine(model, max_batch=6, speculative_steps=3, compile_decode=True)
+    calls = {"chain": 0, "cycle": 0}
+    for name, attr in (("chain", "_greedy_drafts"), ("cycle", "_greedy_cycle")):
+        def counted(*args, _fn=getattr(engine, attr), _name=name):
+            calls[_name] += 1
+            return _fn(*args)
+        setattr(engine, attr, counted)
     spec = [engine.generate([p], params)[0] for p in prompts[:2]] + engine.generate(prompts, params)
     for a, b in zip(plain[:2] + plain, spec):
         assert a[0].output_ids == b[0].output_ids and a[0].finish_reason == b[0].finish_reason
         assert max(abs(x - y) for x, y in zip(a[0].logprobs, b[0].logprobs)) <= 1e-5
     assert engine.stats["spec_accept_length"] >= 2.5
+    # every cycle verifies in `greedy_cycle`; the separate chain drafts only a batch's first cycle
+    # (and after a row finished and another moved into its slot)
+    assert calls["cycle"] > 2 * calls["chain"] > 0
 
 
 def test_speculative_sampling_keeps_the_target_distribution():

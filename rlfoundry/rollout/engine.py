@@ -149,6 +149,9 @@ class _Seq:
         # speculative decoding: (hidden state, next token) pairs not yet in the MTP cache
         self.mtp_h: Tensor | None = None
         self.mtp_ids: list[int] = []
+        # compiled greedy speculative decoding: the next cycle's drafts, when the last cycle's
+        # `greedy_cycle` drafted them from those pairs (already in the MTP cache)
+        self.drafts: list[int] | None = None
 
 
 def _filter_probs(probs_BV: Tensor, top_k_B: Tensor, top_p_B: Tensor, min_p_B: Tensor) -> Tensor:
@@ -232,6 +235,24 @@ def greedy_drafts(model: Glm4MoeForCausalLM, hidden_BTD: Tensor, next_ids_BT: Te
     return torch.stack(drafts, 1)
 
 
+def greedy_cycle(model: Glm4MoeForCausalLM, ids_BK1: Tensor, step: CacheStep, mtp_step: CacheStep, k: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """Greedy speculative decoding's verification and the next cycle's drafting as one function,
+    so that torch.compile makes one graph of a cycle and a cycle pays one compiled call's fixed
+    cost (at batch 1 here, two graphs called in turn took 0.3 - 0.5 ms more than the two called
+    alone, against ~0.6 ms for a whole decode step). `decode_forward` over the pending
+    token and the k drafts (`ids_BK1`, positions in `step`); each row keeps the drafts up to its
+    first that differs from the main model's choice (a; the choice after them is the next token),
+    so its MTP pairs (hidden state, next token) are those of positions 0..a, caught up in
+    `mtp_step` (the same positions, in the MTP cache; the pairs past a row's a are padding, see
+    `greedy_drafts`) before k drafts for the next cycle. Returns the main model's choices [B, k+1]
+    with their log-probs, the next drafts [B, k], the hidden states and the routed expert ids."""
+    _, target_BK1, lp_BK1, h_BK1D, routed = decode_forward(model, ids_BK1, step)
+    kept_B = (ids_BK1[:, 1:] == target_BK1[:, :k]).long().cumprod(1).sum(1)
+    drafts_Bk = greedy_drafts(model, h_BK1D, target_BK1, mtp_step, k, kept_B)
+    return target_BK1, lp_BK1, drafts_Bk, h_BK1D, routed
+
+
 def decode_forward(model: Glm4MoeForCausalLM, ids_BT: Tensor, step: CacheStep
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """A cached forward of the main model over a decode step's token (T = 1) or speculative
@@ -277,9 +298,10 @@ class Engine:
         # the first steps of each); logits differ from eager by float rounding only (see the README
         # and benchmarks/bench_mismatch.py). With speculative decoding, verification (k+1 tokens a
         # row) goes through the same compiled function, and the MTP layer's drafts through a
-        # compiled `mtp_forward_layers` — or, greedy and with no row padded, the whole draft chain
-        # through one compiled `greedy_drafts`. Prefill stays eager.
-        self._forward = self._mtp_layers = self._greedy_drafts = None
+        # compiled `mtp_forward_layers` — or, greedy, the whole draft chain through one compiled
+        # `greedy_drafts`, and once every row has its drafts from the cycle before, verification
+        # and the next drafts through one compiled `greedy_cycle`. Prefill stays eager.
+        self._forward = self._mtp_layers = self._greedy_drafts = self._greedy_cycle = None
         if speculative_steps and not cfg.num_nextn_predict_layers:
             raise ValueError("speculative_steps needs a model with an MTP layer (num_nextn_predict_layers >= 1)")
         self.spec_steps = speculative_steps
@@ -294,6 +316,8 @@ class Engine:
                                                  options={"cpp_wrapper": True})
                 self._greedy_drafts = torch.compile(greedy_drafts, dynamic=True, fullgraph=True,
                                                     options={"cpp_wrapper": True})
+                self._greedy_cycle = torch.compile(greedy_cycle, dynamic=True, fullgraph=True,
+                                                   options={"cpp_wrapper": True})
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
@@ -371,8 +395,9 @@ class Engine:
         each switch (of B x T, and of B alone for the draft chain's one-token steps), up to
         max_batch. Plain decoding: `decode_forward` on 1 token a row; speculative decoding also
         verification (k' + 1 tokens, k' <= k as the end of a response nears), the greedy draft
-        chain (`greedy_drafts`, catch-ups of 2 to k + 1 pairs) and the sampled drafts' MTP layer
-        (catch-ups of 1 to k + 1 pairs, then one-token steps). Needs an idle engine (it writes the
+        chain (`greedy_drafts`, catch-ups of 2 to k + 1 pairs), the greedy cycle (`greedy_cycle`:
+        k + 1 tokens) and the sampled drafts' MTP layer (catch-ups of 1 to k + 1 pairs, then
+        one-token steps). Needs an idle engine (it writes the
         caches' first slots)."""
         if self._forward is None:
             return
@@ -401,6 +426,8 @@ class Engine:
                         if T >= 2:  # the compiled greedy chain pads catch-ups to 2 pairs at least
                             self._greedy_drafts(self.model, h, ids, step(self.mtp_cache, B, T), k,
                                                 torch.full((B,), T - 1, device=device))
+                        if T == k + 1:  # verification and the next drafts, in one graph
+                            self._greedy_cycle(self.model, ids, step(self.cache, B, T), step(self.mtp_cache, B, T), k)
                         self.mtp_cache.lens[:B] = 1  # (T = 1: also a sampled draft step)
                         self.model.mtp_forward(h, ids, cache=self.mtp_cache, slots=torch.arange(B, device=device),
                                                layers_fn=self._mtp_layers)
@@ -709,7 +736,7 @@ class Engine:
             if seq.req.params.return_routed_experts:
                 seq.routed.append(routed[b].to(torch.int16))
             if self.spec_steps:
-                seq.mtp_h = torch.cat([seq.mtp_h, hidden[b]])
+                seq.mtp_h, seq.drafts = torch.cat([seq.mtp_h, hidden[b]]), None
         self._accept(seqs, ids.tolist(), lps.tolist())
         if self.spec_steps:
             for seq in seqs:
@@ -731,45 +758,58 @@ class Engine:
         n_new = [len(s.mtp_ids) for s in seqs]
         all_greedy = all(p.temperature == 0 for p in params)
         compiled_chain = self._greedy_drafts is not None and all_greedy and k == self.spec_steps
+        # compiled and greedy: the cycle ends in `greedy_cycle` (verification and the next drafts),
+        # so this cycle's drafts are ready unless a row is new (or the last cycle was another kind)
+        ready = compiled_chain and self._greedy_cycle is not None and all(s.drafts is not None for s in seqs)
         # the compiled chain pads every catch-up to 2 pairs at least: dynamo specialises a size of
         # 1, and this keeps it at one graph a batch-size regime
         T = max(n_new + [2]) if compiled_chain else max(n_new)
         uniform = min(n_new) == T  # no row padded
-        if uniform:
-            h = torch.stack([s.mtp_h for s in seqs]).to(device)
-            ids = torch.tensor([s.mtp_ids for s in seqs])
+        if ready:
+            drafts_Bk = torch.tensor([s.drafts for s in seqs])
         else:
-            h = torch.zeros(B, T, model.config.hidden_size, dtype=seqs[0].mtp_h.dtype, device=device)
-            ids = torch.zeros(B, T, dtype=torch.long)
-            for b, s in enumerate(seqs):
-                h[b, : n_new[b]] = s.mtp_h
-                ids[b, : n_new[b]] = torch.tensor(s.mtp_ids)
-        if compiled_chain:
-            # compiled, greedy: the whole draft chain in one compiled call (ragged rows padded)
-            step = CacheStep.rows(self.mtp_cache, self.mtp_cache.lens[:B].tolist(), T, device)
-            last_B = (torch.tensor(n_new) - 1).to(device)
-            drafts_Bk = self._greedy_drafts(model, h, ids.to(device), step, k, last_B).cpu()
-        else:
-            # (compiled only when no row is padding: a ragged cache write has a data-dependent shape)
-            out = model.mtp_forward(h, ids.to(device), cache=self.mtp_cache, slots=slots, input_lens=torch.tensor(n_new),
-                                    layers_fn=self._mtp_layers if uniform else None)
-            last = torch.tensor(n_new) - 1
-            logits, g = out.logits[torch.arange(B), last], out.hidden[torch.arange(B), last]
-            drafts, q_probs = [], []
-            for i in range(k):
-                d, q = self._draft(logits, params, rngs)
-                drafts.append(d)
-                q_probs.append(q)
-                if i + 1 < k:
-                    out = model.mtp_forward(g[:, None], d[:, None].to(device), cache=self.mtp_cache, slots=slots,
-                                            layers_fn=self._mtp_layers)
-                    logits, g = out.logits[:, -1], out.hidden[:, -1]
-            drafts_Bk = torch.stack(drafts, 1).cpu()
+            if uniform:
+                h = torch.stack([s.mtp_h for s in seqs]).to(device)
+                ids = torch.tensor([s.mtp_ids for s in seqs])
+            else:
+                h = torch.zeros(B, T, model.config.hidden_size, dtype=seqs[0].mtp_h.dtype, device=device)
+                ids = torch.zeros(B, T, dtype=torch.long)
+                for b, s in enumerate(seqs):
+                    h[b, : n_new[b]] = s.mtp_h
+                    ids[b, : n_new[b]] = torch.tensor(s.mtp_ids)
+            if compiled_chain:
+                # compiled, greedy: the whole draft chain in one compiled call (ragged rows padded)
+                step = CacheStep.rows(self.mtp_cache, self.mtp_cache.lens[:B].tolist(), T, device)
+                last_B = (torch.tensor(n_new) - 1).to(device)
+                drafts_Bk = self._greedy_drafts(model, h, ids.to(device), step, k, last_B).cpu()
+            else:
+                # (compiled only when no row is padding: a ragged cache write has a data-dependent shape)
+                out = model.mtp_forward(h, ids.to(device), cache=self.mtp_cache, slots=slots, input_lens=torch.tensor(n_new),
+                                        layers_fn=self._mtp_layers if uniform else None)
+                last = torch.tensor(n_new) - 1
+                logits, g = out.logits[torch.arange(B), last], out.hidden[torch.arange(B), last]
+                drafts, q_probs = [], []
+                for i in range(k):
+                    d, q = self._draft(logits, params, rngs)
+                    drafts.append(d)
+                    q_probs.append(q)
+                    if i + 1 < k:
+                        out = model.mtp_forward(g[:, None], d[:, None].to(device), cache=self.mtp_cache, slots=slots,
+                                                layers_fn=self._mtp_layers)
+                        logits, g = out.logits[:, -1], out.hidden[:, -1]
+                drafts_Bk = torch.stack(drafts, 1).cpu()
         # 2. verify: the pending token and the k drafts in one forward of the main model
         L = self.cache.lens[:B].tolist()
         pending = torch.tensor([[s.output_ids[-1]] for s in seqs])
         verify_ids = torch.cat([pending, drafts_Bk], 1).to(device)
-        if self._forward is not None:  # compiled (the cache lengths are set below)
+        next_drafts = None
+        if compiled_chain and self._greedy_cycle is not None:  # and the next cycle's drafts
+            # (the MTP cache's lengths are those of the main cache before this cycle: see below)
+            target_Bk1, target_lp_Bk1, next_drafts, ver_hidden, ver_routed = self._greedy_cycle(
+                model, verify_ids, CacheStep.rows(self.cache, L, k + 1, device),
+                CacheStep.rows(self.mtp_cache, L, k + 1, device), k)
+            next_drafts = next_drafts.tolist()
+        elif self._forward is not None:  # compiled (the cache lengths are set below)
             step = CacheStep.rows(self.cache, L, k + 1, device)
             v_logits, target_Bk1, target_lp_Bk1, ver_hidden, ver_routed = self._forward(model, verify_ids, step)
         else:
@@ -813,9 +853,12 @@ class Engine:
                 tokens = drafts_l[b][:accepted] + [new_token]
                 lps = logprobs_all[b, torch.arange(accepted + 1), torch.tensor(tokens)].tolist()
             # the cache keeps the pending token and the accepted drafts; the MTP cache what it had
+            # (after `greedy_cycle` these pairs are in it already, and written again, the same,
+            # should the next cycle draft without the drafts it made)
             new_lens.append(L[b] + accepted + 1)
             seq.mtp_h = ver_hidden[b, : accepted + 1]
             seq.mtp_ids = tokens[:]
+            seq.drafts = next_drafts[b] if next_drafts is not None else None
             if pr.return_routed_experts:
                 seq.routed.append(ver_routed[b, : accepted + 1].to(torch.int16))
             emits.append((seq, tokens, lps))
@@ -871,7 +914,9 @@ class Engine:
             if self.mtp_cache is not None:
                 self.mtp_cache.copy_slots(src, holes)
             for s, i in zip(movers, holes):
-                s.slot = i
+                # (a mover's MTP pairs past its cache length, which `greedy_cycle` wrote, stay
+                # behind: its next cycle drafts from its pairs again)
+                s.slot, s.drafts = i, None
         self._running = sorted((s for s in self._running if s.slot >= 0), key=lambda s: s.slot)
 
     def _accept(self, seqs: list[_Seq], ids: list[int], logprobs: list[float]) -> None:
