@@ -38,8 +38,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = load_rl_config(str(args.run / "config.yaml"), ["num_trainers=1"])
-    lam = cfg.algorithm.hindsight or 2.0
-    cfg = load_rl_config(str(args.run / "config.yaml"), ["num_trainers=1", f"algorithm.hindsight={lam}"])
+    if not cfg.algorithm.hindsight:  # a run without relabelling: its config with lambda 2
+        cfg = load_rl_config(str(args.run / "config.yaml"), ["num_trainers=1", "algorithm.hindsight=2.0"])
+    lam = cfg.algorithm.hindsight
     algo = cfg.algorithm
     worker = TrainerWorker(cfg, str(args.run / "bench_rl_packing"))
     buffer = Buffer(args.run / "buffer.sqlite")

@@ -760,7 +760,7 @@ class Engine:
         compiled_chain = self._greedy_drafts is not None and all_greedy and k == self.spec_steps
         # compiled and greedy: the cycle ends in `greedy_cycle` (verification and the next drafts),
         # so this cycle's drafts are ready unless a row is new (or the last cycle was another kind)
-        ready = compiled_chain and self._greedy_cycle is not None and all(s.drafts is not None for s in seqs)
+        ready = compiled_chain and all(s.drafts is not None for s in seqs)
         # the compiled chain pads every catch-up to 2 pairs at least: dynamo specialises a size of
         # 1, and this keeps it at one graph a batch-size regime
         T = max(n_new + [2]) if compiled_chain else max(n_new)
@@ -803,7 +803,7 @@ class Engine:
         pending = torch.tensor([[s.output_ids[-1]] for s in seqs])
         verify_ids = torch.cat([pending, drafts_Bk], 1).to(device)
         next_drafts = None
-        if compiled_chain and self._greedy_cycle is not None:  # and the next cycle's drafts
+        if compiled_chain:  # (`greedy_cycle` is compiled with `greedy_drafts`) and the next cycle's drafts
             # (the MTP cache's lengths are those of the main cache before this cycle: see below)
             target_Bk1, target_lp_Bk1, next_drafts, ver_hidden, ver_routed = self._greedy_cycle(
                 model, verify_ids, CacheStep.rows(self.cache, L, k + 1, device),
