@@ -400,17 +400,23 @@ def test_an_idle_engine_waits_for_a_burst_of_requests_to_end(model):
 
 
 def test_compiled_decode_equals_eager_decoding(model):
-    """compile_decode=True runs decode steps through torch.compile'd layers: the same greedy tokens as the eager engine, log-probs within 1e-5 of
-    the trainer's full forward, through a batch that shrinks to one sequence (the two compiled
-    regimes), for greedy rows (reduced inside the graph) and sampled ones; weights updated in place
-    are the ones the compiled steps then use."""
+    """compile_decode=True runs decode steps (and prefills of ragged prompts)
+    through torch.compile'd layers: the same greedy tokens as the eager engine, log-probs within
+    1e-5 of the trainer's full forward, through a batch that shrinks to one sequence (the two
+    compiled regimes), for greedy rows (reduced inside the graph) and sampled ones; weights updated
+    in place are the ones the compiled steps then use."""
     cfg = model.config
     prompts = _prompts(cfg, [3, 11, 6, 1], seed=4)
     params = [SamplingParams(temperature=0, max_new_tokens=n) for n in (12, 5, 9, 16)]
     compiled = Engine(random_model(cfg, seed=21), max_batch=4, compile_decode=True)  # the fixture's weights
-    compiled.warmup()  # compiles batch 1 and batch >= 2 (max_batch is below the sparse-path size)
+    compiled.warmup()  # compiles batch 1 and batch >= 2, one token a row and the prefill's 2+
     assert compiled.stats["generated_tokens"] == 0 and not compiled.has_work()
+    forward, tokens_a_row = compiled._forward, []
+    compiled._forward = lambda model, ids, step: tokens_a_row.append(ids.shape[1]) or forward(model, ids, step)
     outs = compiled.generate(prompts, params)
+    # the prompts (3, 11, 6 and 1 tokens) were prefilled compiled, as one batch of rows of 11 (the
+    # shorter ones' padding written past their ends), the rest one token a row
+    assert tokens_a_row[0] == 11 and set(tokens_a_row[1:]) == {1}
     for p, (o,), (e,) in zip(prompts, outs, Engine(model, max_batch=4).generate(prompts, params)):
         assert o.output_ids == e.output_ids
         lp, _ = trainer_logprobs(model, p, o.output_ids)

@@ -125,7 +125,9 @@ def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch):
     """A compile_decode engine's warm-up leaves nothing to compile: greedy and sampled speculative
     decoding (plain decode steps too, where a response has one token left) at every batch size up
     to max_batch, drafts accepted to every depth (the shipped drafter) and k shrinking at the ends
-    of responses, run with dynamo's recompilation an error. The model's dense MoE path is made to end at 5 tokens, so that every
+    of responses, and the compiled prefills of their prompts (rows padded to the longest), run
+    with dynamo's recompilation an error; greedy, the tokens of eager plain decoding. The model's
+    dense MoE path is made to end at 5 tokens, so that every
     regime (its two sides for one token a row, for k + 1, and for the draft chain's catch-ups and
     steps) is reached at small batches. The graphs are traced with dynamo's eager backend: which
     graphs there are is the guards' business, whatever compiles them."""
@@ -148,10 +150,20 @@ def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch):
     prompts = [ds.token_ids(i, tok) for i in range(len(ds))]
     engine = Engine(model, max_batch=6, speculative_steps=3, compile_decode=True)
     engine.warmup()
+    greedy = [SamplingParams(temperature=0, max_new_tokens=5 + 2 * b) for b in range(6)]
+    plain = [o.output_ids for (o,) in Engine(model, max_batch=6).generate(prompts[:6], greedy)]
     with torch._dynamo.config.patch(error_on_recompile=True):
         for B in range(1, 7):
             for temperature in (0.0, 1.0):
                 params = [SamplingParams(temperature=temperature, max_new_tokens=5 + 2 * b, seed=b) for b in range(B)]
-                engine.generate(prompts[:B], params)
+                outs = engine.generate(prompts[:B], params)
+                if temperature == 0:  # (prefilled compiled, the prompts' rows padded to the longest)
+                    assert [o.output_ids for (o,) in outs] == plain[:B]
     assert engine.stats["spec_accept_length"] >= 2.0
+    # a plain engine's warm-up: one token a row, and the prefills' 2 or more
+    engine = Engine(model, max_batch=6, compile_decode=True)
+    engine.warmup()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for B in range(1, 7):
+            assert [o.output_ids for (o,) in engine.generate(prompts[:B], greedy[:B])] == plain[:B]
     torch._dynamo.reset()

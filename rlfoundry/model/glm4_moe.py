@@ -412,7 +412,8 @@ def decode_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor, mask_BTS: T
     query heads of a key/value group and the T queries share one product). Used by compiled
     cached forwards of up to DECODE_ATTENTION_MAX_T tokens, where SDPA's kernel is mostly per-call
     overhead (scores are only [B, H, T, S]): a decode step at batch 64 runs ~6% faster (4% at 4
-    and 16), verifying 4 tokens at batch 1 ~10%. Eager decoding keeps SDPA, faster there."""
+    and 16), verifying 4 tokens at batch 1 ~10%. Eager decoding keeps SDPA, faster there. The
+    queries attend causally (`mask_BTS`), so a prefill from an empty cache is one such forward."""
     B, H, T, D = q_BHTD.shape
     G = k_BGSD.shape[1]
     q_BGQD = q_BHTD.reshape(B, G, H // G * T, D)
@@ -422,8 +423,10 @@ def decode_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor, mask_BTS: T
     return out_BGQD.view(B, H, T, D)
 
 
-DECODE_ATTENTION_MAX_T = 16
-"""Compiled cached forwards of at most this many tokens a row attend with `decode_attention`."""
+DECODE_ATTENTION_MAX_T = 64
+"""Compiled cached forwards of at most this many tokens a row attend with `decode_attention`: decode
+steps, verification, and the engine's compiled prefills of prompts this long (`Engine._prefill`),
+so that one graph serves them all (scores [B, H, T, S] of at most 64 x 64 a head here)."""
 
 
 @contextmanager

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from rlfoundry.model import Glm4MoeForCausalLM, KVCache
-from rlfoundry.model.glm4_moe import CacheStep, at_least_fp32
+from rlfoundry.model.glm4_moe import DECODE_ATTENTION_MAX_T, CacheStep, at_least_fp32
 from rlfoundry.model.hf_io import read_tensors, update_from_tensors
 
 
@@ -300,7 +300,9 @@ class Engine:
         # row) goes through the same compiled function, and the MTP layer's drafts through a
         # compiled `mtp_forward_layers` — or, greedy, the whole draft chain through one compiled
         # `greedy_drafts`, and once every row has its drafts from the cycle before, verification
-        # and the next drafts through one compiled `greedy_cycle`. Prefill stays eager.
+        # and the next drafts through one compiled `greedy_cycle`. A prefill of prompts of at most
+        # DECODE_ATTENTION_MAX_T tokens runs through the same compiled `decode_forward` (the MTP
+        # layer's through the compiled `mtp_forward_layers`), longer ones eager (`_compiled_prefill`).
         self._forward = self._mtp_layers = self._greedy_drafts = self._greedy_cycle = None
         if speculative_steps and not cfg.num_nextn_predict_layers:
             raise ValueError("speculative_steps needs a model with an MTP layer (num_nextn_predict_layers >= 1)")
@@ -397,8 +399,9 @@ class Engine:
         verification (k' + 1 tokens, k' <= k as the end of a response nears), the greedy draft
         chain (`greedy_drafts`, catch-ups of 2 to k + 1 pairs), the greedy cycle (`greedy_cycle`:
         k + 1 tokens) and the sampled drafts' MTP layer (catch-ups of 1 to k + 1 pairs, then
-        one-token steps). Needs an idle engine (it writes the
-        caches' first slots)."""
+        one-token steps). Then the prefill's regimes (`_prefill_shapes`), of `decode_forward` and,
+        speculative, of the MTP layer. Needs an idle engine (it writes the caches' first
+        slots)."""
         if self._forward is None:
             return
         with self._lock:
@@ -430,6 +433,15 @@ class Engine:
                             self._greedy_cycle(self.model, ids, step(self.cache, B, T), step(self.mtp_cache, B, T), k)
                         self.mtp_cache.lens[:B] = 1  # (T = 1: also a sampled draft step)
                         self.model.mtp_forward(h, ids, cache=self.mtp_cache, slots=torch.arange(B, device=device),
+                                               layers_fn=self._mtp_layers)
+                # prefills (a speculative engine's share the graphs above)
+                for B, T in self._prefill_shapes():
+                    ids = torch.zeros(B, T, dtype=torch.long, device=device)
+                    self._forward(self.model, ids, step(self.cache, B, T))
+                    if k:
+                        self.mtp_cache.lens[:B] = 1
+                        self.model.mtp_forward(torch.zeros(B, T, D, dtype=dtype, device=device), ids,
+                                               cache=self.mtp_cache, slots=torch.arange(B, device=device),
                                                layers_fn=self._mtp_layers)
             self.cache.lens.zero_()
             if self.mtp_cache is not None:
@@ -663,12 +675,21 @@ class Engine:
                 self._running.append(seq)
         slots = torch.tensor([r.first_slot for r in reqs])
         self.cache.reset(slots)
-        out = model(batch.to(device), cache=self.cache, slots=slots.to(device), input_lens=torch.tensor(lens))
-        last = out.logits[torch.arange(len(reqs)), torch.tensor(lens) - 1]
+        if self._compiled_prefill(max(lens)):
+            # every row the longest prompt's length: a shorter one's padding is written to the cache
+            # past the row's end, where no query of it sees it (keys are visible up to a query's own
+            # position) and its decode steps write over it; its length is set to the real one
+            step = CacheStep.make(self.cache, len(reqs), max(lens), slots, None, device)
+            logits, _, _, hidden, routed = self._forward(model, batch.to(device), step)
+            self.cache.lens[slots.to(device)] = torch.tensor(lens, device=device)
+        else:
+            out = model(batch.to(device), cache=self.cache, slots=slots.to(device), input_lens=torch.tensor(lens))
+            logits, hidden, routed = out.logits, out.hidden, out.routed_experts
+        last = logits[torch.arange(len(reqs)), torch.tensor(lens) - 1]
         self.stats["prompt_tokens"] += sum(lens)
         self.stats["prefills"] += 1
         if self.spec_steps:
-            self._mtp_prefill(batch, lens, out.hidden, slots)
+            self._mtp_prefill(batch, lens, hidden, slots)
         rows, seqs, params = [], [], []
         src, dst = [], []  # the other samples of a prompt start from its first one's caches
         for r in reqs:
@@ -680,9 +701,9 @@ class Engine:
         for b, r in enumerate(reqs):
             for seq in r.seqs:
                 if r.params.return_routed_experts:
-                    seq.routed.append(out.routed_experts[b, : lens[b]].to(torch.int16))
+                    seq.routed.append(routed[b, : lens[b]].to(torch.int16))
                 if self.spec_steps:  # the last pair waits for the first sampled token
-                    seq.mtp_h, seq.mtp_ids = out.hidden[b, lens[b] - 1: lens[b]], []
+                    seq.mtp_h, seq.mtp_ids = hidden[b, lens[b] - 1: lens[b]], []
                 rows.append(b)
                 seqs.append(seq)
                 params.append(r.params)
@@ -695,20 +716,49 @@ class Engine:
 
     def _mtp_prefill(self, batch_RP: Tensor, lens: list[int], hidden_RPD: Tensor, slots_R: Tensor) -> None:
         """Speculative decoding: the MTP layer's cache takes each prompt's pairs (h_t, token t+1),
-        t < P - 1, with the prefill — eager and batched as it is — so that a sequence's first
+        t < P - 1, with the prefill and batched as it is, so that a sequence's first
         cycle catches up one pair (the prompt's last hidden state and the first sampled token), not
         the whole prompt: drafting then always runs on a few tokens a row (no compiled graph for
         prompt-length catch-ups, which `warmup` could not foresee) and a new batch's rows are
-        alike (the compiled draft chain takes them)."""
+        alike (the compiled draft chain takes them). Compiled, as `_prefill` (rows padded)."""
         self.mtp_cache.reset(slots_R)
         rows = [b for b, P in enumerate(lens) if P > 1]
         if not rows:
             return
         device = self.device
         R, T = torch.tensor(rows), max(lens[b] for b in rows) - 1
+        n_R, slots = torch.tensor([lens[b] - 1 for b in rows]), slots_R[R].to(device)
+        compiled = self._compiled_prefill(T)
         self.model.mtp_forward(hidden_RPD[R.to(hidden_RPD.device), :T], batch_RP[R, 1:T + 1].to(device),
-                               cache=self.mtp_cache, slots=slots_R[R].to(device),
-                               input_lens=torch.tensor([lens[b] - 1 for b in rows]))
+                               cache=self.mtp_cache, slots=slots, input_lens=None if compiled else n_R,
+                               layers_fn=self._mtp_layers if compiled else None)
+        if compiled:  # the padding is written past each row's end, as in `_prefill`
+            self.mtp_cache.lens[slots] = n_R.to(device)
+
+    def _compiled_prefill(self, T: int) -> bool:
+        """Whether a prefill of rows of T tokens runs compiled: with compile_decode, for 2 to
+        DECODE_ATTENTION_MAX_T tokens a row, the token counts whose graphs `warmup` compiles —
+        those of verification, the same graphs where the engine is speculative (a size of 1 would
+        be a graph of its own, and longer prompts attend with SDPA, whose graphs would add to the
+        warm-up what they save)."""
+        return self._forward is not None and 2 <= T <= min(DECODE_ATTENTION_MAX_T, self.max_len - 1)
+
+    def _prefill_shapes(self) -> list[tuple[int, int]]:
+        """(rows, tokens a row) of a compiled prefill, one in each regime that its graphs have:
+        batch 1 or more (dynamo specialises a size of 1), times each range of rows x tokens
+        between the model's switches (`Glm4MoeForCausalLM.token_switches`) that T in
+        [2, DECODE_ATTENTION_MAX_T] and up to max_batch rows reach."""
+        t_max, switches = min(DECODE_ATTENTION_MAX_T, self.max_len - 1), self.model.token_switches()
+        shapes = []
+        for least in (1, 2):  # rows
+            starts = sorted({2 * least} | {n for n in switches if n > 2 * least})
+            for start, end in zip(starts, starts[1:] + [None]):
+                for T in range(2, t_max + 1):
+                    B = least if least == 1 else max(2, -(-start // T))
+                    if B <= self.max_batch and start <= B * T and (end is None or B * T < end):
+                        shapes.append((B, T))
+                        break
+        return shapes
 
     def _decode(self) -> None:
         if self.spec_steps:
