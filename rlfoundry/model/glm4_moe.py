@@ -426,7 +426,7 @@ def decode_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor, mask_BTS: T
 DECODE_ATTENTION_MAX_T = 64
 """Compiled cached forwards of at most this many tokens a row attend with `decode_attention`: decode
 steps, verification, and the engine's compiled prefills of prompts this long (`Engine._prefill`),
-so that one graph serves them all (scores [B, H, T, S] of at most 64 x 64 a head here)."""
+so that one graph serves them all (at most 64 query rows a head in the scores [B, H, T, S])."""
 
 
 @contextmanager
