@@ -321,6 +321,8 @@ class Engine:
                 self._greedy_cycle = torch.compile(greedy_cycle, dynamic=True, fullgraph=True,
                                                    options={"cpp_wrapper": True})
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        # the most tokens a row of a compiled prefill (`_compiled_prefill`, `_prefill_shapes`)
+        self._prefill_max_t = min(DECODE_ATTENTION_MAX_T, self.max_len - 1) if compile_decode else 0
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
         dtype = self.dtype
@@ -741,19 +743,18 @@ class Engine:
         those of verification, the same graphs where the engine is speculative (a size of 1 would
         be a graph of its own, and longer prompts attend with SDPA, whose graphs would add to the
         warm-up what they save)."""
-        return self._forward is not None and 2 <= T <= min(DECODE_ATTENTION_MAX_T, self.max_len - 1)
+        return 2 <= T <= self._prefill_max_t
 
     def _prefill_shapes(self) -> list[tuple[int, int]]:
         """(rows, tokens a row) of a compiled prefill, one in each regime that its graphs have:
         batch 1 or more (dynamo specialises a size of 1), times each range of rows x tokens
         between the model's switches (`Glm4MoeForCausalLM.token_switches`) that T in
         [2, DECODE_ATTENTION_MAX_T] and up to max_batch rows reach."""
-        t_max, switches = min(DECODE_ATTENTION_MAX_T, self.max_len - 1), self.model.token_switches()
-        shapes = []
+        switches, shapes = self.model.token_switches(), []
         for least in (1, 2):  # rows
             starts = sorted({2 * least} | {n for n in switches if n > 2 * least})
             for start, end in zip(starts, starts[1:] + [None]):
-                for T in range(2, t_max + 1):
+                for T in range(2, self._prefill_max_t + 1):
                     B = least if least == 1 else max(2, -(-start // T))
                     if B <= self.max_batch and start <= B * T and (end is None or B * T < end):
                         shapes.append((B, T))
