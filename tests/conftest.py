@@ -1,5 +1,6 @@
 """Shared helpers: random GLM-4.5 models and their transformers twins on the same weights."""
 
+import os
 import warnings
 
 import pytest
@@ -8,6 +9,17 @@ import torch
 from rlfoundry.model import Glm4MoeForCausalLM, ModelConfig
 
 warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
+
+# The tests check what compiled graphs compute, not how fast they run: inductor builds their C++ at
+# -O0 here (the same kernels; a third of -O3's compile time, which dominates a cold cache), unless
+# the environment says otherwise. `optimized_cpp` puts a test back on -O3, as the engine builds it.
+os.environ.setdefault("TORCHINDUCTOR_DEBUG_COMPILE", "1")
+
+
+@pytest.fixture
+def optimized_cpp(monkeypatch):
+    """Inductor's C++ built at -O3 as outside the tests (read when a graph is compiled)."""
+    monkeypatch.setenv("TORCHINDUCTOR_DEBUG_COMPILE", "0")
 
 
 def small_config(**overrides) -> ModelConfig:

@@ -399,9 +399,9 @@ def test_an_idle_engine_waits_for_a_burst_of_requests_to_end(model):
     assert prefills[0][0] - t0 < 0.02
 
 
-def test_compiled_decode_equals_eager_decoding(model):
+def test_compiled_decode_equals_eager_decoding(model, optimized_cpp):
     """compile_decode=True runs decode steps (and prefills of ragged prompts)
-    through torch.compile'd layers: the same greedy tokens as the eager engine, log-probs within
+    through torch.compile'd layers (their C++ at -O3, as the engine builds it outside the tests): the same greedy tokens as the eager engine, log-probs within
     1e-5 of the trainer's full forward, through a batch that shrinks to one sequence (the two
     compiled regimes), for greedy rows (reduced inside the graph) and sampled ones; weights updated
     in place are the ones the compiled steps then use."""
