@@ -171,7 +171,9 @@ def bench_vllm(path: Path, batches, new, plen) -> dict | str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None, help="a glm4_moe checkpoint directory (default: tiny preset, random)")
+    ap.add_argument("--model", default=str(ROOT / "examples" / "tiny" / "model"),
+                    help="a glm4_moe checkpoint directory (default: the shipped tiny model; "
+                         "'random': the tiny preset with random weights)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=16)
@@ -184,7 +186,7 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     tmp = tempfile.TemporaryDirectory()
-    if args.model is None:
+    if args.model == "random":
         from rlfoundry.data.tokenizer import train_tokenizer
 
         path = Path(tmp.name) / "tiny"
@@ -199,7 +201,7 @@ def main() -> None:
     new, plen = args.new_tokens, args.prompt_len
     vllm = "skipped" if args.no_vllm else bench_vllm(path, args.batches, new, plen)
 
-    print(f"checkpoint: {path if args.model else 'tiny preset, random weights'}; prompts {plen} tokens, "
+    print(f"checkpoint: {'tiny preset, random weights' if args.model == 'random' else path}; prompts {plen} tokens, "
           f"{new} new tokens, greedy, fp32, {torch.get_num_threads()} threads")
     print("tokens/s; 'compiled': our engine with compile_decode=True (torch.compile'd decode steps)")
     print(f"{'batch':>5} {'rlfoundry':>10} {'compiled':>9} {'transformers':>13} {'vLLM':>8} "
