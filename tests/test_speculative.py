@@ -125,8 +125,8 @@ def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch):
     """A compile_decode engine's warm-up leaves nothing to compile: greedy and sampled speculative
     decoding (plain decode steps too, where a response has one token left) at every batch size up
     to max_batch, drafts accepted to every depth (the shipped drafter) and k shrinking at the ends
-    of responses, and the compiled prefills of their prompts (rows padded to the longest), run
-    with dynamo's recompilation an error; greedy, the tokens of eager plain decoding. The model's
+    of responses, and the compiled prefills of their prompts (rows padded to the longest; with n
+    samples a prompt too), run with dynamo's recompilation an error; greedy, the tokens of eager plain decoding. The model's
     dense MoE path is made to end at 5 tokens, so that every
     regime (its two sides for one token a row, for k + 1, and for the draft chain's catch-ups and
     steps) is reached at small batches. The graphs are traced with dynamo's eager backend: which
@@ -159,6 +159,9 @@ def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch):
                 outs = engine.generate(prompts[:B], params)
                 if temperature == 0:  # (prefilled compiled, the prompts' rows padded to the longest)
                     assert [o.output_ids for (o,) in outs] == plain[:B]
+        for n in (2, 3):  # n samples a prompt (see below)
+            outs = engine.generate(prompts[:6 // n], SamplingParams(temperature=1.0, max_new_tokens=6, n=n, seed=n))
+            assert [len(o) for o in outs] == [n] * (6 // n)
     assert engine.stats["spec_accept_length"] >= 2.0
     # a plain engine's warm-up: one token a row, and the prefills' 2 or more
     engine = Engine(model, max_batch=6, compile_decode=True)
@@ -166,4 +169,9 @@ def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch):
     with torch._dynamo.config.patch(error_on_recompile=True):
         for B in range(1, 7):
             assert [o.output_ids for (o,) in engine.generate(prompts[:B], greedy[:B])] == plain[:B]
+        # n samples a prompt, as RL asks: the prompts' first samples prefill in consecutive slots
+        # (the graphs of warm-up), the others copied from them
+        for n in (2, 3):
+            outs = engine.generate(prompts[:6 // n], SamplingParams(temperature=1.0, max_new_tokens=4, n=n, seed=n))
+            assert [len(o) for o in outs] == [n] * (6 // n)
     torch._dynamo.reset()

@@ -669,13 +669,20 @@ class Engine:
         device = self.device
         lens = [len(r.prompt_ids) for r in reqs]
         batch = torch.zeros(len(reqs), max(lens), dtype=torch.long)
+        # the prompts' first samples take consecutive slots, so that the prefill's rows are one
+        # range of the cache (compiled: the graphs `warmup` made, which read the range as a view;
+        # scattered slots would be other graphs, compiled while requests wait); a prompt's other
+        # samples follow, copied from its first
+        first = len(self._running)
         for b, r in enumerate(reqs):
             batch[b, : lens[b]] = torch.tensor(r.prompt_ids)
-            r.first_slot = len(self._running)
-            for seq in r.seqs:
+            r.first_slot = r.seqs[0].slot = first + b
+            self._running.append(r.seqs[0])
+        for r in reqs:
+            for seq in r.seqs[1:]:
                 seq.slot = len(self._running)
                 self._running.append(seq)
-        slots = torch.tensor([r.first_slot for r in reqs])
+        slots = torch.arange(first, first + len(reqs))
         self.cache.reset(slots)
         if self._compiled_prefill(max(lens)):
             # every row the longest prompt's length: a shorter one's padding is written to the cache
