@@ -676,7 +676,7 @@ class Engine:
         first = len(self._running)
         for b, r in enumerate(reqs):
             batch[b, : lens[b]] = torch.tensor(r.prompt_ids)
-            r.first_slot = r.seqs[0].slot = first + b
+            r.seqs[0].slot = first + b
             self._running.append(r.seqs[0])
         for r in reqs:
             for seq in r.seqs[1:]:
@@ -702,7 +702,7 @@ class Engine:
         rows, seqs, params = [], [], []
         src, dst = [], []  # the other samples of a prompt start from its first one's caches
         for r in reqs:
-            src += [r.first_slot] * (len(r.seqs) - 1)
+            src += [r.seqs[0].slot] * (len(r.seqs) - 1)
             dst += [s.slot for s in r.seqs[1:]]
         if dst:  # one copy per layer tensor for the whole prefill, not one per request
             for cache in (self.cache, self.mtp_cache) if self.spec_steps else (self.cache,):
