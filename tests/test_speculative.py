@@ -162,6 +162,11 @@ def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch):
         for n in (2, 3):  # n samples a prompt (see below)
             outs = engine.generate(prompts[:6 // n], SamplingParams(temperature=1.0, max_new_tokens=6, n=n, seed=n))
             assert [len(o) for o in outs] == [n] * (6 // n)
+        # a one-token prompt among others: its row of the MTP layer's prefill is padding only, and
+        # the prefill's slots stay one range (no graph of scattered slots)
+        mixed = [prompts[0], prompts[1][:1], prompts[2]]
+        want = [o.output_ids for (o,) in Engine(model, max_batch=6).generate(mixed, greedy[:3])]
+        assert [o.output_ids for (o,) in engine.generate(mixed, greedy[:3])] == want
     assert engine.stats["spec_accept_length"] >= 2.0
     # a plain engine's warm-up: one token a row, and the prefills' 2 or more
     engine = Engine(model, max_batch=6, compile_decode=True)

@@ -731,13 +731,16 @@ class Engine:
         prompt-length catch-ups, which `warmup` could not foresee) and a new batch's rows are
         alike (the compiled draft chain takes them). Compiled, as `_prefill` (rows padded)."""
         self.mtp_cache.reset(slots_R)
-        rows = [b for b, P in enumerate(lens) if P > 1]
-        if not rows:
+        T = max(lens) - 1
+        if T < 1:  # one-token prompts only: no pair yet
             return
         device = self.device
-        R, T = torch.tensor(rows), max(lens[b] for b in rows) - 1
-        n_R, slots = torch.tensor([lens[b] - 1 for b in rows]), slots_R[R].to(device)
         compiled = self._compiled_prefill(T)
+        # eager, the rows with pairs; compiled, every row (a one-token prompt's only padding, its
+        # length 0), so that the slots stay the prefill's one range (the graphs of `warmup`)
+        rows = list(range(len(lens))) if compiled else [b for b, P in enumerate(lens) if P > 1]
+        R = torch.tensor(rows)
+        n_R, slots = torch.tensor([lens[b] - 1 for b in rows]), slots_R[R].to(device)
         self.model.mtp_forward(hidden_RPD[R.to(hidden_RPD.device), :T], batch_RP[R, 1:T + 1].to(device),
                                cache=self.mtp_cache, slots=slots, input_lens=None if compiled else n_R,
                                layers_fn=self._mtp_layers if compiled else None)
