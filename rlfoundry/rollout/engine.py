@@ -739,6 +739,8 @@ class Engine:
         # eager, the rows with pairs; compiled, every row (a one-token prompt's only padding, its
         # length 0), so that the slots stay the prefill's one range (the graphs of `warmup`)
         rows = list(range(len(lens))) if compiled else [b for b, P in enumerate(lens) if P > 1]
+        # (gathered even when every row is taken: contiguous inputs, as at warm-up; views of the
+        # prompt-length tensors would fail the compiled graphs' stride guards and recompile)
         R = torch.tensor(rows)
         n_R, slots = torch.tensor([lens[b] - 1 for b in rows]), slots_R[R].to(device)
         self.model.mtp_forward(hidden_RPD[R.to(hidden_RPD.device), :T], batch_RP[R, 1:T + 1].to(device),
