@@ -59,7 +59,8 @@ def test_compiled_speculative_decoding_equals_eager_plain_decoding():
     """compile_decode with speculative_steps: verification goes through the compiled main-model
     layers (k+1 tokens a row) and the greedy draft chain through one compiled graph (`greedy_drafts`;
     in a batch the rows' catch-ups are padded to one length), and from a sequence's second cycle on
-    both through one (`greedy_cycle`: verification, then the next drafts). With the shipped drafter
+    both through one (`greedy_cycle`: verification, then the next drafts; a greedy prefill, the
+    MTP layer's prefill and the first drafts through it too). With the shipped drafter
     (drafts accepted several at a time, to different depths per row), one prompt at a time and a
     batch: the same greedy tokens as eager plain decoding, log-probs within 1e-5."""
     from pathlib import Path
@@ -81,13 +82,16 @@ def test_compiled_speculative_decoding_equals_eager_plain_decoding():
             calls[_name] += 1
             return _fn(*args)
         setattr(engine, attr, counted)
-    spec = [engine.generate([p], params)[0] for p in prompts[:2]] + engine.generate(prompts, params)
+    single = [engine.generate([p], params)[0] for p in prompts[:2]]
+    # a greedy prefill drafts the first cycle in its own call (`greedy_cycle` over the prompt)
+    assert calls["chain"] == 0 < calls["cycle"]
+    spec = single + engine.generate(prompts, params)
     for a, b in zip(plain[:2] + plain, spec):
         assert a[0].output_ids == b[0].output_ids and a[0].finish_reason == b[0].finish_reason
         assert max(abs(x - y) for x, y in zip(a[0].logprobs, b[0].logprobs)) <= 1e-5
     assert engine.stats["spec_accept_length"] >= 2.5
-    # every cycle verifies in `greedy_cycle`; the separate chain drafts only a batch's first cycle
-    # (and after a row finished and another moved into its slot)
+    # every cycle verifies in `greedy_cycle`; the separate chain drafts only after a row finished
+    # and another moved into its slot
     assert calls["cycle"] > 2 * calls["chain"] > 0
 
 

@@ -235,22 +235,36 @@ def greedy_drafts(model: Glm4MoeForCausalLM, hidden_BTD: Tensor, next_ids_BT: Te
     return torch.stack(drafts, 1)
 
 
-def greedy_cycle(model: Glm4MoeForCausalLM, ids_BK1: Tensor, step: CacheStep, mtp_step: CacheStep, k: int
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+def greedy_cycle(model: Glm4MoeForCausalLM, ids_BT: Tensor, step: CacheStep, mtp_step: CacheStep, k: int,
+                 last_B: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """Greedy speculative decoding's verification and the next cycle's drafting as one function,
     so that torch.compile makes one graph of a cycle and a cycle pays one compiled call's fixed
     cost (at batch 1 here, two graphs called in turn took 0.3 - 0.5 ms more than the two called
-    alone, against ~0.6 ms for a whole decode step). `decode_forward` over the pending
-    token and the k drafts (`ids_BK1`, positions in `step`); each row keeps the drafts up to its
-    first that differs from the main model's choice (a; the choice after them is the next token),
-    so its MTP pairs (hidden state, next token) are those of positions 0..a, caught up in
-    `mtp_step` (the same positions, in the MTP cache; the pairs past a row's a are padding, see
-    `greedy_drafts`) before k drafts for the next cycle. Returns the main model's choices [B, k+1]
-    with their log-probs, the next drafts [B, k], the hidden states and the routed expert ids."""
-    _, target_BK1, lp_BK1, h_BK1D, routed = decode_forward(model, ids_BK1, step)
-    kept_B = (ids_BK1[:, 1:] == target_BK1[:, :k]).long().cumprod(1).sum(1)
-    drafts_Bk = greedy_drafts(model, h_BK1D, target_BK1, mtp_step, k, kept_B)
-    return target_BK1, lp_BK1, drafts_Bk, h_BK1D, routed
+    alone, against ~0.6 ms for a whole decode step). `decode_forward` over `ids_BT` (positions in
+    `step`), the main model's choice at each position, then the MTP layer caught up with the
+    pairs (hidden state at t, token t + 1) of positions 0..a of each row in `mtp_step` (the same
+    positions, in the MTP cache; the pairs past a row's a are padding, see `greedy_drafts`) and k
+    drafts for the next cycle. Two uses, one graph per shape regime for both:
+    - verification: `ids_BT` the pending token and k drafts (T = k + 1), `last_B` -1: each row keeps
+      the drafts up to its first that differs from the main model's choice (a drafts kept; the
+      choice after them is the next token), and its pairs' next tokens are those choices;
+    - a greedy prefill: `ids_BT` the prompts (rows padded to the longest), `last_B` each prompt's
+      length - 1 (a): the pairs' next tokens are the prompt's own, and at a the model's first
+      choice — the MTP layer's prefill and the first cycle's drafts in the prefill's call.
+    Returns the main model's choices [B, T] with their log-probs, the next drafts [B, k], the
+    hidden states and the routed expert ids."""
+    _, target_BT, lp_BT, h_BTD, routed = decode_forward(model, ids_BT, step)
+    T = ids_BT.shape[1]
+    t_T = torch.arange(T, device=ids_BT.device)
+    # token t + 1 at t (the last column wraps around: never kept); no [B, T - 1] slices, whose size
+    # dynamo would specialise where T = 2 (a prefill of 2 tokens would be a graph of its own)
+    next_BT = ids_BT.roll(-1, 1)
+    kept_B = ((next_BT == target_BT) & (t_T < T - 1)).long().cumprod(1).sum(1)
+    last_B = torch.where(last_B < 0, kept_B, last_B)
+    # pairs up to a row's last: the given next tokens (for kept drafts, the model's choices too)
+    next_BT = torch.where(t_T < last_B[:, None], next_BT, target_BT)
+    drafts_Bk = greedy_drafts(model, h_BTD, next_BT, mtp_step, k, last_B)
+    return target_BT, lp_BT, drafts_Bk, h_BTD, routed
 
 
 def decode_forward(model: Glm4MoeForCausalLM, ids_BT: Tensor, step: CacheStep
@@ -302,7 +316,9 @@ class Engine:
         # `greedy_drafts`, and once every row has its drafts from the cycle before, verification
         # and the next drafts through one compiled `greedy_cycle`. A prefill of prompts of at most
         # DECODE_ATTENTION_MAX_T tokens runs through the same compiled `decode_forward` (the MTP
-        # layer's through the compiled `mtp_forward_layers`), longer ones eager (`_compiled_prefill`).
+        # layer's through the compiled `mtp_forward_layers`; a greedy speculative prefill, with the
+        # MTP layer's and the first drafts, through `greedy_cycle`), longer ones eager
+        # (`_compiled_prefill`).
         self._forward = self._mtp_layers = self._greedy_drafts = self._greedy_cycle = None
         if speculative_steps and not cfg.num_nextn_predict_layers:
             raise ValueError("speculative_steps needs a model with an MTP layer (num_nextn_predict_layers >= 1)")
@@ -402,8 +418,8 @@ class Engine:
         chain (`greedy_drafts`, catch-ups of 2 to k + 1 pairs), the greedy cycle (`greedy_cycle`:
         k + 1 tokens) and the sampled drafts' MTP layer (catch-ups of 1 to k + 1 pairs, then
         one-token steps). Then the prefill's regimes (`_prefill_shapes`), of `decode_forward` and,
-        speculative, of the MTP layer. Needs an idle engine (it writes the caches' first
-        slots)."""
+        speculative, of the MTP layer and of `greedy_cycle` (greedy prefills). Needs an idle engine
+        (it writes the caches' first slots)."""
         if self._forward is None:
             return
         with self._lock:
@@ -432,15 +448,19 @@ class Engine:
                             self._greedy_drafts(self.model, h, ids, step(self.mtp_cache, B, T), k,
                                                 torch.full((B,), T - 1, device=device))
                         if T == k + 1:  # verification and the next drafts, in one graph
-                            self._greedy_cycle(self.model, ids, step(self.cache, B, T), step(self.mtp_cache, B, T), k)
+                            self._greedy_cycle(self.model, ids, step(self.cache, B, T), step(self.mtp_cache, B, T), k,
+                                               torch.full((B,), -1, device=device))
                         self.mtp_cache.lens[:B] = 1  # (T = 1: also a sampled draft step)
                         self.model.mtp_forward(h, ids, cache=self.mtp_cache, slots=torch.arange(B, device=device),
                                                layers_fn=self._mtp_layers)
-                # prefills (a speculative engine's share the graphs above)
+                # prefills (a speculative engine's share the graphs above; a greedy one's run
+                # through `greedy_cycle`)
                 for B, T in self._prefill_shapes():
                     ids = torch.zeros(B, T, dtype=torch.long, device=device)
                     self._forward(self.model, ids, step(self.cache, B, T))
                     if k:
+                        self._greedy_cycle(self.model, ids, step(self.cache, B, T), step(self.mtp_cache, B, T), k,
+                                           torch.full((B,), T - 1, device=device))
                         self.mtp_cache.lens[:B] = 1
                         self.model.mtp_forward(torch.zeros(B, T, D, dtype=dtype, device=device), ids,
                                                cache=self.mtp_cache, slots=torch.arange(B, device=device),
@@ -684,20 +704,35 @@ class Engine:
                 self._running.append(seq)
         slots = torch.arange(first, first + len(reqs))
         self.cache.reset(slots)
+        greedy = all(r.params.temperature == 0 for r in reqs)
+        choice = drafts = None
         if self._compiled_prefill(max(lens)):
             # every row the longest prompt's length: a shorter one's padding is written to the cache
             # past the row's end, where no query of it sees it (keys are visible up to a query's own
             # position) and its decode steps write over it; its length is set to the real one
             step = CacheStep.make(self.cache, len(reqs), max(lens), slots, None, device)
-            logits, _, _, hidden, routed = self._forward(model, batch.to(device), step)
-            self.cache.lens[slots.to(device)] = torch.tensor(lens, device=device)
+            lens_d = torch.tensor(lens, device=device)
+            if greedy and self._greedy_cycle is not None:
+                # speculative: the MTP layer's prefill and the first cycle's drafts in the same
+                # compiled call (`greedy_cycle`); the MTP cache holds every prompt pair and the
+                # first token's after it, its length set below
+                self.mtp_cache.reset(slots)
+                # (a slots tensor of its own: the graphs have two, and dynamo guards on their aliasing)
+                mtp_step = CacheStep.make(self.mtp_cache, len(reqs), max(lens), slots.clone(), None, device)
+                choice, lp, drafts, hidden, routed = self._greedy_cycle(model, batch.to(device), step, mtp_step,
+                                                                        self.spec_steps, lens_d - 1)
+                self.mtp_cache.lens[slots.to(device)] = lens_d
+                drafts = drafts.tolist()
+            else:
+                logits, choice, lp, hidden, routed = self._forward(model, batch.to(device), step)
+            self.cache.lens[slots.to(device)] = lens_d
         else:
             out = model(batch.to(device), cache=self.cache, slots=slots.to(device), input_lens=torch.tensor(lens))
             logits, hidden, routed = out.logits, out.hidden, out.routed_experts
-        last = logits[torch.arange(len(reqs)), torch.tensor(lens) - 1]
+        last_B = torch.arange(len(reqs)), torch.tensor(lens) - 1
         self.stats["prompt_tokens"] += sum(lens)
         self.stats["prefills"] += 1
-        if self.spec_steps:
+        if self.spec_steps and drafts is None:
             self._mtp_prefill(batch, lens, hidden, slots)
         rows, seqs, params = [], [], []
         src, dst = [], []  # the other samples of a prompt start from its first one's caches
@@ -713,10 +748,17 @@ class Engine:
                     seq.routed.append(routed[b, : lens[b]].to(torch.int16))
                 if self.spec_steps:  # the last pair waits for the first sampled token
                     seq.mtp_h, seq.mtp_ids = hidden[b, lens[b] - 1: lens[b]], []
+                    seq.drafts = drafts[b] if drafts is not None else None
                 rows.append(b)
                 seqs.append(seq)
                 params.append(r.params)
-        ids, lps = sample(last[rows], params, [s.rng for s in seqs])
+        if drafts is not None:  # each sequence's last pair is in the MTP cache already, with the drafts it made
+            self.mtp_cache.lens[torch.tensor([s.slot for s in seqs], device=device)] = torch.tensor(
+                [lens[b] - 1 for b in rows], device=device)
+        if greedy and choice is not None:  # the choices and their log-probs reduced in the graph
+            ids, lps = choice[last_B][rows], lp[last_B][rows]
+        else:
+            ids, lps = sample(logits[last_B][rows], params, [s.rng for s in seqs])
         self._accept(seqs, ids.tolist(), lps.tolist())
         if self.spec_steps:
             for seq in seqs:
@@ -870,7 +912,7 @@ class Engine:
             # (the MTP cache's lengths are those of the main cache before this cycle: see below)
             target_Bk1, target_lp_Bk1, next_drafts, ver_hidden, ver_routed = self._greedy_cycle(
                 model, verify_ids, CacheStep.rows(self.cache, L, k + 1, device),
-                CacheStep.rows(self.mtp_cache, L, k + 1, device), k)
+                CacheStep.rows(self.mtp_cache, L, k + 1, device), k, torch.full((B,), -1, device=device))
             next_drafts = next_drafts.tolist()
         elif self._forward is not None:  # compiled (the cache lengths are set below)
             step = CacheStep.rows(self.cache, L, k + 1, device)
