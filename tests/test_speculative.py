@@ -134,7 +134,8 @@ def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch):
     dense MoE path is made to end at 5 tokens, so that every
     regime (its two sides for one token a row, for k + 1, and for the draft chain's catch-ups and
     steps) is reached at small batches. The graphs are traced with dynamo's eager backend: which
-    graphs there are is the guards' business, whatever compiles them."""
+    graphs there are is the guards' business, whatever compiles them. None of them takes the
+    model's Python floats as inputs."""
     from pathlib import Path
 
     from rlfoundry.buffer import PromptDataset
@@ -143,8 +144,16 @@ def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch):
     from rlfoundry.model.glm4_moe import Experts
 
     compile_ = torch.compile
+    scalar_inputs = []  # graph inputs that are Python floats made tensors (see `engine._compile`)
+
+    def eager(gm, example_inputs):
+        scalar_inputs.extend(n.name for n in gm.graph.nodes if n.op == "placeholder"
+                             and isinstance(v := n.meta.get("example_value"), torch.Tensor) and v.dim() == 0
+                             and v.dtype == torch.float64)
+        return gm.forward
+
     monkeypatch.setattr(torch, "compile", lambda fn, dynamic, fullgraph, options=None: compile_(
-        fn, dynamic=dynamic, fullgraph=fullgraph, backend="eager"))
+        fn, dynamic=dynamic, fullgraph=fullgraph, backend=eager))
     monkeypatch.setattr(Experts, "DENSE_MAX_ROWS", 16 * 4)  # 16 experts: dense up to 4 tokens
     torch._dynamo.reset()
     path = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "model"
@@ -172,6 +181,7 @@ def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch):
         want = [o.output_ids for (o,) in Engine(model, max_batch=6).generate(mixed, greedy[:3])]
         assert [o.output_ids for (o,) in engine.generate(mixed, greedy[:3])] == want
     assert engine.stats["spec_accept_length"] >= 2.0
+    assert not scalar_inputs  # the model's floats (RMSNorm eps, ...) are constants in the graphs
     # a plain engine's warm-up: one token a row, and the prefills' 2 or more
     engine = Engine(model, max_batch=6, compile_decode=True)
     engine.warmup()

@@ -282,6 +282,17 @@ def decode_forward(model: Glm4MoeForCausalLM, ids_BT: Tensor, step: CacheStep
     return logits, choice, logprobs.gather(-1, choice[..., None])[..., 0].float(), h, routed
 
 
+def _compile(fn: Callable) -> Callable:
+    """`fn` as the engine compiles it: one graph for a range of batch sizes (dynamic=True), no
+    graph breaks, inductor's C++ wrapper; and Python floats specialised while dynamo traces
+    (the model's RMSNorm eps and config factors, the embedding's norm type: 24 values, constants
+    in the graph rather than inputs converted to tensors at every call, ~0.2 ms a call here). Only
+    around these calls: a process-wide setting would recompile other compiled code (a trainer's)
+    at every new value of a float it takes."""
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
+    return torch._dynamo.config.patch(specialize_float=True)(compiled)
+
+
 class Engine:
     ADMIT_MAX_WAIT_S = 0.05
     """The longest an idle loop waits for a burst of requests to end (see `admit_quiet_s`)."""
@@ -328,14 +339,11 @@ class Engine:
             # model shape (for all the engines of the process); under fullgraph=True, dynamo's
             # default limit of 8 graphs a function is a hard failure, not a fallback.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-            self._forward = torch.compile(decode_forward, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
+            self._forward = _compile(decode_forward)
             if speculative_steps:
-                self._mtp_layers = torch.compile(model.mtp_forward_layers, dynamic=True, fullgraph=True,
-                                                 options={"cpp_wrapper": True})
-                self._greedy_drafts = torch.compile(greedy_drafts, dynamic=True, fullgraph=True,
-                                                    options={"cpp_wrapper": True})
-                self._greedy_cycle = torch.compile(greedy_cycle, dynamic=True, fullgraph=True,
-                                                   options={"cpp_wrapper": True})
+                self._mtp_layers = _compile(model.mtp_forward_layers)
+                self._greedy_drafts = _compile(greedy_drafts)
+                self._greedy_cycle = _compile(greedy_cycle)
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         # the most tokens a row of a compiled prefill (`_compiled_prefill`, `_prefill_shapes`)
         self._prefill_max_t = min(DECODE_ATTENTION_MAX_T, self.max_len - 1) if compile_decode else 0
