@@ -194,3 +194,46 @@ def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch):
             outs = engine.generate(prompts[:6 // n], SamplingParams(temperature=1.0, max_new_tokens=4, n=n, seed=n))
             assert [len(o) for o in outs] == [n] * (6 // n)
     torch._dynamo.reset()
+
+
+def test_compiled_greedy_prefill_drafts_for_every_sample_and_for_late_joiners(monkeypatch):
+    """A compiled greedy speculative prefill drafts the first cycle in its own call (`greedy_cycle`
+    over the prompts) and leaves the MTP cache at each prompt's last pair: with n samples a prompt
+    the other samples' caches are copied from the first's (the last pair with them), and a request
+    that joins running ones prefills in slots past 0. Both give plain decoding's greedy tokens and
+    log-probs. Traced with dynamo's eager backend: the bookkeeping is under test, not inductor."""
+    from pathlib import Path
+
+    from rlfoundry.buffer import PromptDataset
+    from rlfoundry.data.tokenizer import load_tokenizer
+    from rlfoundry.model import load_pretrained
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic, fullgraph, options=None: compile_(
+        fn, dynamic=dynamic, fullgraph=fullgraph, backend="eager"))
+    torch._dynamo.reset()
+    path = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "model"
+    model, tok = load_pretrained(path), load_tokenizer(path)
+    ds = PromptDataset.load("task:countdown:2", n_per_level=10, seed=10_003)
+    prompts = [ds.token_ids(i, tok) for i in range(len(ds))]
+
+    def same(want, got):
+        assert [o.output_ids for o in got] == [o.output_ids for o in want]
+        assert all(max(abs(a - b) for a, b in zip(x.logprobs, y.logprobs)) <= 1e-5 for x, y in zip(want, got))
+
+    n3 = SamplingParams(temperature=0, max_new_tokens=40, n=3)
+    engine = Engine(model, max_batch=9, speculative_steps=3, compile_decode=True)
+    for want, got in zip(Engine(model, max_batch=9).generate(prompts[:3], n3), engine.generate(prompts[:3], n3)):
+        same(want, got)
+    assert engine.stats["spec_accept_length"] >= 2.0
+    one, two = SamplingParams(temperature=0, max_new_tokens=30), SamplingParams(temperature=0, max_new_tokens=30, n=2)
+    first = engine.add_request(prompts[4], one)
+    engine.step()
+    engine.step()
+    late = engine.add_request(prompts[5], two)  # prefilled in slots 1 and 2
+    while engine.has_work():
+        engine.step()
+    want = Engine(model, max_batch=9).generate(prompts[4:6], [one, two])
+    same(want[0], first.outputs)
+    same(want[1], late.outputs)
+    torch._dynamo.reset()
