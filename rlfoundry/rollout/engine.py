@@ -737,7 +737,7 @@ class Engine:
         else:
             out = model(batch.to(device), cache=self.cache, slots=slots.to(device), input_lens=torch.tensor(lens))
             logits, hidden, routed = out.logits, out.hidden, out.routed_experts
-        last_B = torch.arange(len(reqs)), torch.tensor(lens) - 1
+        last = torch.arange(len(reqs)), torch.tensor(lens) - 1  # each prompt's last position
         self.stats["prompt_tokens"] += sum(lens)
         self.stats["prefills"] += 1
         if self.spec_steps and drafts is None:
@@ -764,9 +764,9 @@ class Engine:
             self.mtp_cache.lens[torch.tensor([s.slot for s in seqs], device=device)] = torch.tensor(
                 [lens[b] - 1 for b in rows], device=device)
         if greedy and choice is not None:  # the choices and their log-probs reduced in the graph
-            ids, lps = choice[last_B][rows], lp[last_B][rows]
+            ids, lps = choice[last][rows], lp[last][rows]
         else:
-            ids, lps = sample(logits[last_B][rows], params, [s.rng for s in seqs])
+            ids, lps = sample(logits[last][rows], params, [s.rng for s in seqs])
         self._accept(seqs, ids.tolist(), lps.tolist())
         if self.spec_steps:
             for seq in seqs:
