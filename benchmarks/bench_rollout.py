@@ -71,7 +71,9 @@ def bench_ours(model, B, plen, new, spec=0, compile_decode=False) -> tuple[float
     engine = Engine(model, max_batch=max(B, 1), max_len=plen + new + 8, speculative_steps=spec,
                     compile_decode=compile_decode)
     params = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
-    # warm-up (for compile_decode: compiles the batch-size regime, 1 or more, on first use)
+    # warm-up; compile_decode: every graph compiled first, as the engine server does before it
+    # reports healthy (its steps then check only the guards that tell graphs apart)
+    engine.warmup()
     engine.generate(prompts_for(B if compile_decode else 1, plen), SamplingParams(temperature=0, max_new_tokens=4))
     t = time.perf_counter()
     outs = engine.generate(prompts_for(B, plen), params)
