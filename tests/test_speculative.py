@@ -2,11 +2,43 @@
 distribution (checked against exact probabilities by enumeration)."""
 
 import itertools
+from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import random_model, small_config
 from rlfoundry.rollout import Engine, SamplingParams
+
+SHIPPED = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "model"
+
+
+def shipped_model_and_prompts(n: int, seed: int):
+    """The shipped model (its MTP layer trained: drafts accepted several at a time) and n of its
+    Countdown level-2 prompts, as token ids (chat template applied)."""
+    from rlfoundry.buffer import PromptDataset
+    from rlfoundry.data.tokenizer import load_tokenizer
+    from rlfoundry.model import load_pretrained
+
+    tok = load_tokenizer(SHIPPED)
+    ds = PromptDataset.load("task:countdown:2", n_per_level=n, seed=seed)
+    return load_pretrained(SHIPPED), [ds.token_ids(i, tok) for i in range(len(ds))]
+
+
+@pytest.fixture
+def eager_dynamo(monkeypatch):
+    """torch.compile with dynamo's eager backend (the backend the test passes to `use`, "eager"
+    by default): which graphs there are, and the engine's bookkeeping around them, are under test,
+    not inductor. Dynamo's caches are reset before and after."""
+    compile_ = torch.compile
+
+    def use(backend="eager"):
+        monkeypatch.setattr(torch, "compile", lambda fn, dynamic, fullgraph, options=None: compile_(
+            fn, dynamic=dynamic, fullgraph=fullgraph, backend=backend))
+
+    torch._dynamo.reset()
+    yield use
+    torch._dynamo.reset()
 
 
 def test_speculative_greedy_is_identical_to_plain_decoding():
@@ -34,16 +66,7 @@ def test_speculative_greedy_with_the_shipped_drafter_accepts_several_tokens_and_
     """The shipped model's trained MTP layer drafts well, so this is the test in which drafts are
     accepted several at a time (a random model's rarely are): one prompt at a time and a batch of
     prompts whose drafts are accepted to different depths, output and log-probs as plain decoding."""
-    from pathlib import Path
-
-    from rlfoundry.buffer import PromptDataset
-    from rlfoundry.data.tokenizer import load_tokenizer
-    from rlfoundry.model import load_pretrained
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "model"
-    model, tok = load_pretrained(path), load_tokenizer(path)
-    ds = PromptDataset.load("task:countdown:2", n_per_level=6, seed=10_000)
-    prompts = [ds.token_ids(i, tok) for i in range(len(ds))]
+    model, prompts = shipped_model_and_prompts(6, seed=10_000)
     params = SamplingParams(temperature=0, max_new_tokens=48)
     plain = Engine(model, max_batch=6).generate(prompts, params)
     for batch in (1, 6):
@@ -63,16 +86,7 @@ def test_compiled_speculative_decoding_equals_eager_plain_decoding():
     MTP layer's prefill and the first drafts through it too). With the shipped drafter
     (drafts accepted several at a time, to different depths per row), one prompt at a time and a
     batch: the same greedy tokens as eager plain decoding, log-probs within 1e-5."""
-    from pathlib import Path
-
-    from rlfoundry.buffer import PromptDataset
-    from rlfoundry.data.tokenizer import load_tokenizer
-    from rlfoundry.model import load_pretrained
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "model"
-    model, tok = load_pretrained(path), load_tokenizer(path)
-    ds = PromptDataset.load("task:countdown:2", n_per_level=6, seed=10_001)
-    prompts = [ds.token_ids(i, tok) for i in range(len(ds))]
+    model, prompts = shipped_model_and_prompts(6, seed=10_001)
     params = SamplingParams(temperature=0, max_new_tokens=32)
     plain = Engine(model, max_batch=6).generate(prompts, params)
     engine = Engine(model, max_batch=6, speculative_steps=3, compile_decode=True)
@@ -125,7 +139,7 @@ def test_speculative_sampling_keeps_the_target_distribution():
         assert chi2 < 20.5, (counts / n, exact)  # 5 degrees of freedom, p = 0.001
 
 
-def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch):
+def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch, eager_dynamo):
     """A compile_decode engine's warm-up leaves nothing to compile: greedy and sampled speculative
     decoding (plain decode steps too, where a response has one token left) at every batch size up
     to max_batch, drafts accepted to every depth (the shipped drafter) and k shrinking at the ends
@@ -136,14 +150,8 @@ def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch):
     steps) is reached at small batches. The graphs are traced with dynamo's eager backend: which
     graphs there are is the guards' business, whatever compiles them. None of them takes the
     model's Python floats as inputs."""
-    from pathlib import Path
-
-    from rlfoundry.buffer import PromptDataset
-    from rlfoundry.data.tokenizer import load_tokenizer
-    from rlfoundry.model import load_pretrained
     from rlfoundry.model.glm4_moe import Experts
 
-    compile_ = torch.compile
     scalar_inputs = []  # graph inputs that are Python floats made tensors (see `engine._compile`)
 
     def eager(gm, example_inputs):
@@ -152,15 +160,10 @@ def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch):
                              and v.dtype == torch.float64)
         return gm.forward
 
-    monkeypatch.setattr(torch, "compile", lambda fn, dynamic, fullgraph, options=None: compile_(
-        fn, dynamic=dynamic, fullgraph=fullgraph, backend=eager))
+    eager_dynamo(eager)
     monkeypatch.setattr(Experts, "DENSE_MAX_ROWS", 16 * 4)  # 16 experts: dense up to 4 tokens
-    torch._dynamo.reset()
-    path = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "model"
-    model, tok = load_pretrained(path), load_tokenizer(path)
+    model, prompts = shipped_model_and_prompts(10, seed=10_002)
     assert model.token_switches() == [5]
-    ds = PromptDataset.load("task:countdown:2", n_per_level=10, seed=10_002)
-    prompts = [ds.token_ids(i, tok) for i in range(len(ds))]
     engine = Engine(model, max_batch=6, speculative_steps=3, compile_decode=True)
     engine.warmup()
     greedy = [SamplingParams(temperature=0, max_new_tokens=5 + 2 * b) for b in range(6)]
@@ -193,29 +196,16 @@ def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch):
         for n in (2, 3):
             outs = engine.generate(prompts[:6 // n], SamplingParams(temperature=1.0, max_new_tokens=4, n=n, seed=n))
             assert [len(o) for o in outs] == [n] * (6 // n)
-    torch._dynamo.reset()
 
 
-def test_compiled_greedy_prefill_drafts_for_every_sample_and_for_late_joiners(monkeypatch):
+def test_compiled_greedy_prefill_drafts_for_every_sample_and_for_late_joiners(eager_dynamo):
     """A compiled greedy speculative prefill drafts the first cycle in its own call (`greedy_cycle`
     over the prompts) and leaves the MTP cache at each prompt's last pair: with n samples a prompt
     the other samples' caches are copied from the first's (the last pair with them), and a request
     that joins running ones prefills in slots past 0. Both give plain decoding's greedy tokens and
     log-probs. Traced with dynamo's eager backend: the bookkeeping is under test, not inductor."""
-    from pathlib import Path
-
-    from rlfoundry.buffer import PromptDataset
-    from rlfoundry.data.tokenizer import load_tokenizer
-    from rlfoundry.model import load_pretrained
-
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, dynamic, fullgraph, options=None: compile_(
-        fn, dynamic=dynamic, fullgraph=fullgraph, backend="eager"))
-    torch._dynamo.reset()
-    path = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "model"
-    model, tok = load_pretrained(path), load_tokenizer(path)
-    ds = PromptDataset.load("task:countdown:2", n_per_level=10, seed=10_003)
-    prompts = [ds.token_ids(i, tok) for i in range(len(ds))]
+    eager_dynamo()
+    model, prompts = shipped_model_and_prompts(10, seed=10_003)
 
     def same(want, got):
         assert [o.output_ids for o in got] == [o.output_ids for o in want]
@@ -236,4 +226,3 @@ def test_compiled_greedy_prefill_drafts_for_every_sample_and_for_late_joiners(mo
     want = Engine(model, max_batch=9).generate(prompts[4:6], [one, two])
     same(want[0], first.outputs)
     same(want[1], late.outputs)
-    torch._dynamo.reset()

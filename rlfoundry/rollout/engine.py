@@ -585,8 +585,8 @@ class Engine:
         """Around a step of a warmed-up compiled engine: dynamo checks only the guards that tell its
         graphs apart (`skip_guard_eval_unsafe`: the tensor guards — shapes, strides, dtypes — and
         any that failed while compiling), not the ~1000 on the model's modules and attributes, which
-        a decode step never changes (~0.2 ms a compiled call; runs taking turns in one process,
-        batch 1: plain decoding 0.93x the time, speculative 0.89x). After `warmup` no new graph is
+        a decode step never changes (~0.1 ms a compiled call: runs taking turns in one process at
+        batch 1, plain decoding 0.93x the time, speculative 0.92x). After `warmup` no new graph is
         needed (tests run dynamo with recompilation an error), and a weight update copies into the
         same tensors. The stance is process-wide while the step runs, and only replaces the default
         one (another set by the user, e.g. force_eager, is left alone)."""
