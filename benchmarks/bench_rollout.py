@@ -72,7 +72,7 @@ def bench_ours(model, B, plen, new, spec=0, compile_decode=False) -> tuple[float
                     compile_decode=compile_decode)
     params = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
     # warm-up; compile_decode: every graph compiled first, as the engine server does before it
-    # reports healthy (its steps then check only the guards that tell graphs apart)
+    # reports healthy
     engine.warmup()
     engine.generate(prompts_for(B if compile_decode else 1, plen), SamplingParams(temperature=0, max_new_tokens=4))
     t = time.perf_counter()

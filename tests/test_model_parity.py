@@ -80,6 +80,33 @@ def test_dense_inference_experts_equal_the_sparse_path(n_tokens):
         assert torch.equal(moe.experts(x, routing), dense)
 
 
+@pytest.mark.parametrize("n_tokens", [1, 3, 64])
+def test_compiled_inference_experts_equal_the_sparse_path(n_tokens, monkeypatch):
+    """Traced by torch.compile (the engine's compiled decoding), the dense path's token counts take
+    `_forward_gathered` instead: each chosen expert's weight rows, indexed, and no other expert's
+    (dynamo's eager backend here: the path and its arithmetic are under test; the engine's tests
+    run it through inductor). The result is the sparse path's up to float rounding."""
+    from rlfoundry.model.glm4_moe import Experts
+
+    cfg = small_config()
+    moe = random_model(cfg).model.layers[-1].mlp
+    x = torch.randn(n_tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(n_tokens))
+    sparse = moe.experts(x, moe.gate(x)).detach()
+    monkeypatch.setattr(Experts, "_forward_dense", lambda *a: pytest.fail("dense path taken"))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: moe.experts(x, moe.gate(x)), backend="eager", fullgraph=True)
+    with torch.no_grad():
+        gathered = compiled(x)
+        assert (gathered - sparse).abs().max().item() <= 1e-6 * max(1.0, sparse.abs().max().item())
+        # the experts not chosen are never read: changing their weights changes nothing
+        chosen = torch.zeros(cfg.n_routed_experts, dtype=torch.bool)
+        chosen[moe.gate(x).ids_NK.unique()] = True
+        moe.experts.gate_up_proj[~chosen] = 123.0
+        moe.experts.down_proj[~chosen] = float("nan")
+        assert torch.equal(compiled(x), gathered)
+    torch._dynamo.reset()
+
+
 def test_large_experts_decode_through_the_sparse_path(monkeypatch):
     """Experts whose weights exceed Experts.DENSE_MAX_WEIGHTS (GLM-4.5's: 3.8G a layer) decode even
     one token through the sparse path, which reads only the chosen experts' weights."""

@@ -753,7 +753,8 @@ class Experts(nn.Module):
 
     batch_invariant = False
     DENSE_MAX_ROWS = 1024
-    """Without autograd, N tokens with N * E <= this go through every expert (`_forward_dense`)..."""
+    """Without autograd, N tokens with N * E <= this go through every expert (`_forward_dense`;
+    traced by torch.compile, through the chosen experts' rows only, `_forward_gathered`)..."""
     DENSE_MAX_WEIGHTS = 1 << 24
     """...when all E experts hold at most this many weights: the dense path reads every expert's
     weights for a few tokens, nothing at the tiny model's 0.4M a layer (they stay in cache), 20x the
@@ -782,6 +783,8 @@ class Experts(nn.Module):
         # (autograd's check first: a compiled training graph then gets no guard on N, which would
         # recompile it where N * E crosses DENSE_MAX_ROWS though the path is the same on both sides)
         if not torch.is_grad_enabled() and small and N * E <= self.DENSE_MAX_ROWS:
+            if torch.compiler.is_compiling() and not self.batch_invariant:
+                return self._forward_gathered(x_ND, routing)
             return self._forward_dense(x_ND, routing)
         dt = _autocast_dtype(x_ND)  # the expert GEMMs honour autocast as nn.Linear does
         bucket = _row_bucket(x_ND, dt, N * K, E)
@@ -793,6 +796,21 @@ class Experts(nn.Module):
         y_RD = grouped_mm(silu(gate_RI, self.batch_invariant) * up_RI, self.down_proj.to(dt).transpose(1, 2), rows.offsets_E)
         y_RD = y_RD * rows.weight_R[:, None]
         return _Combine.apply(y_RD.to(x_ND.dtype), rows.token_R, rows.row_M, K)
+
+    def _forward_gathered(self, x_ND: Tensor, routing: Routing) -> Tensor:
+        """Where torch.compile traces the dense path's token counts (the engine's compiled decode
+        steps, verification, drafting, short prefills): each chosen (token, expert) pair's two
+        products as sums over its expert's weight rows, indexed by the expert id. Inductor fuses
+        the indexing into the reduction kernels, so only the K chosen experts' rows are read (none
+        copied) and the arithmetic is the routed rows' (the dense path's K/E). Measured alone,
+        compiled, one block of the tiny model: 62 against 85 - 149 us for one token, 85 against
+        153 - 178 us for four, ~310 against 444 - 657 us for 64. Eagerly the indexing would copy
+        [N, K, 2I, D] weights (2 - 6x slower than the dense path), hence compiled only. The
+        result equals the sparse path's up to float rounding (~1e-7 relative)."""
+        gate_NKI, up_NKI = (x_ND[:, None, None, :] * self.gate_up_proj[routing.ids_NK]).sum(-1).chunk(2, dim=-1)
+        h_NKI = silu(gate_NKI) * up_NKI
+        y_NKD = (h_NKI[:, :, None, :] * self.down_proj[routing.ids_NK]).sum(-1).to(routing.weights_NK.dtype)
+        return (y_NKD * routing.weights_NK[..., None]).sum(1).to(x_ND.dtype)
 
     def _forward_dense(self, x_ND: Tensor, routing: Routing) -> Tensor:
         """Decoding a few tokens: every expert on every token (E/K times the sparse path's work)

@@ -18,7 +18,6 @@ weight updates between two steps.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import random
 import threading
 import time
@@ -332,7 +331,6 @@ class Engine:
         # MTP layer's and the first drafts, through `greedy_cycle`), longer ones eager
         # (`_compiled_prefill`).
         self._forward = self._mtp_layers = self._greedy_drafts = self._greedy_cycle = None
-        self._warm = False  # `warmup` has compiled every graph: guards then run only where graphs differ
         if speculative_steps and not cfg.num_nextn_predict_layers:
             raise ValueError("speculative_steps needs a model with an MTP layer (num_nextn_predict_layers >= 1)")
         self.spec_steps = speculative_steps
@@ -478,7 +476,6 @@ class Engine:
             self.cache.lens.zero_()
             if self.mtp_cache is not None:
                 self.mtp_cache.lens.zero_()
-            self._warm = True
 
     def _control(self, fn: Callable[[], Any]) -> Any:
         """fn() between two steps, on the thread that runs the model: the loop's when one runs
@@ -581,25 +578,10 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._running or self._waiting)
 
-    def _guards(self) -> contextlib.AbstractContextManager:
-        """Around a step of a warmed-up compiled engine: dynamo checks only the guards that tell its
-        graphs apart (`skip_guard_eval_unsafe`: the tensor guards — shapes, strides, dtypes — and
-        any that failed while compiling), not the ~1000 on the model's modules and attributes, which
-        a decode step never changes (~0.1 ms a compiled call: runs taking turns in one process at
-        batch 1, plain decoding 0.93x the time, speculative 0.92x). After `warmup` no new graph is
-        needed (tests run dynamo with recompilation an error), and a weight update copies into the
-        same tensors. The stance is process-wide while the step runs, and only replaces the default
-        one (another set by the user, e.g. force_eager, is left alone)."""
-        stance = getattr(getattr(torch._dynamo, "eval_frame", None), "_stance", None)
-        if not self._warm or (getattr(stance, "stance", None), getattr(stance, "skip_guard_eval_unsafe", None),
-                              getattr(stance, "backend", None)) != ("default", False, None):
-            return contextlib.nullcontext()
-        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-
     @torch.no_grad()
     def step(self) -> None:
         """One iteration: admit and prefill waiting requests, then one decode step for all."""
-        with self._lock, self._guards():
+        with self._lock:
             if self._paused:
                 return
             admitted = self._admit()
