@@ -1,12 +1,10 @@
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from rlfoundry.cli import main
-
-SHIPPED = str(Path(__file__).resolve().parents[1] / "examples" / "tiny" / "model")
+from rlfoundry.rl.config import DEFAULT_MODEL as SHIPPED
 
 
 def test_model_info_glm45_counts(capsys):
@@ -59,8 +57,6 @@ def test_compile_decode_admission_and_batch_invariance_reach_the_engine_command(
     vLLM compiles its own decode and gets nothing extra. `--admit-quiet-ms` (RL's deterministic
     mode passes 0) likewise; a negative value is refused."""
     from rlfoundry.cli import build_parser
-    from pathlib import Path
-
     from rlfoundry.rollout.launch import EngineSpec, RlfoundryBackend, VLLMBackend, serve
 
     def command(backend, **options):
@@ -82,8 +78,7 @@ def test_compile_decode_admission_and_batch_invariance_reach_the_engine_command(
     assert build_parser().parse_args(["serve", "--model", "m", "--batch-invariant"]).batch_invariant is True
     with pytest.raises(ValueError, match="batch_invariant"):
         command(VLLMBackend(), batch_invariant=True)
-    tiny = str(Path(__file__).resolve().parents[1] / "examples/tiny/model")
-    assert serve(EngineSpec(tiny, batch_invariant=True, compile_decode=True)) == 2  # refused before anything starts
+    assert serve(EngineSpec(SHIPPED, batch_invariant=True, compile_decode=True)) == 2  # refused before anything starts
     # the device: ours passes it on (cpu is the default, left out); vLLM's build decides its own
     assert build_parser().parse_args(["serve", "--model", "m"]).device == "cpu"
     assert "--device" not in command(RlfoundryBackend())
@@ -91,11 +86,11 @@ def test_compile_decode_admission_and_batch_invariance_reach_the_engine_command(
     assert ours[ours.index("--device") + 1] == "cuda:1"
     with pytest.raises(ValueError, match="--device"):
         command(VLLMBackend(), device="cuda")
-    assert serve(EngineSpec(tiny, device="tpu")) == 2 and serve(EngineSpec(tiny, batch_invariant=True, device="cuda")) == 2
+    assert serve(EngineSpec(SHIPPED, device="tpu")) == 2 and serve(EngineSpec(SHIPPED, batch_invariant=True, device="cuda")) == 2
     import torch
 
     if not torch.cuda.is_available():
-        assert serve(EngineSpec(tiny, device="cuda")) == 2  # no GPU visible: refused before anything starts
+        assert serve(EngineSpec(SHIPPED, device="cuda")) == 2  # no GPU visible: refused before anything starts
     # extra server arguments go on every command line; each server its share of the cores
     assert command(RlfoundryBackend(["--x", "1"]))[-2:] == ["--x", "1"]
     assert command(VLLMBackend(["--enforce-eager"]))[-1] == "--enforce-eager"
@@ -104,13 +99,11 @@ def test_compile_decode_admission_and_batch_invariance_reach_the_engine_command(
 
 
 def test_serve_vllm_where_vllm_is_missing_is_refused(monkeypatch, capsys):
-    from pathlib import Path
 
     from rlfoundry.rollout.launch import EngineSpec, VLLMBackend, serve
 
     monkeypatch.setenv("RLFOUNDRY_VLLM_PYTHON", sys.executable)  # this environment has no vLLM
-    tiny = str(Path(__file__).resolve().parents[1] / "examples/tiny/model")
-    assert serve(EngineSpec(tiny), backend=VLLMBackend()) == 2
+    assert serve(EngineSpec(SHIPPED), backend=VLLMBackend()) == 2
     assert "vLLM is not installed" in capsys.readouterr().err
 
 

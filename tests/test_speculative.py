@@ -2,15 +2,13 @@
 distribution (checked against exact probabilities by enumeration)."""
 
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import random_model, small_config
+from rlfoundry.rl.config import DEFAULT_MODEL as SHIPPED
 from rlfoundry.rollout import Engine, SamplingParams
-
-SHIPPED = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "model"
 
 
 def shipped_model_and_prompts(n: int, seed: int):
