@@ -99,7 +99,6 @@ def test_compile_decode_admission_and_batch_invariance_reach_the_engine_command(
 
 
 def test_serve_vllm_where_vllm_is_missing_is_refused(monkeypatch, capsys):
-
     from rlfoundry.rollout.launch import EngineSpec, VLLMBackend, serve
 
     monkeypatch.setenv("RLFOUNDRY_VLLM_PYTHON", sys.executable)  # this environment has no vLLM
