@@ -49,6 +49,13 @@ ADMIT_QUIET_MS = 3.0
 """Our server's default --admit-quiet-ms (see `Engine.admit_quiet_s`)."""
 
 
+HTTP_PARSER = "httptools"
+"""The engine server's HTTP parser (uvicorn's `http`): httptools' C parser, not h11's pure-Python
+one. The HTTP thread shares the interpreter with the decode loop, so every request it parses and
+answers slows decoding: an RL step's 32 group requests of 8 samples (the tiny model, 2 cores) were
+answered 1.00 - 1.15x sooner than with h11 in six runs (`benchmarks/bench_server_http.py`)."""
+
+
 @dataclass
 class EngineSpec:
     """How one engine server runs a checkpoint: `rlfoundry serve`'s engine options, and what the RL
@@ -279,7 +286,8 @@ def _serve_one(spec: EngineSpec, host: str, port: int, log_level: str) -> int:
     # garbage: out of the collector's full passes (0.2 s each over all of it, a pause in decoding)
     # and out of the interpreter's final one at exit (~1 s of every stop)
     gc.freeze()
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, http=HTTP_PARSER,
+                                           loop="auto"))  # auto: uvloop where installed
 
     def http_done():
         try:
