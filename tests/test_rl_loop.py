@@ -4,6 +4,7 @@ config errors, and sync-mode reproducibility — two deterministic runs agree, a
 SIGKILL and resumed ends exactly like an uninterrupted one."""
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -36,8 +37,12 @@ def no_times(ms: list[dict]) -> list[dict]:
 def test_rl_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.setenv("WANDB_MODE", "offline")  # W&B writes its run file locally, no account needed
+    freeze, frozen = gc.freeze, []
+    monkeypatch.setattr(gc, "freeze", lambda: (frozen.append(True), freeze())[1])
     assert main(["rl", "--out", str(out), *SMALL, "weight_sync=disk", "save_rollouts=true", "rollout.max_len=96",
                  "wandb_project=rlfoundry-test", "eval_samples=3"]) == 0
+    # the driver froze start-up's heap out of the collector for the steps, and let it go at the end
+    assert frozen == [True] and gc.get_freeze_count() == 0
     ms = lines(out)
     assert [m["step"] for m in ms] == [0, 1, 2, 3]
     assert "eval/accuracy" in ms[0] and "eval/accuracy" in ms[-1]

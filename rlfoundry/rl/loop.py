@@ -150,6 +150,7 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
     ray = _ray()
     started_ray = not ray.is_initialized()
     buffer = trainer = rollout = ahead = None
+    froze = False  # this process's heap frozen by this run (see below)
     trainers: list = []
     restore_sigterm, stopped_by = (lambda: None), []
     try:
@@ -243,8 +244,10 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
         # the end of start-up (8 in a 12-step run of benchmarks/bench_rl_vs_trl.py's setting, 1.04 s
         # in all); frozen, none in the steps, whose passes took 27 ms in all (session 42)
         ray.get([a.freeze_heap.remote() for a in (buffer, *trainers, rollout) if a is not None])
-        gc.collect()
-        gc.freeze()
+        if not gc.get_freeze_count():  # (a caller that froze objects of its own keeps its settings)
+            froze = True
+            gc.collect()
+            gc.freeze()
 
         def generate_rollout(step: int, version_now, stopping=lambda: False) -> dict:
             """Generate rollout `step` into the buffer: its prompts, then refill rounds while any
@@ -347,7 +350,8 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
             result["weights_digest"] = digests[0]
         return result
     finally:
-        gc.unfreeze()  # what this run froze is the collector's again (a no-op if it never froze)
+        if froze:
+            gc.unfreeze()  # what this run froze is the collector's again
         if ahead is not None:
             ahead.close()
         if rollout is not None:
