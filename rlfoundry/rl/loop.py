@@ -157,7 +157,7 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
         if started_ray:
             _init_ray(ray, cfg.ray_address)
         restore_sigterm = _exit_on_sigterm(stopped_by)  # after ray.init, which installs a handler of its own
-        from rlfoundry.rl.workers import BufferWorker, RolloutWorker, TrainerWorker
+        from rlfoundry.rl.workers import BufferWorker, RolloutWorker, TrainerWorker, freeze_heap
 
         db, fresh_copy = None, False
         if cfg.debug == "train_only":  # replay another run's rollouts: copy its database
@@ -239,15 +239,14 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
         elif eval_sets:
             before = next((m for m in logger.metrics if m["step"] == 0 and "eval/accuracy" in m), {})
         last_eval = before
-        # start-up's heap out of the collector's full passes, in every actor (`freeze_heap`) and in
+        # start-up's heap out of the collector's full passes (`freeze_heap`), in every actor and in
         # this process until the run ends: here, unfrozen, a full pass had grown to 0.18 - 0.22 s by
         # the end of start-up (8 in a 12-step run of benchmarks/bench_rl_vs_trl.py's setting, 1.04 s
         # in all); frozen, none in the steps, whose passes took 27 ms in all (session 42)
         ray.get([a.freeze_heap.remote() for a in (buffer, *trainers, rollout) if a is not None])
         if not gc.get_freeze_count():  # (a caller that froze objects of its own keeps its settings)
             froze = True
-            gc.collect()
-            gc.freeze()
+            freeze_heap()
 
         def generate_rollout(step: int, version_now, stopping=lambda: False) -> dict:
             """Generate rollout `step` into the buffer: its prompts, then refill rounds while any

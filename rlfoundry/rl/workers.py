@@ -38,19 +38,24 @@ problems whose worked solutions the model was pre-trained (seed 0) and fine-tune
 (`rlfoundry.data.tasks.base.is_held_out`)."""
 
 
+def freeze_heap() -> None:
+    """Once start-up is over (the loop calls it in every actor and in the driver before the first
+    step): garbage collected, then everything alive (torch's, transformers' and Ray's modules, the
+    model, the datasets: ~250K objects) out of the collector's view, so that its full passes go over
+    what the steps made only. Over the whole heap such a pass took 158 ms in the buffer and 183 ms
+    in the rollout worker, each once in 10 steps of benchmarks/bench_rl_vs_trl.py's setting, each
+    inside a step (session 42); since, no pass in those actors has taken over 3 ms. (The engine
+    servers freeze theirs at start-up: `rlfoundry.rollout.launch._serve_one`.)"""
+    gc.collect()
+    gc.freeze()
+
+
 class _Actor:
     """What every worker of the loop answers besides its own calls."""
 
     def freeze_heap(self) -> None:
-        """Once start-up is over (the loop calls it before the first step): garbage collected, then
-        everything alive (torch's, transformers' and Ray's modules, the model, the datasets: ~250K
-        objects) out of the collector's view, so that its full passes go over what the steps made
-        only. Over the whole heap such a pass took 158 ms in the buffer and 183 ms in the rollout
-        worker, each once in 10 steps of benchmarks/bench_rl_vs_trl.py's setting, each inside a step
-        (session 42); since, no pass in those actors has taken over 3 ms. (The engine servers freeze
-        theirs at start-up: `rlfoundry.rollout.launch._serve_one`.)"""
-        gc.collect()
-        gc.freeze()
+        """`freeze_heap` in this actor's process."""
+        freeze_heap()
 
 
 def _watched(cmd: list[str]) -> list[str]:
