@@ -6,9 +6,16 @@ each and the ratio, and plots training reward against wall-clock time for both
 
     .venv/bin/pip install trl            # not a dependency of rlfoundry
     .venv/bin/python benchmarks/bench_rl_vs_trl.py [--steps 8] [--prompts 8] [--group 8] [--compile-decode] [--compile-train] [--exact]
+        [--engines 1] [--trainers 1]
+
+rlfoundry runs `--engines` engine servers behind the router and `--trainers` data-parallel
+trainers, the machine's cores shared out among the engines and among the trainers (the demo's
+layout on 2 cores is 2 and 2, see examples/tiny/rl.yaml); TRL runs in its one process.
 
 Timing: for TRL, the wall time of trainer.train(); for rlfoundry, the sum of its steps (rollout,
-reward, train, weight sync). The start-up of each (TRL building its trainer, Ray and the engine
+reward, train, weight sync). Each saves one checkpoint that it can resume from (model, optimizer,
+schedule) after its last step, inside that time: rlfoundry always does, so TRL does too
+(`save_steps` = the step count). The start-up of each (TRL building its trainer, Ray and the engine
 server starting) is reported separately.
 """
 
@@ -67,7 +74,7 @@ def run_trl(args, records) -> dict:
                          max_completion_length=args.max_new_tokens, temperature=1.0, learning_rate=args.lr,
                          lr_scheduler_type="constant", warmup_steps=0, beta=0.0, loss_type="dapo", epsilon=0.2,
                          epsilon_high=0.28, max_steps=args.steps, logging_steps=1, report_to="none",
-                         save_strategy="no", seed=0, disable_tqdm=True, shuffle_dataset=False, weight_decay=0.0,
+                         save_strategy="steps", save_steps=args.steps, seed=0, disable_tqdm=True, shuffle_dataset=False, weight_decay=0.0,
                          adam_beta2=0.95, max_grad_norm=1.0, bf16=args.bf16)
         trainer = GRPOTrainer(model=model, reward_funcs=countdown_reward, args=cfg, train_dataset=ds,
                               processing_class=tok, callbacks=[Clock()])
@@ -75,6 +82,8 @@ def run_trl(args, records) -> dict:
         t0 = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - t0
+        saved = Path(tmp) / f"checkpoint-{args.steps}"
+        assert (saved / "optimizer.pt").is_file(), f"TRL saved no resumable checkpoint at {saved}"
     return {"wall_s": wall, "setup_s": setup, "samples": args.steps * n, "curve": log}
 
 
@@ -87,7 +96,8 @@ def run_rlfoundry(args) -> dict:
         f"rollout.max_new_tokens={args.max_new_tokens}", "data.curriculum=[{source: 'task:countdown:2'}]",
         "eval_every=0", f"checkpoint_every={args.steps}", f"train.lr={args.lr}", f"train.final_lr={args.lr}",
         "algorithm.filter_zero_variance=false", f"algorithm.micro_batch_size={args.prompts * args.group}",
-        f"rollout.compile_decode={str(args.compile_decode).lower()}"]
+        f"rollout.compile_decode={str(args.compile_decode).lower()}", f"rollout.num_engines={args.engines}",
+        f"num_trainers={args.trainers}"]
         + (["train.compile=inductor"] if args.compile_train else []) + (["exact=true"] if args.exact else [])
         + (["train.bf16=true"] if args.bf16 else []))
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,6 +125,9 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8, help="samples per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--engines", type=int, default=1,
+                    help="rlfoundry's engine servers behind the router (the cores shared out among them)")
+    ap.add_argument("--trainers", type=int, default=1, help="rlfoundry's data-parallel trainers")
     ap.add_argument("--compile-decode", action="store_true",
                     help="rlfoundry's engine decodes through torch.compile (compiled at start-up)")
     ap.add_argument("--compile-train", action="store_true",
@@ -143,7 +156,8 @@ def main() -> None:
     for name, r in (("rlfoundry", ours), ("TRL GRPOTrainer", trl)):
         rows.append({"name": name, "samples_per_s": r["samples"] / r["wall_s"], "wall_s": r["wall_s"],
                      "setup_s": r["setup_s"], "final_reward": r["curve"][-1][1] if r["curve"] else None})
-    print(f"{args.steps} steps x {args.prompts} prompts x {args.group} samples, max {args.max_new_tokens} new tokens")
+    print(f"{args.steps} steps x {args.prompts} prompts x {args.group} samples, max {args.max_new_tokens} new tokens; "
+          f"rlfoundry with {args.engines} engine(s) and {args.trainers} trainer(s), TRL in one process")
     for row in rows:
         print(f"{row['name']:16s}: {row['samples_per_s']:7.1f} samples/s  ({row['wall_s']:.1f} s training, "
               f"{row['setup_s']:.1f} s start-up)  last-step reward {row['final_reward']:.3f}")

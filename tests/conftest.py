@@ -10,10 +10,14 @@ from rlfoundry.model import Glm4MoeForCausalLM, ModelConfig
 
 warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
 
-# The tests check what compiled graphs compute, not how fast they run: inductor builds their C++ at
-# -O0 here (the same kernels; a third of -O3's compile time, which dominates a cold cache), unless
-# the environment says otherwise. `optimized_cpp` puts a test back on -O3, as the engine builds it.
-os.environ.setdefault("TORCHINDUCTOR_DEBUG_COMPILE", "1")
+
+def pytest_configure(config):
+    """The tests check what compiled graphs compute, not how fast they run: inductor builds their
+    C++ at -O0 in a test session (the same kernels; a third of -O3's compile time, which dominates a
+    cold cache), unless the environment says otherwise. `optimized_cpp` puts a test back on -O3, as
+    the engine builds it. Set here, not at import: a script importing these helpers (a benchmark
+    reusing `random_model`) keeps -O3 and its speed."""
+    os.environ.setdefault("TORCHINDUCTOR_DEBUG_COMPILE", "1")
 
 
 @pytest.fixture
