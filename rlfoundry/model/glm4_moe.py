@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .config import ModelConfig
 
 
@@ -282,13 +283,19 @@ class KVCache:
 
     def __init__(self, num_layers: int, num_slots: int, max_len: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 value_ones: bool = False):
+                 value_ones: bool = False, keys_by_dim: bool = False):
         """`value_ones`: the values carry one more channel, 1 at every position, which
         `invariant_attention` needs beside them ([V | 1]); kept in the cache it is written once,
         where building it each step copied every cached value (~7% of a batch-invariant engine's
-        decoding). Attention reads `update`'s values with it; other attention drops it."""
+        decoding). Attention reads `update`'s values with it; other attention drops it.
+        `keys_by_dim`: each layer's keys are stored [slots, G, Dh, max_len] (positions contiguous)
+        and `k` holds them as [slots, G, max_len, Dh] views, so that every reader sees the usual
+        shape; the native decode attention (`kernels/decode_attention.cpp`) then computes a query's
+        scores as vertical products over the positions. The engine's compiled decoding uses it."""
         shape = (num_slots, num_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) if not keys_by_dim else
+                  torch.zeros(num_slots, num_kv_heads, head_dim, max_len, dtype=dtype, device=device).transpose(2, 3)
+                  for _ in range(num_layers)]
         self.v = [torch.zeros(shape[:-1] + (head_dim + value_ones,), dtype=dtype, device=device)
                   for _ in range(num_layers)]
         self.value_ones = value_ones
@@ -302,9 +309,9 @@ class KVCache:
     @classmethod
     def for_model(cls, cfg: ModelConfig, num_slots: int, max_len: int, num_layers: int | None = None,
                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                  value_ones: bool = False) -> "KVCache":
+                  value_ones: bool = False, keys_by_dim: bool = False) -> "KVCache":
         cache = cls(cfg.num_hidden_layers if num_layers is None else num_layers, num_slots, max_len,
-                    cfg.num_key_value_heads, cfg.head_dim, dtype, device, value_ones)
+                    cfg.num_key_value_heads, cfg.head_dim, dtype, device, value_ones, keys_by_dim)
         cos, sin = rope_cos_sin(torch.arange(max_len, device=device)[None], cfg, at_least_fp32(dtype))
         cache.rope = (cos[0], sin[0])
         return cache
@@ -406,14 +413,21 @@ class CacheStep:
 
 
 # ----------------------------------------------------------------------------- attention
-def decode_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor, mask_BTS: Tensor, scale: float) -> Tensor:
+def decode_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor, mask_BTS: Tensor, scale: float,
+                     position_ids_BT: Tensor | None = None) -> Tensor:
     """Attention of a few new queries per row (a decode step's one, speculative verification's
-    k + 1) over their cached keys as two batched matrix products around a masked softmax (the
-    query heads of a key/value group and the T queries share one product). Used by compiled
-    cached forwards of up to DECODE_ATTENTION_MAX_T tokens, where SDPA's kernel is mostly per-call
-    overhead (scores are only [B, H, T, S]): a decode step at batch 64 runs ~6% faster (4% at 4
-    and 16), verifying 4 tokens at batch 1 ~10%. Eager decoding keeps SDPA, faster there. The
-    queries attend causally (`mask_BTS`), so a prefill from an empty cache is one such forward."""
+    k + 1) over their cached keys. Used by compiled cached forwards of up to DECODE_ATTENTION_MAX_T
+    tokens, where SDPA's kernel is mostly per-call overhead (scores are only [B, H, T, S]). The
+    queries attend causally (`mask_BTS`: key j visible to the query at position p iff j <= p,
+    which `position_ids_BT` gives as well), so a prefill from an empty cache is one such forward.
+    On CPU in fp32, with the native kernels built (`kernels.load()`, which compiled engines call)
+    and the positions given: `rlfoundry_kernels::decode_attention`, which reads each row's visible
+    keys only (at batch 64 about half the time of the form below: measurements in the README).
+    Otherwise two batched matrix products around a masked softmax (the query heads of a key/value
+    group and the T queries share one product)."""
+    if (position_ids_BT is not None and q_BHTD.device.type == "cpu" and q_BHTD.dtype == torch.float32
+            and k_BGSD.dtype == torch.float32 and kernels.loaded()):
+        return torch.ops.rlfoundry_kernels.decode_attention(q_BHTD, k_BGSD, v_BGSD, position_ids_BT, scale)
     B, H, T, D = q_BHTD.shape
     G = k_BGSD.shape[1]
     q_BGQD = q_BHTD.reshape(B, G, H // G * T, D)
@@ -477,7 +491,7 @@ class Attention(nn.Module):
         if self.batch_invariant:
             out_BHTD = invariant_attention(q, k, v, mask_BTS, Dh ** -0.5)
         elif T <= DECODE_ATTENTION_MAX_T and cache_step is not None and torch.compiler.is_compiling():
-            out_BHTD = decode_attention(q, k, v, mask_BTS, Dh ** -0.5)
+            out_BHTD = decode_attention(q, k, v, mask_BTS, Dh ** -0.5, cache_step.position_ids_BT)
         else:
             mask = None if mask_BTS is None else mask_BTS[:, None]
             with _fp32_under_autocast(q) as dt:  # CPU's bf16 flash attention is slower than fp32

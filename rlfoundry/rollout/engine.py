@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from rlfoundry.model import Glm4MoeForCausalLM, KVCache
+from rlfoundry.model import Glm4MoeForCausalLM, KVCache, kernels
 from rlfoundry.model.glm4_moe import DECODE_ATTENTION_MAX_T, CacheStep, at_least_fp32
 from rlfoundry.model.hf_io import read_tensors, update_from_tensors
 
@@ -350,11 +350,16 @@ class Engine:
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
         dtype = self.dtype
-        self.cache = KVCache.for_model(cfg, max_batch, self.max_len, dtype=dtype,
-                                       device=self.device, value_ones=batch_invariant)
+        # compiled on CPU in fp32: attention through our native kernel (built on first use, see
+        # `rlfoundry.model.kernels`), which reads keys stored position-contiguous
+        keys_by_dim = bool(compile_decode and self.device.type == "cpu" and dtype == torch.float32
+                           and kernels.load())
+        self.cache = KVCache.for_model(cfg, max_batch, self.max_len, dtype=dtype, device=self.device,
+                                       value_ones=batch_invariant, keys_by_dim=keys_by_dim)
         # the MTP layer's own cache: position t holds the pair (h_t, token t+1)
         self.mtp_cache = KVCache.for_model(cfg, max_batch, self.max_len, num_layers=1, dtype=dtype,
-                                           device=self.device, value_ones=batch_invariant) if speculative_steps else None
+                                           device=self.device, value_ones=batch_invariant,
+                                           keys_by_dim=keys_by_dim) if speculative_steps else None
         if compile_decode:  # the batch size varies, the cache's shape never does
             for c in (self.cache, self.mtp_cache):
                 for t in (c.k + c.v if c is not None else []):

@@ -1,0 +1,106 @@
+"""Native CPU kernels of our own, built on first use with the machine's C++ compiler.
+
+One so far: `rlfoundry_kernels::decode_attention` (decode_attention.cpp), the attention of the
+engine's compiled decode steps on CPU in fp32. `load()` compiles the source into a shared library
+against the installed torch (about 30 s, once per machine: the library is kept in
+~/.cache/rlfoundry/kernels under a name that hashes the source, torch's version, the compiler and
+the CPU's features, since it is built for this CPU with -march=native) and registers the op with
+torch, so that torch.compile'd graphs call it like any other. Nothing else depends on it: where
+the compiler or the build fails, `load()` says why once and returns False, and attention keeps its
+pure-torch form (`glm4_moe.decode_attention`).
+
+The compiler is the one inductor uses too (`$CXX`, else g++); compiled decoding needs it anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("decode_attention.cpp")
+_lock = threading.Lock()
+_state: dict[str, object] = {"loaded": None}  # None: not tried; True / False: the outcome
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: $RLFOUNDRY_KERNEL_CACHE, else $XDG_CACHE_HOME/rlfoundry/kernels
+    (~/.cache/... by default)."""
+    if os.environ.get("RLFOUNDRY_KERNEL_CACHE"):
+        return Path(os.environ["RLFOUNDRY_KERNEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlfoundry" / "kernels"
+
+
+def _cpu_features() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build_command(cxx: str, src: Path, out: Path) -> list[str]:
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    libs = library_paths()
+    return [cxx, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
+            *[f"-I{p}" for p in include_paths()], str(src), "-o", str(out),
+            *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10", "-ltorch_cpu", "-ltorch"]
+
+
+def library_path() -> Path:
+    """The shared library `load()` builds and loads on this machine."""
+    cxx = os.environ.get("CXX", "g++")
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, cxx, _cpu_features(),
+                                    " ".join(_build_command(cxx, Path("SRC"), Path("OUT")))]).encode())
+    return cache_dir() / f"rlfoundry_kernels_{key.hexdigest()[:16]}.so"
+
+
+def load() -> bool:
+    """Build (once per machine) and register the native ops; True when they are usable. Thread-
+    and process-safe: concurrent builds each write their own file and rename it into place."""
+    with _lock:
+        if _state["loaded"] is None:
+            _state["loaded"] = _load()
+        return bool(_state["loaded"])
+
+
+def loaded() -> bool:
+    """True when `load()` succeeded in this process (no build is attempted here)."""
+    return bool(_state["loaded"])
+
+
+def _load() -> bool:
+    try:
+        path = library_path()
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+            os.close(fd)
+            cmd = _build_command(os.environ.get("CXX", "g++"), SOURCE, Path(tmp))
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                os.unlink(tmp)
+                raise RuntimeError(f"{cmd[0]} failed (exit {r.returncode}): {(r.stderr or r.stdout)[-2000:]}")
+            os.replace(tmp, path)
+        torch.ops.load_library(str(path))
+    except Exception as e:  # no compiler, a failed build, an unwritable cache: the torch path stays
+        warnings.warn(f"rlfoundry's native CPU kernels are unavailable ({e}); compiled decoding "
+                      "attends with batched matrix products instead", RuntimeWarning, stacklevel=3)
+        return False
+
+    @torch.library.register_fake("rlfoundry_kernels::decode_attention")
+    def _(q, k, v, positions, scale):
+        return q.new_empty(q.shape)
+
+    return True
