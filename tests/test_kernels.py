@@ -1,8 +1,7 @@
-"""The native CPU kernels (`rlfoundry.model.kernels`). Attention of a few queries over a KV cache,
+"""The native CPU kernel (`rlfoundry.model.kernels`): attention of a few queries over a KV cache,
 checked against torch's SDPA on both key layouts, several head dims (the compiled ones and the
-generic path), GQA ratios and ragged rows; keys past a row's position are never read. The routed
-experts, against an fp64 reference and, compiled, against the model's sparse path. A failed build
-leaves the pure-torch forms in place."""
+generic path), GQA ratios and ragged rows; keys past a row's position are never read; and a
+failed build leaves the pure-torch attention in place."""
 
 import pytest
 import torch
@@ -84,51 +83,3 @@ def test_a_failed_build_leaves_the_torch_attention(monkeypatch, tmp_path):
     mask_BTS = torch.arange(9)[None, None] <= pos_BT[:, :, None]
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTS[:, None], scale=0.25, enable_gqa=True)
     torch.testing.assert_close(decode_attention(q, k, v, mask_BTS, 0.25, pos_BT), ref, rtol=0, atol=3e-6)
-
-
-def _experts_reference(x, ids, w, gate_up, down):
-    """The routed experts' sum in fp64: y[n] = sum_k w[n, k] down[e] (silu(gate[e] x) * up[e] x)."""
-    x, w, gate_up, down = x.double(), w.double(), gate_up.double(), down.double()
-    I = down.shape[-1]
-    hu = torch.einsum("nd,nkjd->nkj", x, gate_up[ids])
-    h = F.silu(hu[..., :I]) * hu[..., I:]
-    return torch.einsum("nki,nkdi,nk->nd", h, down[ids], w)
-
-
-@pytest.mark.parametrize("N,E,K,D,I", [(1, 16, 4, 128, 64), (5, 8, 2, 48, 24), (64, 16, 4, 128, 64), (37, 6, 3, 40, 8)])
-def test_native_routed_experts_equal_the_reference(N, E, K, D, I):
-    g = torch.Generator().manual_seed(N)
-    x = torch.randn(N, D, generator=g)
-    gate_up, down = torch.randn(E, 2 * I, D, generator=g) * 0.1, torch.randn(E, D, I, generator=g) * 0.1
-    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
-    if N > 20:  # one expert chosen by every token: more tokens than a block holds
-        ids[:, 0] = 0
-    w = torch.rand(N, K, generator=g)
-    out = torch.ops.rlfoundry_kernels.routed_experts(x, ids, w, gate_up, down)
-    torch.testing.assert_close(out.double(), _experts_reference(x, ids, w, gate_up, down), rtol=1e-5, atol=1e-5)
-
-
-def test_compiled_experts_use_the_native_kernel_and_equal_the_sparse_path():
-    """Traced by torch.compile without autograd (the engine's decode steps), the MoE block's experts
-    run `routed_experts`; the result equals the sparse grouped-GEMM path's up to float rounding."""
-    from rlfoundry.model import ModelConfig
-    from rlfoundry.model.glm4_moe import MoE
-
-    cfg = ModelConfig.from_preset("tiny")
-    torch.manual_seed(0)
-    moe = MoE(cfg)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    x = torch.randn(1, 24, cfg.hidden_size)
-    with torch.enable_grad():
-        sparse, _ = moe(x)  # autograd on: the sparse path
-    ops = []
-
-    def backend(gm, example_inputs):  # dynamo's graph, run as traced: the ops it calls
-        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm
-
-    with torch.no_grad():
-        compiled, _ = torch.compile(moe, backend=backend, fullgraph=True)(x)
-    assert any("rlfoundry_kernels.routed_experts" in t for t in ops), ops
-    torch.testing.assert_close(compiled, sparse.detach(), rtol=0, atol=2e-6)

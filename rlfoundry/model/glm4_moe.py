@@ -768,8 +768,7 @@ class Experts(nn.Module):
     batch_invariant = False
     DENSE_MAX_ROWS = 1024
     """Without autograd, N tokens with N * E <= this go through every expert (`_forward_dense`;
-    traced by torch.compile, through the chosen experts' rows only: our native kernel
-    `rlfoundry_kernels::routed_experts` on CPU in fp32 when built, else `_forward_gathered`)..."""
+    traced by torch.compile, through the chosen experts' rows only, `_forward_gathered`)..."""
     DENSE_MAX_WEIGHTS = 1 << 24
     """...when all E experts hold at most this many weights: the dense path reads every expert's
     weights for a few tokens, nothing at the tiny model's 0.4M a layer (they stay in cache), 20x the
@@ -799,11 +798,6 @@ class Experts(nn.Module):
         # recompile it where N * E crosses DENSE_MAX_ROWS though the path is the same on both sides)
         if not torch.is_grad_enabled() and small and N * E <= self.DENSE_MAX_ROWS:
             if torch.compiler.is_compiling() and not self.batch_invariant:
-                if (x_ND.device.type == "cpu" and x_ND.dtype == self.gate_up_proj.dtype == routing.weights_NK.dtype
-                        == torch.float32 and kernels.loaded()):
-                    # our kernel: each expert's weights read once for its tokens (routed_experts.cpp)
-                    return torch.ops.rlfoundry_kernels.routed_experts(x_ND, routing.ids_NK, routing.weights_NK,
-                                                                      self.gate_up_proj, self.down_proj)
                 return self._forward_gathered(x_ND, routing)
             return self._forward_dense(x_ND, routing)
         dt = _autocast_dtype(x_ND)  # the expert GEMMs honour autocast as nn.Linear does

@@ -1,14 +1,13 @@
 """Native CPU kernels of our own, built on first use with the machine's C++ compiler.
 
-Two, both for the engine's compiled decode steps on CPU in fp32: `rlfoundry_kernels::decode_attention`
-(decode_attention.cpp), attention over the KV cache, and `rlfoundry_kernels::routed_experts`
-(routed_experts.cpp), an MoE block's routed experts for a few tokens. `load()` compiles the sources into a shared library
+One so far: `rlfoundry_kernels::decode_attention` (decode_attention.cpp), the attention of the
+engine's compiled decode steps on CPU in fp32. `load()` compiles the source into a shared library
 against the installed torch (about 30 s, once per machine: the library is kept in
 ~/.cache/rlfoundry/kernels under a name that hashes the source, torch's version, the compiler and
 the CPU's features, since it is built for this CPU with -march=native) and registers the op with
 torch, so that torch.compile'd graphs call it like any other. Nothing else depends on it: where
-the compiler or the build fails, `load()` says why once and returns False, and the model keeps its
-pure-torch forms (`glm4_moe.decode_attention`, `Experts._forward_gathered`).
+the compiler or the build fails, `load()` says why once and returns False, and attention keeps its
+pure-torch form (`glm4_moe.decode_attention`).
 
 The compiler is the one inductor uses too (`$CXX`, else g++); compiled decoding needs it anyway.
 """
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
+SOURCE = Path(__file__).with_name("decode_attention.cpp")
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None}  # None: not tried; True / False: the outcome
 
@@ -49,21 +48,21 @@ def _cpu_features() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build_command(cxx: str, sources: list[Path], out: Path) -> list[str]:
+def _build_command(cxx: str, src: Path, out: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     libs = library_paths()
     return [cxx, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
-            *[f"-I{p}" for p in include_paths()], *map(str, sources), "-o", str(out),
+            *[f"-I{p}" for p in include_paths()], str(src), "-o", str(out),
             *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10", "-ltorch_cpu", "-ltorch"]
 
 
 def library_path() -> Path:
     """The shared library `load()` builds and loads on this machine."""
     cxx = os.environ.get("CXX", "g++")
-    key = hashlib.sha256("\n".join([*(p.read_text() for p in SOURCES), torch.__version__, cxx, _cpu_features(),
-                                    " ".join(_build_command(cxx, [Path("SRC")], Path("OUT")))]).encode())
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, cxx, _cpu_features(),
+                                    " ".join(_build_command(cxx, Path("SRC"), Path("OUT")))]).encode())
     return cache_dir() / f"rlfoundry_kernels_{key.hexdigest()[:16]}.so"
 
 
@@ -88,7 +87,7 @@ def _load() -> bool:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
             os.close(fd)
-            cmd = _build_command(os.environ.get("CXX", "g++"), SOURCES, Path(tmp))
+            cmd = _build_command(os.environ.get("CXX", "g++"), SOURCE, Path(tmp))
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 os.unlink(tmp)
@@ -103,9 +102,5 @@ def _load() -> bool:
     @torch.library.register_fake("rlfoundry_kernels::decode_attention")
     def _(q, k, v, positions, scale):
         return q.new_empty(q.shape)
-
-    @torch.library.register_fake("rlfoundry_kernels::routed_experts")
-    def _(x, ids, weights, gate_up, down):
-        return x.new_empty(x.shape)
 
     return True

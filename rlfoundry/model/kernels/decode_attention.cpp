@@ -201,7 +201,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(rlfoundry_kernels, m) {
+TORCH_LIBRARY(rlfoundry_kernels, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor positions, float scale) -> Tensor");
 }
 
