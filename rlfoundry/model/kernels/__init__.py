@@ -2,7 +2,7 @@
 
 One so far: `rlfoundry_kernels::decode_attention` (decode_attention.cpp), the attention of the
 engine's compiled decode steps on CPU in fp32. `load()` compiles the source into a shared library
-against the installed torch (about 30 s, once per machine: the library is kept in
+against the installed torch (10 - 15 s here, once per machine: the library is kept in
 ~/.cache/rlfoundry/kernels under a name that hashes the source, torch's version, the compiler and
 the CPU's features, since it is built for this CPU with -march=native) and registers the op with
 torch, so that torch.compile'd graphs call it like any other. Nothing else depends on it: where
@@ -58,9 +58,13 @@ def _build_command(cxx: str, src: Path, out: Path) -> list[str]:
             *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10", "-ltorch_cpu", "-ltorch"]
 
 
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
 def library_path() -> Path:
     """The shared library `load()` builds and loads on this machine."""
-    cxx = os.environ.get("CXX", "g++")
+    cxx = _compiler()
     key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, cxx, _cpu_features(),
                                     " ".join(_build_command(cxx, Path("SRC"), Path("OUT")))]).encode())
     return cache_dir() / f"rlfoundry_kernels_{key.hexdigest()[:16]}.so"
@@ -87,7 +91,7 @@ def _load() -> bool:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
             os.close(fd)
-            cmd = _build_command(os.environ.get("CXX", "g++"), SOURCE, Path(tmp))
+            cmd = _build_command(_compiler(), SOURCE, Path(tmp))
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 os.unlink(tmp)
