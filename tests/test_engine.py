@@ -413,10 +413,24 @@ def test_compiled_decode_equals_eager_decoding(model, optimized_cpp):
     assert compiled.stats["generated_tokens"] == 0 and not compiled.has_work()
     forward, tokens_a_row = compiled._forward, []
     compiled._forward = lambda model, ids, step: tokens_a_row.append(ids.shape[1]) or forward(model, ids, step)
+    assert compiled._aot is not None  # CPU, fp32, native kernels: decode steps compiled ahead of time
+
+    class Spy:  # the batch size of every ahead-of-time step
+        def __init__(self, inner):
+            self.inner, self.batches = inner, []
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, ids, positions, num_keys):
+            self.batches.append(ids.shape[0])
+            return self.inner(ids, positions, num_keys)
+
+    compiled._aot = aot = Spy(compiled._aot)
     outs = compiled.generate(prompts, params)
     # the prompts (3, 11, 6 and 1 tokens) were prefilled compiled, as one batch of rows of 11 (the
-    # shorter ones' padding written past their ends), the rest one token a row
-    assert tokens_a_row[0] == 11 and set(tokens_a_row[1:]) == {1}
+    # shorter ones' padding written past their ends), the rest one token a row, ahead of time
+    assert tokens_a_row == [11] and {1, 2, 4} <= set(aot.batches)
     for p, (o,), (e,) in zip(prompts, outs, Engine(model, max_batch=4).generate(prompts, params)):
         assert o.output_ids == e.output_ids
         lp, _ = trainer_logprobs(model, p, o.output_ids)

@@ -292,12 +292,15 @@ class KVCache:
         and `k` holds them as [slots, G, max_len, Dh] views, so that every reader sees the usual
         shape; the native decode attention (`kernels/decode_attention.cpp`) then computes a query's
         scores as vertical products over the positions. The engine's compiled decoding uses it."""
-        shape = (num_slots, num_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) if not keys_by_dim else
-                  torch.zeros(num_slots, num_kv_heads, head_dim, max_len, dtype=dtype, device=device).transpose(2, 3)
+        G, L = num_kv_heads, max_len
+        keys = [torch.zeros((num_slots, G, head_dim, L) if keys_by_dim else (num_slots, G, L, head_dim),
+                            dtype=dtype, device=device) for _ in range(num_layers)]
+        values = [torch.zeros(num_slots, G, L, head_dim + value_ones, dtype=dtype, device=device)
                   for _ in range(num_layers)]
-        self.v = [torch.zeros(shape[:-1] + (head_dim + value_ones,), dtype=dtype, device=device)
-                  for _ in range(num_layers)]
+        self.storage = keys + values
+        """The tensors the cache's keys and values are (or are views of): every layer's keys, then
+        every layer's values. The ahead-of-time compiled decode step (`rollout.aot`) takes these."""
+        self.k, self.v = self.views(self.storage, keys_by_dim)
         self.value_ones = value_ones
         if value_ones:
             for v in self.v:
@@ -305,6 +308,24 @@ class KVCache:
         self.lens = torch.zeros(num_slots, dtype=torch.long, device=device)
         self.max_len = max_len
         self.rope: tuple[Tensor, Tensor] | None = None  # cos, sin [max_len, Dh] in at_least_fp32(dtype)
+
+    @staticmethod
+    def views(storage: list[Tensor], keys_by_dim: bool) -> tuple[list[Tensor], list[Tensor]]:
+        """The per-layer keys and values [slots, G, max_len, Dh] over `storage` (every layer's key
+        tensor, then every layer's value tensor)."""
+        n = len(storage) // 2
+        return [k.transpose(2, 3) if keys_by_dim else k for k in storage[:n]], list(storage[n:])
+
+    @classmethod
+    def over_storage(cls, storage: list[Tensor], rope: tuple[Tensor, Tensor]) -> "KVCache":
+        """A `keys_by_dim` cache whose tensors are `storage` (as another cache's `storage` lists
+        them) and whose RoPE tables are `rope`, without lengths: what the ahead-of-time compiled
+        decode step builds around the tensors it is given."""
+        cache = cls.__new__(cls)
+        cache.storage, cache.rope, cache.value_ones, cache.lens = list(storage), rope, False, None
+        cache.k, cache.v = cls.views(cache.storage, True)
+        cache.max_len = cache.v[0].shape[2]
+        return cache
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, num_slots: int, max_len: int, num_layers: int | None = None,

@@ -33,6 +33,7 @@ from torch import Tensor
 from rlfoundry.model import Glm4MoeForCausalLM, KVCache, kernels
 from rlfoundry.model.glm4_moe import DECODE_ATTENTION_MAX_T, CacheStep, at_least_fp32
 from rlfoundry.model.hf_io import read_tensors, update_from_tensors
+from rlfoundry.rollout.aot import AOTDecodeStep
 
 
 class RequestError(ValueError):
@@ -360,6 +361,11 @@ class Engine:
         self.mtp_cache = KVCache.for_model(cfg, max_batch, self.max_len, num_layers=1, dtype=dtype,
                                            device=self.device, value_ones=batch_invariant,
                                            keys_by_dim=keys_by_dim) if speculative_steps else None
+        # Plain decode steps of such an engine (compiled, CPU, fp32, no speculative decoding): the
+        # same `decode_forward`, compiled ahead of time (`aot.AOTDecodeStep`: no dynamo guards or
+        # Python layers around the graph), built by `warmup` or at the first decode step
+        self._aot: AOTDecodeStep | None = None
+        self._aot_wanted = keys_by_dim and not speculative_steps
         if compile_decode:  # the batch size varies, the cache's shape never does
             for c in (self.cache, self.mtp_cache):
                 for t in (c.k + c.v if c is not None else []):
@@ -438,6 +444,7 @@ class Engine:
         with self._lock:
             if self._running or self._waiting:
                 raise RuntimeError("warmup needs an idle engine: it writes the KV caches")
+            self._aot_step()
             k, switches, device = self.spec_steps, self.model.token_switches(), self.device
             D, dtype = self.model.config.hidden_size, self.dtype
 
@@ -562,6 +569,8 @@ class Engine:
         tensors = read_tensors(Path(source)) if isinstance(source, (str, Path)) else source
         def update() -> int:
             n = update_from_tensors(self.model, tensors)
+            if self._aot is not None:  # (copied in place, so already seen; a replaced tensor would not be)
+                self._aot.bind_weights()
             self.weight_version = str(version) if version is not None else str(int(self.weight_version) + 1
                                                                                   if self.weight_version.isdigit() else 1)
             return n
@@ -840,8 +849,13 @@ class Engine:
         device = self.device
         params, B = [s.req.params for s in seqs], len(seqs)
         if self._forward is not None:  # running[i].slot == i
-            step = CacheStep.rows(self.cache, self.cache.lens[:B].tolist(), 1, device)
-            logits, choice_B1, lp_B1, hidden, routed = self._forward(self.model, ids.to(device), step)
+            lens_B = self.cache.lens[:B]
+            num_keys = int(lens_B.max()) + 1
+            if self._aot_step() is not None and self._aot.applies(num_keys):
+                out = self._aot(ids.to(device), lens_B[:, None], num_keys)
+            else:
+                out = self._forward(self.model, ids.to(device), CacheStep.rows(self.cache, lens_B.tolist(), 1, device))
+            logits, choice_B1, lp_B1, hidden, routed = out
             self.cache.lens[:B] += 1
         else:
             out = self.model(ids.to(device), cache=self.cache, slots=torch.arange(B, device=device))
@@ -859,6 +873,14 @@ class Engine:
         if self.spec_steps:
             for seq in seqs:
                 seq.mtp_ids.append(seq.output_ids[-1])
+
+    def _aot_step(self) -> AOTDecodeStep | None:
+        """The ahead-of-time compiled decode step, built on first use (None where it does not apply
+        or could not be built)."""
+        if self._aot_wanted:
+            self._aot_wanted = False
+            self._aot = AOTDecodeStep.build(self.model, self.cache, self.max_batch, decode_forward)
+        return self._aot
 
     def _decode_speculative(self, k: int) -> None:
         """MTP speculative decoding (Leviathan et al. 2023; Chen et al. 2023): the MTP layer drafts k

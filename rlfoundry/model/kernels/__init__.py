@@ -38,7 +38,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlfoundry" / "kernels"
 
 
-def _cpu_features() -> str:
+def cpu_features() -> str:
+    """The CPU's feature flags (/proc/cpuinfo): what a library built for this CPU depends on."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -58,14 +59,15 @@ def _build_command(cxx: str, src: Path, out: Path) -> list[str]:
             *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10", "-ltorch_cpu", "-ltorch"]
 
 
-def _compiler() -> str:
+def compiler() -> str:
+    """The C++ compiler: $CXX, else g++ (inductor's choice too)."""
     return os.environ.get("CXX", "g++")
 
 
 def library_path() -> Path:
     """The shared library `load()` builds and loads on this machine."""
-    cxx = _compiler()
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, cxx, _cpu_features(),
+    cxx = compiler()
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, cxx, cpu_features(),
                                     " ".join(_build_command(cxx, Path("SRC"), Path("OUT")))]).encode())
     return cache_dir() / f"rlfoundry_kernels_{key.hexdigest()[:16]}.so"
 
@@ -91,7 +93,7 @@ def _load() -> bool:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
             os.close(fd)
-            cmd = _build_command(_compiler(), SOURCE, Path(tmp))
+            cmd = _build_command(compiler(), SOURCE, Path(tmp))
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 os.unlink(tmp)
