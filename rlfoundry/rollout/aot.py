@@ -85,7 +85,9 @@ class AOTDecodeStep:
         """Export and compile (or load from the disk cache) one library per regime of
         `regimes(max_batch, model.token_switches())`; None, with a warning, where that fails."""
         try:
-            runners = {r: _compile(model, cache, fn, *r) for r in regimes(max_batch, model.token_switches())}
+            with warnings.catch_warnings():  # (torch's own use of a deprecated pytree class, at load)
+                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+                runners = {r: _compile(model, cache, fn, *r) for r in regimes(max_batch, model.token_switches())}
         except Exception as e:  # an export or a build that fails: the torch.compile'd step stays
             warnings.warn(f"the ahead-of-time compiled decode step is unavailable ({type(e).__name__}: "
                           f"{str(e)[:500]}); decoding keeps the torch.compile'd step", RuntimeWarning, stacklevel=2)
@@ -124,6 +126,14 @@ _OPTIONS = {
 }
 
 
+def _build_flags() -> str:
+    """What decides how inductor builds the library besides the program: its debug builds (-O0,
+    which the test suite asks for to compile faster) against the optimised ones."""
+    aoti = torch._inductor.config.aot_inductor
+    return repr([os.environ.get("TORCHINDUCTOR_DEBUG_COMPILE"), os.environ.get("TORCHINDUCTOR_DEBUG_SYMBOL"),
+                 aoti.debug_compile, aoti.debug_symbols, aoti.compile_wrapper_opt_level])
+
+
 def _compile(model: Glm4MoeForCausalLM, cache: KVCache, fn: Callable, lo: int, hi: int):
     """The loaded AOTInductor package of `fn` for batch sizes lo..hi and key counts 2..max_len - 1
     (a step over the whole cache reads whole tensors, whose layout export specialises)."""
@@ -138,8 +148,8 @@ def _compile(model: Glm4MoeForCausalLM, cache: KVCache, fn: Callable, lo: int, h
     with torch.no_grad():
         ep = torch.export.export(_Step(model, fn), args, dynamic_shapes=shapes, strict=False)
     code = ep.graph_module.print_readable(print_output=False, include_stride=True, include_device=True)
-    key = hashlib.sha256("\n".join([code, str(ep.range_constraints), str(sorted(_OPTIONS.items())), torch.__version__,
-                                    kernels.cpu_features(), kernels.compiler()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([code, str(ep.range_constraints), str(sorted(_OPTIONS.items())), _build_flags(),
+                                    torch.__version__, kernels.cpu_features(), kernels.compiler()]).encode()).hexdigest()[:16]
     path = kernels.cache_dir() / f"decode_step_{key}.pt2"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
