@@ -205,7 +205,8 @@ def main() -> None:
 
     print(f"checkpoint: {'tiny preset, random weights' if args.model == 'random' else path}; prompts {plen} tokens, "
           f"{new} new tokens, greedy, fp32, {torch.get_num_threads()} threads")
-    print("tokens/s; 'compiled': our engine with compile_decode=True (torch.compile'd decode steps)")
+    print("tokens/s; 'compiled': our engine with compile_decode=True (decode steps compiled ahead of time "
+          "on CPU in fp32, else torch.compile'd)")
     print(f"{'batch':>5} {'rlfoundry':>10} {'compiled':>9} {'transformers':>13} {'vLLM':>8} "
           f"{'eager/HF':>9} {'compiled/HF':>12} {'eager/vLLM':>11} {'compiled/vLLM':>14}")
     for B in args.batches:
