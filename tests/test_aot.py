@@ -134,19 +134,22 @@ def test_a_failed_build_warns_and_decoding_keeps_the_compiled_step(monkeypatch):
         warnings.simplefilter("always")
         engine.warmup()
     assert engine._aot is None
-    assert any("ahead-of-time" in str(w.message) and "no export" in str(w.message) for w in caught)
+    assert any("ahead-of-time compiled decode_forward" in str(w.message) and "no export" in str(w.message)
+               for w in caught)
     prompts = [[1, 2, 3], [4, 5]]
     params = SamplingParams(temperature=0, max_new_tokens=6)
     for (o,), (e,) in zip(engine.generate(prompts, params), Engine(model, max_batch=4).generate(prompts, params)):
         assert o.output_ids == e.output_ids
 
 
-def test_only_plain_compiled_fp32_engines_build_one():
-    """Speculative engines (their cycles are other graphs) and eager ones keep their own steps."""
+def test_only_compiled_fp32_engines_build_them():
+    """A plain compiled engine builds the decode step, a speculative one the cycle, eager ones none."""
     model = random_model(CFG, seed=6)
-    assert Engine(model, max_batch=2, compile_decode=True)._aot_wanted
-    for engine in (Engine(model, max_batch=2, compile_decode=True, speculative_steps=2), Engine(model, max_batch=2)):
-        assert engine._aot is None and not engine._aot_wanted
+    plain, spec = Engine(model, max_batch=2, compile_decode=True), Engine(model, max_batch=2, compile_decode=True, speculative_steps=2)
+    assert plain._aot_wanted and not plain._aot_cycle_wanted
+    assert spec._aot_cycle_wanted and not spec._aot_wanted
+    engine = Engine(model, max_batch=2)
+    assert not engine._aot_wanted and not engine._aot_cycle_wanted
     engine = Engine(model, max_batch=2)
     engine.generate([[1, 2]], SamplingParams(max_new_tokens=2))
     assert engine._aot is None

@@ -81,19 +81,25 @@ def test_compiled_speculative_decoding_equals_eager_plain_decoding():
     layers (k+1 tokens a row) and the greedy draft chain through one compiled graph (`greedy_drafts`;
     in a batch the rows' catch-ups are padded to one length), and from a sequence's second cycle on
     both through one (`greedy_cycle`: verification, then the next drafts; a greedy prefill, the
-    MTP layer's prefill and the first drafts through it too). With the shipped drafter
+    MTP layer's prefill and the first drafts through it too); on CPU in fp32 the cycles of all k
+    drafts run `greedy_cycle` compiled ahead of time (`rollout/aot.py`), the others (fewer drafts
+    near a response's end, prefills) the torch.compile'd one. With the shipped drafter
     (drafts accepted several at a time, to different depths per row), one prompt at a time and a
     batch: the same greedy tokens as eager plain decoding, log-probs within 1e-5."""
     model, prompts = shipped_model_and_prompts(6, seed=10_001)
     params = SamplingParams(temperature=0, max_new_tokens=32)
     plain = Engine(model, max_batch=6).generate(prompts, params)
     engine = Engine(model, max_batch=6, speculative_steps=3, compile_decode=True)
-    calls = {"chain": 0, "cycle": 0}
+    calls = {"chain": 0, "cycle": 0, "ahead": 0}
     for name, attr in (("chain", "_greedy_drafts"), ("cycle", "_greedy_cycle")):
         def counted(*args, _fn=getattr(engine, attr), _name=name):
             calls[_name] += 1
             return _fn(*args)
         setattr(engine, attr, counted)
+    ahead = engine._aot_cycle_step()  # (built at the first cycle otherwise)
+    if ahead is not None:  # (native kernels built: a C++ compiler, as compiled decoding needs)
+        engine._aot_cycle = lambda *args: calls.update(ahead=calls["ahead"] + 1) or ahead(*args)
+        engine._aot_cycle.applies = ahead.applies
     single = [engine.generate([p], params)[0] for p in prompts[:2]]
     # a greedy prefill drafts the first cycle in its own call (`greedy_cycle` over the prompt)
     assert calls["chain"] == 0 < calls["cycle"]
@@ -104,7 +110,8 @@ def test_compiled_speculative_decoding_equals_eager_plain_decoding():
     assert engine.stats["spec_accept_length"] >= 2.5
     # every cycle verifies in `greedy_cycle`; the separate chain drafts only after a row finished
     # and another moved into its slot
-    assert calls["cycle"] > 2 * calls["chain"] > 0
+    assert calls["cycle"] + calls["ahead"] > 2 * calls["chain"] > 0
+    assert calls["ahead"] > 0 or ahead is None
 
 
 def test_speculative_sampling_keeps_the_target_distribution():

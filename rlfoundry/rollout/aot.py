@@ -40,59 +40,70 @@ from ..model import kernels
 from ..model.glm4_moe import CacheStep, Glm4MoeForCausalLM, KVCache
 
 
-class _Step(nn.Module):
-    """`fn(model, ids, step)` over a KV cache given as tensors (what export can trace): the keys
-    and values of every layer (`KVCache.storage`), the RoPE tables, and a tensor of the key count's
-    length (export gives a dimension, not an int, a dynamic range)."""
+class _Traced(nn.Module):
+    """`fn(model, ids, *steps, *static, *batch_args)` with one `CacheStep` per KV cache, the caches
+    given as tensors (what export can trace): each one's RoPE tables and keys and values of every
+    layer (`KVCache.storage`), and a tensor of the key count's length (export gives a dimension,
+    not an int, a dynamic range). Every cache's step takes rows 0..B-1 at the same positions."""
 
-    def __init__(self, model: Glm4MoeForCausalLM, fn: Callable):
+    def __init__(self, model: Glm4MoeForCausalLM, fn: Callable, static: tuple):
         super().__init__()
-        self.model, self.fn = model, fn
+        self.model, self.fn, self.static = model, fn, static
 
-    def forward(self, ids_B1: Tensor, position_ids_B1: Tensor, keys_S: Tensor, cos: Tensor, sin: Tensor,
-                storage: tuple[Tensor, ...]):
-        cache = KVCache.over_storage(list(storage), (cos, sin))
-        B = ids_B1.shape[0]
-        step = CacheStep(cache, torch.arange(B, device=ids_B1.device), position_ids_B1, None, keys_S.shape[0], (0, B))
-        return self.fn(self.model, ids_B1, step)
+    def forward(self, ids_BT: Tensor, position_ids_BT: Tensor, keys_S: Tensor, batch_args: tuple[Tensor, ...],
+                tables: tuple[tuple[Tensor, Tensor], ...], storages: tuple[tuple[Tensor, ...], ...]):
+        B, S = ids_BT.shape[0], keys_S.shape[0]
+        slots = torch.arange(B, device=ids_BT.device)
+        steps = [CacheStep(KVCache.over_storage(list(storage), table), slots, position_ids_BT, None, S, (0, B))
+                 for table, storage in zip(tables, storages)]
+        return self.fn(self.model, ids_BT, *steps, *self.static, *batch_args)
 
 
 def regimes(max_batch: int, switches: list[int]) -> list[tuple[int, int]]:
     """The batch-size ranges [lo, hi] that each take one graph: batch 1 (dynamo and export
-    specialise a size of 1), then from 2 up to max_batch, split where the model's path changes."""
+    specialise a size of 1), then from 2 up to max_batch, split at the batch sizes `switches`
+    where the model's path changes."""
     firsts = sorted({1, 2} | {n for n in switches if 2 < n <= max_batch})
     ends = [f - 1 for f in firsts[1:]] + [max_batch]
     return [(lo, hi) for lo, hi in zip(firsts, ends) if lo <= hi]
 
 
-class AOTDecodeStep:
-    """`decode_forward(model, ids [B, 1], step)` for the rows 0..B-1 of `cache`, one AOTInductor
-    library per batch regime. Call it with the step's token ids [B, 1], their positions [B, 1] and
-    the key count; it returns what `decode_forward` returns."""
+class AOTStep:
+    """`fn(model, ids [B, T], *steps, *static, *batch_args)` over rows 0..B-1 of `caches` (one
+    `CacheStep` each, the same positions), one AOTInductor library per batch regime: the engine's
+    plain decode step (`decode_forward`, T = 1) and greedy speculative cycle (`greedy_cycle`, T =
+    k + 1, static (k,), batch_args (last_B,)). Call it with the ids [B, T], their positions
+    [B, T], the key count and the batch_args; it returns what `fn` returns."""
 
-    def __init__(self, model: Glm4MoeForCausalLM, cache: KVCache, runners: dict[tuple[int, int], object]):
-        self.model, self.cache, self.runners = model, cache, runners
+    def __init__(self, model: Glm4MoeForCausalLM, caches: list[KVCache], T: int, runners: dict[tuple[int, int], object]):
+        self.model, self.caches, self.T, self.runners = model, caches, T, runners
         self._by_batch: list[object | None] = [None] * (max(hi for _, hi in runners) + 1)
         for (lo, hi), runner in runners.items():
             self._by_batch[lo:hi + 1] = [runner] * (hi - lo + 1)
-        self._keys = torch.empty(cache.max_len, device=cache.lens.device)  # sliced to the key count
+        self.max_keys = _max_keys(caches[0].max_len, T)
+        self._keys = torch.empty(self.max_keys, device=caches[0].lens.device)  # sliced to the key count
         self._out_spec = pytree.treespec_loads(next(iter(runners.values())).loader.get_call_spec()[1])
-        self._fixed = [*cache.rope, *cache.storage]
+        self._fixed = [t for c in caches for t in c.rope] + [t for c in caches for t in c.storage]
         self.bind_weights()
 
     @classmethod
-    def build(cls, model: Glm4MoeForCausalLM, cache: KVCache, max_batch: int, fn: Callable) -> "AOTDecodeStep | None":
-        """Export and compile (or load from the disk cache) one library per regime of
-        `regimes(max_batch, model.token_switches())`; None, with a warning, where that fails."""
+    def build(cls, model: Glm4MoeForCausalLM, caches: list[KVCache], max_batch: int, fn: Callable, T: int = 1,
+              static: tuple = (), batch_args: int = 0) -> "AOTStep | None":
+        """Export and compile (or load from the disk cache) one library per batch regime (where
+        the model's path changes for B x T tokens or, in the MTP layer's one-token drafts, for B);
+        `batch_args` long tensors [B] follow. None, with a warning, where that fails."""
+        switches = [-(-n // t) for n in model.token_switches() for t in {T, 1}]
         try:
             with warnings.catch_warnings():  # (torch's own use of a deprecated pytree class, at load)
                 warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-                runners = {r: _compile(model, cache, fn, *r) for r in regimes(max_batch, model.token_switches())}
+                runners = {r: _compile(model, caches, fn, T, static, batch_args, *r)
+                           for r in regimes(max_batch, switches)}
         except Exception as e:  # an export or a build that fails: the torch.compile'd step stays
-            warnings.warn(f"the ahead-of-time compiled decode step is unavailable ({type(e).__name__}: "
-                          f"{str(e)[:500]}); decoding keeps the torch.compile'd step", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"the ahead-of-time compiled {getattr(fn, '__name__', fn)} is unavailable "
+                          f"({type(e).__name__}: {str(e)[:500]}); the engine keeps its torch.compile'd one",
+                          RuntimeWarning, stacklevel=2)
             return None
-        return cls(model, cache, runners)
+        return cls(model, caches, T, runners)
 
     def bind_weights(self) -> None:
         """Point every library at the model's current parameters and buffers (they are read in
@@ -105,14 +116,22 @@ class AOTDecodeStep:
                                   check_full_update=True, user_managed=True)
 
     def applies(self, num_keys: int) -> bool:
-        """Whether a step over this many keys runs here: all but a step over the whole cache
-        (`_compile`), which the engine's torch.compile'd step takes."""
-        return num_keys < self.cache.max_len
+        """Whether a call over this many keys runs here: all but those that read a cache's whole
+        tensors (`_max_keys`), which the engine's torch.compile'd functions take."""
+        return num_keys <= self.max_keys
 
-    def __call__(self, ids_B1: Tensor, position_ids_B1: Tensor, num_keys: int):
-        runner = self._by_batch[ids_B1.shape[0]]
-        flat = runner.loader.run([ids_B1, position_ids_B1, self._keys[:max(num_keys, 2)], *self._fixed])
+    def __call__(self, ids_BT: Tensor, position_ids_BT: Tensor, num_keys: int, *batch_args: Tensor):
+        runner = self._by_batch[ids_BT.shape[0]]
+        keys = self._keys[:max(num_keys, self.T + 1)]
+        flat = runner.loader.run([ids_BT, position_ids_BT, keys, *batch_args, *self._fixed])
         return pytree.tree_unflatten(flat, self._out_spec)
+
+
+def _max_keys(max_len: int, T: int) -> int:
+    """The most keys a call may attend over: export specialises a slice that is a whole tensor
+    (its layout changes), so every read must stop short of max_len — a decode step's keys, and a
+    speculative cycle's k - 1 further drafts of the MTP layer after its T = k + 1 pairs."""
+    return max_len - max(1, T - 1)
 
 
 _OPTIONS = {
@@ -134,23 +153,27 @@ def _build_flags() -> str:
                  aoti.debug_compile, aoti.debug_symbols, aoti.compile_wrapper_opt_level])
 
 
-def _compile(model: Glm4MoeForCausalLM, cache: KVCache, fn: Callable, lo: int, hi: int):
-    """The loaded AOTInductor package of `fn` for batch sizes lo..hi and key counts 2..max_len - 1
-    (a step over the whole cache reads whole tensors, whose layout export specialises)."""
-    device, L = cache.lens.device, cache.max_len
-    B, S = hi, min(2, L)
-    args = (torch.zeros(B, 1, dtype=torch.long, device=device), torch.full((B, 1), S - 1, device=device),
-            torch.empty(S, device=device), *cache.rope, tuple(cache.storage))
+def _compile(model: Glm4MoeForCausalLM, caches: list[KVCache], fn: Callable, T: int, static: tuple,
+             batch_args: int, lo: int, hi: int):
+    """The loaded AOTInductor package of `fn` for batch sizes lo..hi and key counts T + 1 to
+    `_max_keys`."""
+    device, L = caches[0].lens.device, caches[0].max_len
+    B, S = hi, T + 1
+    args = (torch.zeros(B, T, dtype=torch.long, device=device),
+            torch.arange(1, T + 1, device=device).repeat(B, 1), torch.empty(S, device=device),
+            tuple(torch.zeros(B, dtype=torch.long, device=device) for _ in range(batch_args)),
+            tuple(c.rope for c in caches), tuple(tuple(c.storage) for c in caches))
     batch = torch.export.Dim("B", min=lo, max=hi) if lo < hi else None
-    keys = torch.export.Dim("S", min=2, max=L - 1)
-    shapes = ({0: batch} if batch else None, {0: batch} if batch else None, {0: keys}, None, None,
-              (None,) * len(cache.storage))
+    keys = torch.export.Dim("S", min=T + 1, max=_max_keys(L, T))
+    rows = {0: batch} if batch else None
+    shapes = (rows, rows, {0: keys}, tuple(rows for _ in range(batch_args)),
+              tuple((None, None) for _ in caches), tuple((None,) * len(c.storage) for c in caches))
     with torch.no_grad():
-        ep = torch.export.export(_Step(model, fn), args, dynamic_shapes=shapes, strict=False)
+        ep = torch.export.export(_Traced(model, fn, static), args, dynamic_shapes=shapes, strict=False)
     code = ep.graph_module.print_readable(print_output=False, include_stride=True, include_device=True)
     key = hashlib.sha256("\n".join([code, str(ep.range_constraints), str(sorted(_OPTIONS.items())), _build_flags(),
                                     torch.__version__, kernels.cpu_features(), kernels.compiler()]).encode()).hexdigest()[:16]
-    path = kernels.cache_dir() / f"decode_step_{key}.pt2"
+    path = kernels.cache_dir() / f"{getattr(fn, '__name__', 'step')}_{key}.pt2"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)

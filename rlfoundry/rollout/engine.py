@@ -33,7 +33,7 @@ from torch import Tensor
 from rlfoundry.model import Glm4MoeForCausalLM, KVCache, kernels
 from rlfoundry.model.glm4_moe import DECODE_ATTENTION_MAX_T, CacheStep, at_least_fp32
 from rlfoundry.model.hf_io import read_tensors, update_from_tensors
-from rlfoundry.rollout.aot import AOTDecodeStep
+from rlfoundry.rollout.aot import AOTStep
 
 
 class RequestError(ValueError):
@@ -361,11 +361,14 @@ class Engine:
         self.mtp_cache = KVCache.for_model(cfg, max_batch, self.max_len, num_layers=1, dtype=dtype,
                                            device=self.device, value_ones=batch_invariant,
                                            keys_by_dim=keys_by_dim) if speculative_steps else None
-        # Plain decode steps of such an engine (compiled, CPU, fp32, no speculative decoding): the
-        # same `decode_forward`, compiled ahead of time (`aot.AOTDecodeStep`: no dynamo guards or
-        # Python layers around the graph), built by `warmup` or at the first decode step
-        self._aot: AOTDecodeStep | None = None
+        # Such an engine (compiled, CPU, fp32) runs the same functions compiled ahead of time
+        # (`aot.AOTStep`: no dynamo guards or Python layers around the graph), built by `warmup`
+        # or at first use: plain decode steps (`decode_forward`) or, speculative, the greedy cycle
+        # of k drafts (`greedy_cycle`); the torch.compile'd functions take the rest
+        self._aot: AOTStep | None = None
+        self._aot_cycle: AOTStep | None = None
         self._aot_wanted = keys_by_dim and not speculative_steps
+        self._aot_cycle_wanted = keys_by_dim and bool(speculative_steps)
         if compile_decode:  # the batch size varies, the cache's shape never does
             for c in (self.cache, self.mtp_cache):
                 for t in (c.k + c.v if c is not None else []):
@@ -445,6 +448,7 @@ class Engine:
             if self._running or self._waiting:
                 raise RuntimeError("warmup needs an idle engine: it writes the KV caches")
             self._aot_step()
+            self._aot_cycle_step()
             k, switches, device = self.spec_steps, self.model.token_switches(), self.device
             D, dtype = self.model.config.hidden_size, self.dtype
 
@@ -569,8 +573,9 @@ class Engine:
         tensors = read_tensors(Path(source)) if isinstance(source, (str, Path)) else source
         def update() -> int:
             n = update_from_tensors(self.model, tensors)
-            if self._aot is not None:  # (copied in place, so already seen; a replaced tensor would not be)
-                self._aot.bind_weights()
+            for aot in (self._aot, self._aot_cycle):  # (copied in place, so already seen; a replaced tensor would not be)
+                if aot is not None:
+                    aot.bind_weights()
             self.weight_version = str(version) if version is not None else str(int(self.weight_version) + 1
                                                                                   if self.weight_version.isdigit() else 1)
             return n
@@ -874,13 +879,22 @@ class Engine:
             for seq in seqs:
                 seq.mtp_ids.append(seq.output_ids[-1])
 
-    def _aot_step(self) -> AOTDecodeStep | None:
+    def _aot_step(self) -> AOTStep | None:
         """The ahead-of-time compiled decode step, built on first use (None where it does not apply
         or could not be built)."""
         if self._aot_wanted:
             self._aot_wanted = False
-            self._aot = AOTDecodeStep.build(self.model, self.cache, self.max_batch, decode_forward)
+            self._aot = AOTStep.build(self.model, [self.cache], self.max_batch, decode_forward)
         return self._aot
+
+    def _aot_cycle_step(self) -> AOTStep | None:
+        """The ahead-of-time compiled greedy cycle of `spec_steps` drafts, built on first use."""
+        if self._aot_cycle_wanted:
+            self._aot_cycle_wanted = False
+            k = self.spec_steps
+            self._aot_cycle = AOTStep.build(self.model, [self.cache, self.mtp_cache], self.max_batch, greedy_cycle,
+                                            T=k + 1, static=(k,), batch_args=1)
+        return self._aot_cycle
 
     def _decode_speculative(self, k: int) -> None:
         """MTP speculative decoding (Leviathan et al. 2023; Chen et al. 2023): the MTP layer drafts k
@@ -945,9 +959,15 @@ class Engine:
         next_drafts = None
         if compiled_chain:  # (`greedy_cycle` is compiled with `greedy_drafts`) and the next cycle's drafts
             # (the MTP cache's lengths are those of the main cache before this cycle: see below)
-            target_Bk1, target_lp_Bk1, next_drafts, ver_hidden, ver_routed = self._greedy_cycle(
-                model, verify_ids, CacheStep.rows(self.cache, L, k + 1, device),
-                CacheStep.rows(self.mtp_cache, L, k + 1, device), k, torch.full((B,), -1, device=device))
+            cycle, num_keys = self._aot_cycle_step(), max(L) + k + 1
+            if cycle is not None and k == self.spec_steps and cycle.applies(num_keys):
+                positions = torch.tensor(L, device=device)[:, None] + torch.arange(k + 1, device=device)
+                out = cycle(verify_ids, positions, num_keys, torch.full((B,), -1, device=device))
+            else:
+                out = self._greedy_cycle(model, verify_ids, CacheStep.rows(self.cache, L, k + 1, device),
+                                         CacheStep.rows(self.mtp_cache, L, k + 1, device), k,
+                                         torch.full((B,), -1, device=device))
+            target_Bk1, target_lp_Bk1, next_drafts, ver_hidden, ver_routed = out
             next_drafts = next_drafts.tolist()
         elif self._forward is not None:  # compiled (the cache lengths are set below)
             step = CacheStep.rows(self.cache, L, k + 1, device)
