@@ -299,7 +299,7 @@ class KVCache:
                   for _ in range(num_layers)]
         self.storage = keys + values
         """The tensors the cache's keys and values are (or are views of): every layer's keys, then
-        every layer's values. The ahead-of-time compiled decode step (`rollout.aot`) takes these."""
+        every layer's values. The engine's ahead-of-time compiled functions (`rollout.aot`) take these."""
         self.k, self.v = self.views(self.storage, keys_by_dim)
         self.value_ones = value_ones
         if value_ones:
@@ -319,8 +319,8 @@ class KVCache:
     @classmethod
     def over_storage(cls, storage: list[Tensor], rope: tuple[Tensor, Tensor]) -> "KVCache":
         """A `keys_by_dim` cache whose tensors are `storage` (as another cache's `storage` lists
-        them) and whose RoPE tables are `rope`, without lengths: what the ahead-of-time compiled
-        decode step builds around the tensors it is given."""
+        them) and whose RoPE tables are `rope`, without lengths: what an ahead-of-time compiled
+        function of the engine (`rollout.aot`) builds around the tensors it is given."""
         cache = cls.__new__(cls)
         cache.storage, cache.rope, cache.value_ones, cache.lens = list(storage), rope, False, None
         cache.k, cache.v = cls.views(cache.storage, True)

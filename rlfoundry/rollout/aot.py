@@ -1,27 +1,31 @@
-"""The engine's plain decode step compiled ahead of time by AOTInductor.
+"""Engine functions compiled ahead of time by AOTInductor: the plain decode step and the greedy
+speculative cycle.
 
 A torch.compile'd call pays, before and after its graph, for dynamo's guards (~1000 checks on the
 model's modules and attributes, since the graph holds them as constants) and for the Python layers
 that hand ~90 tensors (the weights, the KV cache) to the graph and take its outputs back: at batch
 64 on the shipped model that is a fifth of a decode step. Here the same function
-(`engine.decode_forward`, one token a row) is exported with `torch.export` once per batch-size
-regime (dynamo specialises batch 1, and the MoE blocks change path at the token counts of
-`Glm4MoeForCausalLM.token_switches`), compiled by AOTInductor into a shared library, and called
-with the step's few tensors: no guards, the weights bound once. The outputs are the compiled
-graph's to the bit (same inductor lowering; a test checks it).
+(`engine.decode_forward` over one token a row, or `engine.greedy_cycle` over k + 1) is exported
+with `torch.export` once per batch-size regime (dynamo specialises batch 1, and the MoE blocks
+change path at the token counts of `Glm4MoeForCausalLM.token_switches`), compiled by AOTInductor
+into a shared library, and called with the step's few tensors: no guards, the weights bound once.
+The outputs equal the torch.compile'd function's up to float rounding (its own inductor build of
+the same graph: the same tokens and routing, logits within ~5e-6 of their scale; tests/test_aot.py).
 
 Weights: the library holds pointers to the model's own parameters and buffers
 (`load_constants(user_managed=True)`), so weight updates copied into them in place — as
 `Engine.update_weights` does — are seen at the next step; `bind_weights` rebinds them after
-anything that replaced the tensors themselves. The KV cache is passed at every call as its storage
-tensors (`KVCache.storage`).
+anything that replaced the tensors themselves. Inductor would write small constant tensors into
+its kernels as literals (the routers' correction biases), which neither a rebinding nor an update
+would reach; the build keeps them tensors (`_OPTIONS`). The KV caches are passed at every call as
+their storage tensors (`KVCache.storage`).
 
 Compiling takes ~12 s a regime here. The packages are kept on disk beside the native kernels
 (`kernels.cache_dir()`), named by a hash of the exported program (its code with shapes and
-strides, its dynamic ranges), torch's version and the CPU's features: a second engine, or process,
-with the same model shapes and limits loads them in well under a second. Where export or the
-build fails, `build` says why once and returns None, and the engine keeps its torch.compile'd
-step.
+strides, its dynamic ranges), the build options and flags, torch's version and the CPU's
+features: a second engine, or process, with the same model shapes and limits loads them in well
+under a second. Where export or the build fails, `build` says why once and returns None, and the
+engine keeps its torch.compile'd function.
 """
 
 from __future__ import annotations
