@@ -23,8 +23,8 @@ their storage tensors (`KVCache.storage`).
 Compiling takes ~12 s a regime here. The packages are kept on disk beside the native kernels
 (`kernels.cache_dir()`), named by a hash of the exported program (its code with shapes and
 strides, its dynamic ranges), the build options and flags, torch's version and the CPU's
-features: a second engine, or process, with the same model shapes and limits loads them in well
-under a second. Where export or the build fails, `build` says why once and returns None, and the
+features: a second engine, or process, with the same model shapes and limits loads them instead
+(3 ms a package here; the first load in a process ~2 s). Where export or the build fails, `build` says why once and returns None, and the
 engine keeps its torch.compile'd function.
 """
 
