@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -178,15 +178,10 @@ def _compile(model: Glm4MoeForCausalLM, caches: list[KVCache], fn: Callable, T: 
     key = hashlib.sha256("\n".join([code, str(ep.range_constraints), str(sorted(_OPTIONS.items())), _build_flags(),
                                     torch.__version__, kernels.cpu_features(), kernels.compiler()]).encode()).hexdigest()[:16]
     path = kernels.cache_dir() / f"{getattr(fn, '__name__', 'step')}_{key}.pt2"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
-        os.close(fd)
-        try:
-            with torch._inductor.config.patch(_OPTIONS):
-                torch._inductor.aoti_compile_and_package(ep, package_path=tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+
+    def package(out: Path) -> None:
+        with torch._inductor.config.patch(_OPTIONS):
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(out))
+
+    kernels.build_once(path, package)
     return torch._inductor.aoti_load_package(str(path))

@@ -959,14 +959,12 @@ class Engine:
         next_drafts = None
         if compiled_chain:  # (`greedy_cycle` is compiled with `greedy_drafts`) and the next cycle's drafts
             # (the MTP cache's lengths are those of the main cache before this cycle: see below)
-            cycle, num_keys = self._aot_cycle_step(), max(L) + k + 1
-            if cycle is not None and k == self.spec_steps and cycle.applies(num_keys):
-                positions = torch.tensor(L, device=device)[:, None] + torch.arange(k + 1, device=device)
-                out = cycle(verify_ids, positions, num_keys, torch.full((B,), -1, device=device))
+            step, cycle = CacheStep.rows(self.cache, L, k + 1, device), self._aot_cycle_step()
+            if cycle is not None and k == self.spec_steps and cycle.applies(step.num_keys):
+                out = cycle(verify_ids, step.position_ids_BT, step.num_keys, torch.full((B,), -1, device=device))
             else:
-                out = self._greedy_cycle(model, verify_ids, CacheStep.rows(self.cache, L, k + 1, device),
-                                         CacheStep.rows(self.mtp_cache, L, k + 1, device), k,
-                                         torch.full((B,), -1, device=device))
+                out = self._greedy_cycle(model, verify_ids, step, CacheStep.rows(self.mtp_cache, L, k + 1, device),
+                                         k, torch.full((B,), -1, device=device))
             target_Bk1, target_lp_Bk1, next_drafts, ver_hidden, ver_routed = out
             next_drafts = next_drafts.tolist()
         elif self._forward is not None:  # compiled (the cache lengths are set below)

@@ -22,6 +22,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -86,19 +87,32 @@ def loaded() -> bool:
     return bool(_state["loaded"])
 
 
+def build_once(path: Path, build: Callable[[Path], None]) -> Path:
+    """`path`, built by `build(tmp)` into a file of its own beside it and renamed into place unless
+    it exists already: concurrent builders (threads, processes) never see a half-written file."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        try:
+            build(Path(tmp))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path
+
+
+def _compile_library(out: Path) -> None:
+    cmd = _build_command(compiler(), SOURCE, out)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed (exit {r.returncode}): {(r.stderr or r.stdout)[-2000:]}")
+
+
 def _load() -> bool:
     try:
-        path = library_path()
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-            os.close(fd)
-            cmd = _build_command(compiler(), SOURCE, Path(tmp))
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                os.unlink(tmp)
-                raise RuntimeError(f"{cmd[0]} failed (exit {r.returncode}): {(r.stderr or r.stdout)[-2000:]}")
-            os.replace(tmp, path)
+        path = build_once(library_path(), _compile_library)
         torch.ops.load_library(str(path))
     except Exception as e:  # no compiler, a failed build, an unwritable cache: the torch path stays
         warnings.warn(f"rlfoundry's native CPU kernels are unavailable ({e}); compiled decoding "
