@@ -157,7 +157,8 @@ def run_rl(cfg: RLConfig, out: str | Path, resume: bool = False, console=None) -
         if started_ray:
             _init_ray(ray, cfg.ray_address)
         restore_sigterm = _exit_on_sigterm(stopped_by)  # after ray.init, which installs a handler of its own
-        from rlfoundry.rl.workers import BufferWorker, RolloutWorker, TrainerWorker, freeze_heap
+        from rlfoundry.rl.workers import BufferWorker, RolloutWorker, TrainerWorker
+        from rlfoundry.rollout.launch import freeze_heap
 
         db, fresh_copy = None, False
         if cfg.debug == "train_only":  # replay another run's rollouts: copy its database

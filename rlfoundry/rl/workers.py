@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
-import gc
 import itertools
 import json
 import math
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from rlfoundry.rl.sample import Sample, Status
+from rlfoundry.rollout.launch import freeze_heap
 
 RL_TASK_SEED = 1000
 """RL prompts from task:... sources are drawn with seed RL_TASK_SEED + seed: other draws than the
@@ -38,23 +38,11 @@ problems whose worked solutions the model was pre-trained (seed 0) and fine-tune
 (`rlfoundry.data.tasks.base.is_held_out`)."""
 
 
-def freeze_heap() -> None:
-    """Once start-up is over (the loop calls it in every actor and in the driver before the first
-    step): garbage collected, then everything alive (torch's, transformers' and Ray's modules, the
-    model, the datasets: ~250K objects) out of the collector's view, so that its full passes go over
-    what the steps made only. Over the whole heap such a pass took 158 ms in the buffer and 183 ms
-    in the rollout worker, each once in 10 steps of benchmarks/bench_rl_vs_trl.py's setting, each
-    inside a step (session 42); since, no pass in those actors has taken over 3 ms. (The engine
-    servers freeze theirs at start-up: `rlfoundry.rollout.launch._serve_one`.)"""
-    gc.collect()
-    gc.freeze()
-
-
 class _Actor:
     """What every worker of the loop answers besides its own calls."""
 
     def freeze_heap(self) -> None:
-        """`freeze_heap` in this actor's process."""
+        """`rollout.launch.freeze_heap` in this actor's process."""
         freeze_heap()
 
 

@@ -221,11 +221,12 @@ def greedy_drafts(model: Glm4MoeForCausalLM, hidden_BTD: Tensor, next_ids_BT: Te
     padding is written to the cache too — past the row's real positions, where no real query sees
     it (keys are visible only up to a query's own position) and where the row's next draft step
     writes over it — so that every row has the same shape and the chain stays one graph."""
-    logits, h, _, _ = model.mtp_forward_layers(hidden_BTD, next_ids_BT, step.position_ids_BT, step.mask(), step)
-    rows_B = torch.arange(logits.shape[0], device=logits.device)
-    logits_BV, h_B1D = logits[rows_B, last_B], h[rows_B, last_B][:, None]
+    # (the output head over the last real pair only: its logits at the other T - 1, which the
+    # compiled graph drops unused, would cost an [B x T, V] product for nothing)
+    _, h, _, _ = model.mtp_forward_layers(hidden_BTD, next_ids_BT, step.position_ids_BT, step.mask(), step)
+    h_B1D = h[torch.arange(h.shape[0], device=h.device), last_B][:, None]
     pos_B1 = step.position_ids_BT.gather(1, last_B[:, None])
-    draft_B = logits_BV.argmax(-1)
+    draft_B = model.lm_head(h_B1D[:, 0]).argmax(-1)
     drafts = [draft_B]
     for i in range(1, k):
         pos_B1 = pos_B1 + 1

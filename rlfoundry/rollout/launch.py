@@ -7,6 +7,7 @@ With `--engines N` the engines run as child processes on free ports and the real
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -22,6 +23,20 @@ def threads_each(processes: int) -> int:
     """Threads for each of `processes` processes computing at once: the machine's cores shared out
     (at least one each), so that together they never run more threads than cores."""
     return max(1, (os.cpu_count() or 1) // processes)
+
+
+def freeze_heap() -> None:
+    """Once a process's start-up is over: garbage collected, then everything alive (torch's,
+    transformers', FastAPI's and Ray's modules, the model, the datasets: ~230 - 250K objects) out of
+    the collector's view, so that its full passes go over what came after only. Over the whole heap
+    such a pass takes 80 - 200 ms here, at a moment nobody chose: inside an RL step (the buffer and
+    the rollout worker each once in 10 steps of benchmarks/bench_rl_vs_trl.py's setting, session
+    42), a pause in an engine server's decoding, or one side of a benchmark's timed run (one pass of
+    80 ms in 0.8 s of batch-1 decoding). Since, no pass has taken over 3 ms in those processes.
+    Called by each engine server (`_serve_one`), every actor of the RL loop and its driver
+    (`rl.workers`), and the benchmarks before they time anything."""
+    gc.collect()
+    gc.freeze()
 
 
 def free_port() -> int:
@@ -276,16 +291,13 @@ def _serve_one(spec: EngineSpec, host: str, port: int, log_level: str) -> int:
     second OpenMP thread team next to the main thread's, and with more threads than cores libgomp
     throttles their spin-waiting: decode steps measured ~1.8x slower on 2 cores. SIGTERM and
     Ctrl-C stop both."""
-    import gc
     import threading
 
     import uvicorn
 
     app, engine = build_engine_app(spec, start_engine=False)
-    # what start-up built (torch's, transformers' and FastAPI's modules: ~230K objects) is never
-    # garbage: out of the collector's full passes (0.2 s each over all of it, a pause in decoding)
-    # and out of the interpreter's final one at exit (~1 s of every stop)
-    gc.freeze()
+    # (frozen objects are out of the interpreter's final pass at exit too: ~1 s of every stop)
+    freeze_heap()
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, http=HTTP_PARSER,
                                            loop="auto"))  # auto: uvloop where installed
 
