@@ -27,8 +27,16 @@ def shipped_model_and_prompts(n: int, seed: int):
 def eager_dynamo(monkeypatch):
     """torch.compile with dynamo's eager backend (the backend the test passes to `use`, "eager"
     by default): which graphs there are, and the engine's bookkeeping around them, are under test,
-    not inductor. Dynamo's caches are reset before and after."""
+    not inductor — nor AOTInductor: no step is compiled ahead of time (`AOTStep.build` gives None,
+    as where a build fails), so every call goes through the torch.compile'd functions, whose
+    graphs `warmup` compiles either way (tests/test_aot.py and
+    test_compiled_speculative_decoding_equals_eager_plain_decoding take the ahead-of-time steps;
+    their builds took 2.3 of the 3.3 minutes of the two tests here that use this fixture, from
+    empty caches). Dynamo's caches are reset before and after."""
+    from rlfoundry.rollout.aot import AOTStep
+
     compile_ = torch.compile
+    monkeypatch.setattr(AOTStep, "build", classmethod(lambda cls, *args, **kwargs: None))
 
     def use(backend="eager"):
         monkeypatch.setattr(torch, "compile", lambda fn, dynamic, fullgraph, options=None: compile_(
