@@ -79,7 +79,17 @@ def test_a_failed_build_leaves_the_torch_attention(monkeypatch, tmp_path):
     with pytest.warns(RuntimeWarning, match="native CPU kernels are unavailable"):
         assert kernels.load() is False
     assert not kernels.loaded()
+    assert not kernels.applies(torch.device("cpu"), torch.float32, load_now=True)  # (no second build tried)
     q, k, v, pos_BT = _case(2, 4, 2, 9, 16, 1, keys_by_dim=True)
     mask_BTS = torch.arange(9)[None, None] <= pos_BT[:, :, None]
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTS[:, None], scale=0.25, enable_gqa=True)
     torch.testing.assert_close(decode_attention(q, k, v, mask_BTS, 0.25, pos_BT), ref, rtol=0, atol=3e-6)
+
+
+def test_applies_to_fp32_on_cpu_only():
+    """The one test that the engine (its key layout) and decode attention make (`kernels.applies`)."""
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert kernels.applies(cpu, torch.float32) and kernels.applies(cpu, torch.float32, torch.float32, load_now=True)
+    assert not kernels.applies(cpu, torch.float32, torch.bfloat16)
+    assert not kernels.applies(cpu, torch.float64)
+    assert not kernels.applies(meta, torch.float32, load_now=True)

@@ -446,8 +446,7 @@ def decode_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor, mask_BTS: T
     keys only (at batch 64 about half the time of the form below: measurements in the README).
     Otherwise two batched matrix products around a masked softmax (the query heads of a key/value
     group and the T queries share one product)."""
-    if (position_ids_BT is not None and q_BHTD.device.type == "cpu" and q_BHTD.dtype == torch.float32
-            and k_BGSD.dtype == torch.float32 and kernels.loaded()):
+    if position_ids_BT is not None and kernels.applies(q_BHTD.device, q_BHTD.dtype, k_BGSD.dtype):
         return torch.ops.rlfoundry_kernels.decode_attention(q_BHTD, k_BGSD, v_BGSD, position_ids_BT, scale)
     B, H, T, D = q_BHTD.shape
     G = k_BGSD.shape[1]

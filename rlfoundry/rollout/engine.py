@@ -354,8 +354,7 @@ class Engine:
         dtype = self.dtype
         # compiled on CPU in fp32: attention through our native kernel (built on first use, see
         # `rlfoundry.model.kernels`), which reads keys stored position-contiguous
-        keys_by_dim = bool(compile_decode and self.device.type == "cpu" and dtype == torch.float32
-                           and kernels.load())
+        keys_by_dim = compile_decode and kernels.applies(self.device, dtype, load_now=True)
         self.cache = KVCache.for_model(cfg, max_batch, self.max_len, dtype=dtype, device=self.device,
                                        value_ones=batch_invariant, keys_by_dim=keys_by_dim)
         # the MTP layer's own cache: position t holds the pair (h_t, token t+1)

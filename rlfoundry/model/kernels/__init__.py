@@ -87,6 +87,16 @@ def loaded() -> bool:
     return bool(_state["loaded"])
 
 
+def applies(device: torch.device, *dtypes: torch.dtype, load_now: bool = False) -> bool:
+    """Whether the native ops serve tensors of these dtypes on this device: fp32 on CPU, with the
+    library loaded in this process — or, with `load_now`, built and loaded now where the device and
+    dtypes fit (`load()`; traced code asks without: `loaded()` only). The one test that the engine
+    (its KV cache's key layout) and the model (`glm4_moe.decode_attention`) both make."""
+    if device.type != "cpu" or any(d != torch.float32 for d in dtypes):
+        return False
+    return load() if load_now else loaded()
+
+
 def build_once(path: Path, build: Callable[[Path], None]) -> Path:
     """`path`, built by `build(tmp)` into a file of its own beside it and renamed into place unless
     it exists already: concurrent builders (threads, processes) never see a half-written file."""
