@@ -52,6 +52,8 @@ def run_trl(args, records) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from rlfoundry.rollout.launch import freeze_heap
+
     torch.manual_seed(0)
     t_setup = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(str(MODEL))
@@ -79,6 +81,9 @@ def run_trl(args, records) -> dict:
         trainer = GRPOTrainer(model=model, reward_funcs=countdown_reward, args=cfg, train_dataset=ds,
                               processing_class=tok, callbacks=[Clock()])
         setup = time.perf_counter() - t_setup
+        # start-up's heap out of the garbage collector's full passes, as rlfoundry's loop does in each
+        # of its processes (`rollout.launch.freeze_heap`)
+        freeze_heap()
         t0 = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - t0
