@@ -33,9 +33,9 @@ from rlfoundry.rollout.launch import free_port, wait_healthy  # noqa: E402
 SERVE = """
 import sys
 from rlfoundry.rollout import launch
-launch.HTTP_PARSER = sys.argv[1]
-launch._serve_one(launch.EngineSpec(sys.argv[2], max_batch=int(sys.argv[3]), compile_decode=sys.argv[4] == "1"),
-                  "127.0.0.1", int(sys.argv[5]), "error")
+launch.HTTP_PARSER = sys.argv[1]  # (what `serve` hands uvicorn)
+sys.exit(launch.serve(launch.EngineSpec(sys.argv[2], max_batch=int(sys.argv[3]), compile_decode=sys.argv[4] == "1"),
+                      "127.0.0.1", int(sys.argv[5]), log_level="error"))
 """
 
 
