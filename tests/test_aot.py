@@ -1,7 +1,9 @@
 """The engine's ahead-of-time compiled decode step (rollout/aot.py) against the torch.compile'd one
 and eager decoding: the same outputs, weights read in place, its disk cache shared between models."""
 
+import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,7 +75,8 @@ def test_aot_step_equals_the_compiled_step_and_eager_for_every_batch_regime():
 def test_a_cached_package_decodes_another_model_and_sees_weight_updates(monkeypatch):
     """The second engine loads the first one's packages (same shapes): it must compute with its own
     weights and buffers — the routers' correction biases included, which inductor would otherwise
-    write into the kernels — and see them change in place or be replaced."""
+    write into the kernels — and see them change in place or be replaced. Loading leaves no
+    extracted copy of a package in the temporary directory (`aot._load`)."""
     first = random_model(CFG, seed=2)
     Engine(first, max_batch=4, compile_decode=True).warmup()  # (built by the test above, if it ran)
     model = random_model(CFG, seed=3)
@@ -81,8 +84,11 @@ def test_a_cached_package_decodes_another_model_and_sees_weight_updates(monkeypa
     compiled, real = [], torch._inductor.aoti_compile_and_package
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package",
                         lambda *a, **k: compiled.append(1) or real(*a, **k))
+    extracted = lambda: set(Path(tempfile.gettempdir()).glob("aotinductor_*"))  # noqa: E731
+    before = extracted()
     engine.warmup()
     assert engine._aot is not None and not compiled  # loaded from the cache
+    assert len(engine._aot.runners) == 2 and not extracted() - before
     aot, _, eager = _steps(engine, model, 3, 20)
     _close(aot, eager)
     with torch.no_grad():  # in place, as update_weights copies

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -184,4 +186,32 @@ def _compile(model: Glm4MoeForCausalLM, caches: list[KVCache], fn: Callable, T: 
             torch._inductor.aoti_compile_and_package(ep, package_path=str(out))
 
     kernels.build_once(path, package)
-    return torch._inductor.aoti_load_package(str(path))
+    return _load(path)
+
+
+def _mapped_files() -> set[str]:
+    """The files mapped into this process (/proc/self/maps; empty where there is none)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return set()
+    return {line.split(maxsplit=5)[5] for line in lines if len(line.split(maxsplit=5)) == 6}
+
+
+def _load(path: Path):
+    """`aoti_load_package(path)`, without the copy it leaves behind: the loader extracts the package
+    (its library, ~8 MB here) into a directory of its own under the temporary directory and removes
+    it only when the loader is destroyed — which a killed engine server, or any process exiting with
+    the loader alive (the engines' are, and frozen out of the collector at that), never does: ~40 MB
+    of /tmp an engine server's start, for good. Once the library is mapped (dlopen) nothing reads
+    that directory on CPU, so it goes now: found as the new mapped library's `aotinductor_*`
+    ancestor directly under the temporary directory (this process's own mapping: no other process's
+    extraction is touched); where that is not what the loader made, nothing is removed."""
+    before = _mapped_files()
+    runner = torch._inductor.aoti_load_package(str(path))
+    roots = {Path(tempfile.gettempdir()).resolve(), Path("/tmp").resolve()}
+    for mapped in _mapped_files() - before:
+        for d in Path(mapped).parents:
+            if d.parent in roots and d.name.startswith("aotinductor_"):
+                shutil.rmtree(d, ignore_errors=True)
+    return runner
