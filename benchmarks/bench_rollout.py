@@ -125,7 +125,8 @@ def compiled_costs(model, max_len: int, k: int, iters: int = 200) -> dict[str, f
     from rlfoundry.rollout.aot import AOTStep
     from rlfoundry.rollout.engine import decode_forward, greedy_cycle
 
-    if not kernels.load():
+    weight = next(model.parameters())
+    if not kernels.applies(weight.device, weight.dtype, load_now=True):  # (as the engines decide)
         return None
     cfg = model.config
     cache = KVCache.for_model(cfg, 1, max_len, keys_by_dim=True)

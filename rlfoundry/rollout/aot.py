@@ -195,7 +195,7 @@ def _mapped_files() -> set[str]:
         lines = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return set()
-    return {line.split(maxsplit=5)[5] for line in lines if len(line.split(maxsplit=5)) == 6}
+    return {fields[5] for fields in (line.split(maxsplit=5) for line in lines) if len(fields) == 6}
 
 
 def _load(path: Path):

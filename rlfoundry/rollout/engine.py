@@ -960,11 +960,12 @@ class Engine:
         if compiled_chain:  # (`greedy_cycle` is compiled with `greedy_drafts`) and the next cycle's drafts
             # (the MTP cache's lengths are those of the main cache before this cycle: see below)
             step, cycle = CacheStep.rows(self.cache, L, k + 1, device), self._aot_cycle_step()
-            if cycle is not None and k == self.spec_steps and cycle.applies(step.num_keys):
-                out = cycle(verify_ids, step.position_ids_BT, step.num_keys, torch.full((B,), -1, device=device))
+            last_B = torch.full((B,), -1, device=device)  # (compiled_chain: k is spec_steps, the cycle's own)
+            if cycle is not None and cycle.applies(step.num_keys):
+                out = cycle(verify_ids, step.position_ids_BT, step.num_keys, last_B)
             else:
                 out = self._greedy_cycle(model, verify_ids, step, CacheStep.rows(self.mtp_cache, L, k + 1, device),
-                                         k, torch.full((B,), -1, device=device))
+                                         k, last_B)
             target_Bk1, target_lp_Bk1, next_drafts, ver_hidden, ver_routed = out
             next_drafts = next_drafts.tolist()
         elif self._forward is not None:  # compiled (the cache lengths are set below)
