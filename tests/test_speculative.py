@@ -163,7 +163,7 @@ def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch, eager_dyna
     steps) is reached at small batches. The graphs are traced with dynamo's eager backend: which
     graphs there are is the guards' business, whatever compiles them. None of them takes the
     model's Python floats as inputs."""
-    from rlfoundry.model.glm4_moe import Experts
+    from rlfoundry.model.glm4_moe import SMALL_PRODUCT_ROWS, Experts
 
     scalar_inputs = []  # graph inputs that are Python floats made tensors (see `engine._compile`)
 
@@ -176,7 +176,7 @@ def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch, eager_dyna
     eager_dynamo(eager)
     monkeypatch.setattr(Experts, "DENSE_MAX_ROWS", 16 * 4)  # 16 experts: dense up to 4 tokens
     model, prompts = shipped_model_and_prompts(10, seed=10_002)
-    assert model.token_switches() == [5]
+    assert model.token_switches() == [5, SMALL_PRODUCT_ROWS + 1]  # (small products: see `small_linear`)
     engine = Engine(model, max_batch=6, speculative_steps=3, compile_decode=True)
     engine.warmup()
     greedy = [SamplingParams(temperature=0, max_new_tokens=5 + 2 * b) for b in range(6)]

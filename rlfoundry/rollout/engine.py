@@ -828,18 +828,19 @@ class Engine:
 
     def _prefill_shapes(self) -> list[tuple[int, int]]:
         """(rows, tokens a row) of a compiled prefill, one in each regime that its graphs have:
-        batch 1 or more (dynamo specialises a size of 1), times each range of rows x tokens
-        between the model's switches (`Glm4MoeForCausalLM.token_switches`) that T in
-        [2, DECODE_ATTENTION_MAX_T] and up to max_batch rows reach."""
-        switches, shapes = self.model.token_switches(), []
-        for least in (1, 2):  # rows
-            starts = sorted({2 * least} | {n for n in switches if n > 2 * least})
-            for start, end in zip(starts, starts[1:] + [None]):
-                for T in range(2, self._prefill_max_t + 1):
-                    B = least if least == 1 else max(2, -(-start // T))
-                    if B <= self.max_batch and start <= B * T and (end is None or B * T < end):
-                        shapes.append((B, T))
-                        break
+        batch 1 or more (dynamo specialises a size of 1), times each side of every switch of the
+        model (`Glm4MoeForCausalLM.token_switches`) for the rows x tokens of the main model's
+        forward and, in a greedy speculative prefill (`greedy_cycle`), for the rows alone of the
+        MTP layer's one-token drafts — with T in [2, DECODE_ATTENTION_MAX_T] and up to max_batch
+        rows."""
+        switches, shapes, seen = self.model.token_switches(), [], set()
+        for T in range(2, self._prefill_max_t + 1):
+            firsts = {1, 2} | {-(-n // t) for n in switches for t in (T, 1)}
+            for B in sorted(b for b in firsts if b <= self.max_batch):
+                regime = (B == 1, tuple(B >= n for n in switches), tuple(B * T >= n for n in switches))
+                if regime not in seen:
+                    seen.add(regime)
+                    shapes.append((B, T))
         return shapes
 
     def _decode(self) -> None:
@@ -905,7 +906,6 @@ class Engine:
         output hidden state, as SGLang and vLLM do with GLM-4.5's MTP layer."""
         model, seqs = self.model, list(self._running)
         B, device = len(seqs), self.device
-        slots = torch.arange(B, device=device)
         params = [s.req.params for s in seqs]
         rngs = [s.rng for s in seqs]
         # 1. catch the MTP cache up with the pairs of the last step; its last position drafts d1
@@ -919,8 +919,9 @@ class Engine:
         # 1, and this keeps it at one graph a batch-size regime
         T = max(n_new + [2]) if compiled_chain else max(n_new)
         uniform = min(n_new) == T  # no row padded
-        if ready:
-            drafts_Bk = torch.tensor([s.drafts for s in seqs])
+        if ready:  # (the pending token and the drafts: the verification's ids, made in one op)
+            drafts_l = [s.drafts for s in seqs]
+            verify_ids = torch.tensor([[s.output_ids[-1]] + s.drafts for s in seqs], device=device)
         else:
             if uniform:
                 h = torch.stack([s.mtp_h for s in seqs]).to(device)
@@ -938,6 +939,7 @@ class Engine:
                 drafts_Bk = self._greedy_drafts(model, h, ids.to(device), step, k, last_B).cpu()
             else:
                 # (compiled only when no row is padding: a ragged cache write has a data-dependent shape)
+                slots = torch.arange(B, device=device)
                 out = model.mtp_forward(h, ids.to(device), cache=self.mtp_cache, slots=slots, input_lens=torch.tensor(n_new),
                                         layers_fn=self._mtp_layers if uniform else None)
                 last = torch.tensor(n_new) - 1
@@ -952,27 +954,29 @@ class Engine:
                                                 layers_fn=self._mtp_layers)
                         logits, g = out.logits[:, -1], out.hidden[:, -1]
                 drafts_Bk = torch.stack(drafts, 1).cpu()
+            drafts_l = drafts_Bk.tolist()
+            pending = torch.tensor([[s.output_ids[-1]] for s in seqs])
+            verify_ids = torch.cat([pending, drafts_Bk], 1).to(device)
         # 2. verify: the pending token and the k drafts in one forward of the main model
         L = self.cache.lens[:B].tolist()
-        pending = torch.tensor([[s.output_ids[-1]] for s in seqs])
-        verify_ids = torch.cat([pending, drafts_Bk], 1).to(device)
         next_drafts = None
         if compiled_chain:  # (`greedy_cycle` is compiled with `greedy_drafts`) and the next cycle's drafts
             # (the MTP cache's lengths are those of the main cache before this cycle: see below)
-            step, cycle = CacheStep.rows(self.cache, L, k + 1, device), self._aot_cycle_step()
+            cycle, num_keys = self._aot_cycle_step(), max(L) + k + 1
             last_B = torch.full((B,), -1, device=device)  # (compiled_chain: k is spec_steps, the cycle's own)
-            if cycle is not None and cycle.applies(step.num_keys):
-                out = cycle(verify_ids, step.position_ids_BT, step.num_keys, last_B)
+            if cycle is not None and cycle.applies(num_keys):  # (positions made in one op: no CacheStep)
+                out = cycle(verify_ids, torch.tensor([[n + t for t in range(k + 1)] for n in L], device=device),
+                            num_keys, last_B)
             else:
-                out = self._greedy_cycle(model, verify_ids, step, CacheStep.rows(self.mtp_cache, L, k + 1, device),
-                                         k, last_B)
+                out = self._greedy_cycle(model, verify_ids, CacheStep.rows(self.cache, L, k + 1, device),
+                                         CacheStep.rows(self.mtp_cache, L, k + 1, device), k, last_B)
             target_Bk1, target_lp_Bk1, next_drafts, ver_hidden, ver_routed = out
             next_drafts = next_drafts.tolist()
         elif self._forward is not None:  # compiled (the cache lengths are set below)
             step = CacheStep.rows(self.cache, L, k + 1, device)
             v_logits, target_Bk1, target_lp_Bk1, ver_hidden, ver_routed = self._forward(model, verify_ids, step)
         else:
-            ver = model(verify_ids, cache=self.cache, slots=slots)
+            ver = model(verify_ids, cache=self.cache, slots=torch.arange(B, device=device))
             v_logits, ver_hidden, ver_routed, target_Bk1 = ver.logits, ver.hidden, ver.routed_experts, None
         if target_Bk1 is not None and all_greedy:  # reduced in the graph
             target_lp = target_lp_Bk1.tolist()
@@ -984,7 +988,7 @@ class Engine:
             # greedy rows: the main model's choice at each position, and its log-prob
             target_Bk1 = p_logits.argmax(-1)
             target_lp = logprobs_all.gather(-1, target_Bk1[..., None])[..., 0].tolist()
-        target, drafts_l = target_Bk1.tolist(), drafts_Bk.tolist()
+        target = target_Bk1.tolist()
         # 3. accept or reject each sequence's drafts
         emits, new_lens = [], []
         for b, seq in enumerate(seqs):
@@ -1025,10 +1029,7 @@ class Engine:
         self.mtp_cache.lens[:B] = torch.tensor(L)
         # only now finish sequences (each sequence's cache lengths are set above)
         for seq, tokens, lps in emits:
-            for t, lp in zip(tokens, lps):
-                if seq.slot < 0:
-                    break
-                self._accept([seq], [t], [lp])
+            self._accept_run(seq, tokens, lps)
         st = self.stats
         st["spec_verify_steps"] += B
         st["spec_emitted_tokens"] += sum(len(t) for _, t, _ in emits)
@@ -1079,20 +1080,37 @@ class Engine:
         self._running = sorted((s for s in self._running if s.slot >= 0), key=lambda s: s.slot)
 
     def _accept(self, seqs: list[_Seq], ids: list[int], logprobs: list[float]) -> None:
+        """One new token for each of `seqs`."""
         self.stats["generated_tokens"] += len(seqs)
         for seq, t, lp in zip(seqs, ids, logprobs):
-            p = seq.req.params
-            if p.max_new_tokens == 0:
-                self._finish(seq, "length", None)
-                continue
-            seq.output_ids.append(t)
-            seq.logprobs.append(lp)
-            if t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_ids):
-                self._finish(seq, "stop", t)
-            elif len(seq.output_ids) >= p.max_new_tokens or len(seq.req.prompt_ids) + len(seq.output_ids) >= self.max_len:
-                self._finish(seq, "length", None)
+            self._append(seq, t, lp)
         for req in {s.req for s in seqs if s.req.on_progress is not None}:
             req.on_progress(req)
+
+    def _accept_run(self, seq: _Seq, ids: list[int], logprobs: list[float]) -> None:
+        """A speculative cycle's tokens for one sequence, in order, up to its finish."""
+        for t, lp in zip(ids, logprobs):
+            self.stats["generated_tokens"] += 1
+            if self._append(seq, t, lp):
+                break
+        if seq.req.on_progress is not None:
+            seq.req.on_progress(seq.req)
+
+    def _append(self, seq: _Seq, t: int, lp: float) -> bool:
+        """Append a token to a sequence and finish it where the token ends it; whether it did."""
+        p = seq.req.params
+        if p.max_new_tokens == 0:
+            self._finish(seq, "length", None)
+            return True
+        seq.output_ids.append(t)
+        seq.logprobs.append(lp)
+        if t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_ids):
+            self._finish(seq, "stop", t)
+        elif len(seq.output_ids) >= p.max_new_tokens or len(seq.req.prompt_ids) + len(seq.output_ids) >= self.max_len:
+            self._finish(seq, "length", None)
+        else:
+            return False
+        return True
 
     def _finish(self, seq: _Seq, reason: str, matched: int | None) -> None:
         req = seq.req
