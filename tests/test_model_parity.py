@@ -107,6 +107,38 @@ def test_compiled_inference_experts_equal_the_sparse_path(n_tokens, monkeypatch)
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("rows", [1, 4, 8, 9, 32])
+def test_compiled_inference_over_few_rows_takes_small_products(rows):
+    """Traced by torch.compile without autograd, on CPU, a product over at most SMALL_PRODUCT_ROWS
+    rows is a sum over the input dimension (`small_linear`: no matrix-product op in the graph),
+    more rows a plain F.linear; both equal F.linear up to float rounding. Eager calls, and calls
+    with autograd, always take F.linear."""
+    from rlfoundry.model.glm4_moe import SMALL_PRODUCT_ROWS, Linear, takes_small_linear
+
+    layer = Linear(64, 48, bias=True)
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
+    ops = []
+
+    def capture(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=capture, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        want = F.linear(x, layer.weight, layer.bias)
+        got = compiled(x)
+        assert not takes_small_linear(x, layer.weight)  # (not compiling)
+    assert (got - want).abs().max().item() <= 1e-6 * max(1.0, want.abs().max().item())
+    small = not any("linear" in op or "mm" in op for op in ops)
+    assert small == (rows <= SMALL_PRODUCT_ROWS), ops
+    ops.clear()
+    torch._dynamo.reset()
+    compiled(x).sum().backward()  # with autograd: F.linear whatever the rows
+    assert any("linear" in op for op in ops), ops
+    torch._dynamo.reset()
+
+
 def test_large_experts_decode_through_the_sparse_path(monkeypatch):
     """Experts whose weights exceed Experts.DENSE_MAX_WEIGHTS (GLM-4.5's: 3.8G a layer) decode even
     one token through the sparse path, which reads only the chosen experts' weights."""

@@ -117,10 +117,10 @@ def silu(x: Tensor, invariant: bool = False) -> Tensor:
     return _InvariantSiLU.apply(x) if invariant else F.silu(x)
 
 
-SMALL_PRODUCT_ROWS = 16
-"""Compiled CPU inference over at most this many rows (decode steps, speculative verification and
-drafting) computes its products with small weights as sums over the input dimension
-(`small_linear`) ..."""
+SMALL_PRODUCT_ROWS = 8
+"""Compiled CPU inference over at most this many rows (decode steps of a few sequences,
+speculative verification and drafting) computes its products with small weights as sums over the
+input dimension (`small_linear`) ..."""
 SMALL_PRODUCT_WEIGHTS = 1 << 18
 """... for weights of at most this many elements (1 MB in fp32, which stays in a core's cache
 while each row reads it again)."""
@@ -141,11 +141,12 @@ def small_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     reduction kernel of its own, fused with its neighbours (the norm before it, the bias and
     activation after), where a few rows would call MKL: at 4 rows its sgemm packs the weights
     before each product (a third of its time), and each of a step's ~20 products passes the
-    dispatcher. Measured here, ahead-of-time compiled `decode_forward` of the tiny model, two
-    threads, both libraries in one process taking turns (median of 5): 1.27x MKL's speed at 1 row,
-    1.76x at 2, 1.60x at 4, 1.32x at 8, 1.16x at 16, 0.99x at 32 and 0.94x at 64 — hence
-    `SMALL_PRODUCT_ROWS`. The result equals F.linear's up to float rounding (another summation
-    order: ~1e-6 relative)."""
+    dispatcher. Measured here with the tiny model, compiled engines (decode steps ahead of time)
+    taking turns in one process, 128 greedy tokens a sequence, median of 4 rounds: 1.23x MKL's
+    tokens/s at batch 1, 1.40x at 4, 1.05x at 8, 1.12x at 12, 0.87 - 0.93x at 16 — hence
+    `SMALL_PRODUCT_ROWS`; the greedy speculative cycle (4 rows to verify, then the MTP layer's)
+    ~1.5x. Each row reads the weights again, so past a few rows MKL's blocked product wins. The
+    result equals F.linear's up to float rounding (another summation order: ~1e-6 relative)."""
     y = (x[..., None, :] * weight).sum(-1)
     return y if bias is None else y + bias
 
