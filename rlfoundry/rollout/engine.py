@@ -919,9 +919,8 @@ class Engine:
         # 1, and this keeps it at one graph a batch-size regime
         T = max(n_new + [2]) if compiled_chain else max(n_new)
         uniform = min(n_new) == T  # no row padded
-        if ready:  # (the pending token and the drafts: the verification's ids, made in one op)
+        if ready:
             drafts_l = [s.drafts for s in seqs]
-            verify_ids = torch.tensor([[s.output_ids[-1]] + s.drafts for s in seqs], device=device)
         else:
             if uniform:
                 h = torch.stack([s.mtp_h for s in seqs]).to(device)
@@ -955,9 +954,8 @@ class Engine:
                         logits, g = out.logits[:, -1], out.hidden[:, -1]
                 drafts_Bk = torch.stack(drafts, 1).cpu()
             drafts_l = drafts_Bk.tolist()
-            pending = torch.tensor([[s.output_ids[-1]] for s in seqs])
-            verify_ids = torch.cat([pending, drafts_Bk], 1).to(device)
-        # 2. verify: the pending token and the k drafts in one forward of the main model
+        # 2. verify: the pending token and the k drafts in one forward of the main model (ids made in one op)
+        verify_ids = torch.tensor([[s.output_ids[-1]] + d for s, d in zip(seqs, drafts_l)], device=device)
         L = self.cache.lens[:B].tolist()
         next_drafts = None
         if compiled_chain:  # (`greedy_cycle` is compiled with `greedy_drafts`) and the next cycle's drafts
