@@ -1,7 +1,9 @@
-"""The native CPU kernel (`rlfoundry.model.kernels`): attention of a few queries over a KV cache,
+"""The native CPU kernels (`rlfoundry.model.kernels`): attention of a few queries over a KV cache,
 checked against torch's SDPA on both key layouts, several head dims (the compiled ones and the
-generic path), GQA ratios and ragged rows; keys past a row's position are never read; and a
-failed build leaves the pure-torch attention in place."""
+generic path), GQA ratios and ragged rows; keys past a row's position are never read; a failed
+build leaves the pure-torch attention in place. The small products (`small_linear`,
+`gathered_linear`) against fp64 products, each row's result bit-identical whatever the rows
+beside it, and their C entry points, which the libraries compiled ahead of time call."""
 
 import pytest
 import torch
@@ -93,3 +95,81 @@ def test_applies_to_fp32_on_cpu_only():
     assert not kernels.applies(cpu, torch.float32, torch.bfloat16)
     assert not kernels.applies(cpu, torch.float64)
     assert not kernels.applies(meta, torch.float32, load_now=True)
+
+
+def _ref_close(got, want_f64, x_abs_rowsum):
+    """Within fp32 rounding of a sum over K terms: relative to the sum of |x| |w| bounds (|w| <= 4)."""
+    err = (got.double() - want_f64).abs()
+    assert (err <= 1e-6 * (1 + 4 * x_abs_rowsum)).all(), err.max().item()
+
+
+@pytest.mark.parametrize("K", [128, 64, 37, 5])
+@pytest.mark.parametrize("N", [1, 3, 4, 7, 130])
+def test_small_linear_equals_the_product_and_each_row_stands_alone(K, N):
+    """y = x w^T for 1 - 9 rows (blocks of 4, then 3, 2, 1; input dims that are not a multiple of
+    the vector width; output counts that are not a multiple of 4), any leading dims; and every
+    row's outputs are bit-identical to those of the row alone — a speculative cycle's 4 verified
+    rows give the plain decode step's values."""
+    g = torch.Generator().manual_seed(K * 1000 + N)
+    w = torch.randn(N, K, generator=g).clamp(-4, 4)
+    for R in range(1, 10):
+        x = torch.randn(R, K, generator=g)
+        y = torch.ops.rlfoundry_kernels.small_linear(x, w)
+        assert y.shape == (R, N) and y.dtype == torch.float32
+        _ref_close(y, x.double() @ w.double().T, x.abs().sum(-1, keepdim=True).double())
+        for r in range(R):
+            assert torch.equal(torch.ops.rlfoundry_kernels.small_linear(x[r:r + 1], w)[0], y[r])
+    x = torch.randn(2, 3, K, generator=g).transpose(0, 1)  # leading dims, not contiguous
+    assert torch.equal(torch.ops.rlfoundry_kernels.small_linear(x, w),
+                       torch.ops.rlfoundry_kernels.small_linear(x.contiguous(), w))
+
+
+@pytest.mark.parametrize("per_pair", [False, True])
+def test_gathered_linear_multiplies_each_pair_by_its_expert(per_pair):
+    """y[t, p] = w[ids[t, p]] x[t] (or x[t, p]) for routed pairs, several sharing an expert (the
+    kernel groups those); each pair's result is bit-identical to the pair computed alone."""
+    g = torch.Generator().manual_seed(int(per_pair))
+    E, N, K, T, P = 16, 24, 40, 6, 4
+    w = torch.randn(E, N, K, generator=g).clamp(-4, 4)
+    ids = torch.randint(0, E, (T, P), generator=g)
+    ids[1] = ids[0]  # two tokens with the same experts
+    ids[2, :2] = ids[2, 0]  # one token choosing an expert twice
+    x = torch.randn(T, P, K, generator=g) if per_pair else torch.randn(T, K, generator=g)
+    y = torch.ops.rlfoundry_kernels.gathered_linear(x, w, ids)
+    xs = x if per_pair else x[:, None].expand(T, P, K)
+    want = torch.einsum("tpk,tpnk->tpn", xs.double(), w.double()[ids])
+    assert y.shape == (T, P, N)
+    _ref_close(y, want, xs.abs().sum(-1, keepdim=True).double())
+    for t in range(T):
+        for p in range(P):
+            alone = torch.ops.rlfoundry_kernels.gathered_linear(xs[t:t + 1, p:p + 1].contiguous(), w, ids[t:t + 1, p:p + 1])
+            assert torch.equal(alone[0, 0], y[t, p])
+    assert torch.equal(torch.ops.rlfoundry_kernels.small_linear(xs[0, :1], w[ids[0, 0]])[0], y[0, 0])
+
+
+def test_small_products_reject_bad_input():
+    ops = torch.ops.rlfoundry_kernels
+    w = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="x .*K.* and w"):
+        ops.small_linear(torch.randn(2, 7), w)
+    with pytest.raises(RuntimeError, match="fp32"):
+        ops.small_linear(torch.randn(2, 8, dtype=torch.float64), w)
+    with pytest.raises(RuntimeError, match="expert id 9 out of range"):
+        ops.gathered_linear(torch.randn(2, 8), torch.randn(3, 4, 8), torch.tensor([[0, 9], [1, 2]]))
+
+
+def test_the_ops_have_c_entry_points():
+    """The functions that aot.py declares to AOTInductor (`_c_shims`) are exported by the library,
+    which `load()` maps with global symbols so that the compiled libraries resolve them."""
+    import ctypes
+
+    from rlfoundry.rollout.aot import _c_shims
+
+    shims = _c_shims()
+    assert {op.name() for op in shims} == {"rlfoundry_kernels::decode_attention", "rlfoundry_kernels::small_linear",
+                                           "rlfoundry_kernels::gathered_linear"}
+    lib = ctypes.CDLL(str(kernels.library_path()))
+    for op, (decl,) in shims.items():
+        name = f"aoti_torch_cpu_{op.name().split('::')[1]}"
+        assert f" {name}(" in decl and hasattr(lib, name)
+        assert hasattr(ctypes.CDLL(None), name)  # global: visible to libraries loaded after it

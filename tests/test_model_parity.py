@@ -107,14 +107,19 @@ def test_compiled_inference_experts_equal_the_sparse_path(n_tokens, monkeypatch)
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("rows", [1, 4, 8, 9, 32])
-def test_compiled_inference_over_few_rows_takes_small_products(rows):
+def test_compiled_inference_over_few_rows_takes_small_products(rows, native, monkeypatch):
     """Traced by torch.compile without autograd, on CPU, a product over at most SMALL_PRODUCT_ROWS
-    rows is a sum over the input dimension (`small_linear`: no matrix-product op in the graph),
-    more rows a plain F.linear; both equal F.linear up to float rounding. Eager calls, and calls
-    with autograd, always take F.linear."""
+    rows is `small_linear`: the native kernel where it is loaded, else a sum over the input
+    dimension (no product op in the graph); more rows a plain F.linear; each equals F.linear up to
+    float rounding. Eager calls, and calls with autograd, always take F.linear."""
+    from rlfoundry.model import kernels
     from rlfoundry.model.glm4_moe import SMALL_PRODUCT_ROWS, Linear, takes_small_linear
 
+    assert kernels.load()
+    if not native:
+        monkeypatch.setitem(kernels._state, "loaded", False)
     layer = Linear(64, 48, bias=True)
     x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
     ops = []
@@ -130,8 +135,12 @@ def test_compiled_inference_over_few_rows_takes_small_products(rows):
         got = compiled(x)
         assert not takes_small_linear(x, layer.weight)  # (not compiling)
     assert (got - want).abs().max().item() <= 1e-6 * max(1.0, want.abs().max().item())
-    small = not any("linear" in op or "mm" in op for op in ops)
-    assert small == (rows <= SMALL_PRODUCT_ROWS), ops
+    mine = [op for op in ops if "rlfoundry_kernels.small_linear" in op]
+    dense = [op for op in ops if ("linear" in op or "mm" in op) and "rlfoundry_kernels" not in op]
+    if rows <= SMALL_PRODUCT_ROWS:
+        assert not dense and len(mine) == int(native), ops
+    else:
+        assert dense and not mine, ops
     ops.clear()
     torch._dynamo.reset()
     compiled(x).sum().backward()  # with autograd: F.linear whatever the rows

@@ -137,17 +137,24 @@ def takes_small_linear(x: Tensor, weight: Tensor) -> bool:
 
 
 def small_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear as each output's sum over the input dimension, for inductor to write as a
-    reduction kernel of its own, fused with its neighbours (the norm before it, the bias and
-    activation after), where a few rows would call MKL: at 4 rows its sgemm packs the weights
-    before each product (a third of its time), and each of a step's ~20 products passes the
-    dispatcher. Measured here with the tiny model, compiled engines (decode steps ahead of time)
-    taking turns in one process, 128 greedy tokens a sequence, median of 4 rounds: 1.23x MKL's
-    tokens/s at batch 1, 1.40x at 4, 1.05x at 8, 1.12x at 12, 0.87 - 0.93x at 16 — hence
-    `SMALL_PRODUCT_ROWS`; the greedy speculative cycle (4 rows to verify, then the MTP layer's)
-    ~1.5x. Each row reads the weights again, so past a few rows MKL's blocked product wins. The
-    result equals F.linear's up to float rounding (another summation order: ~1e-6 relative)."""
-    y = (x[..., None, :] * weight).sum(-1)
+    """F.linear for a few rows, where a few rows would call MKL: at 4 rows its sgemm packs the
+    weights before each product (a third of its time), and each of a step's ~20 products passes
+    the dispatcher. With the native kernels loaded (`kernels.load()`, which compiled engines call),
+    `rlfoundry_kernels::small_linear` (kernels/small_products.cpp): 4 outputs for up to 4 rows from
+    each pass over the weights, a row's result independent of the others; graphs compiled ahead of
+    time call it directly (aot.py). Measured alone, a 128 x 128 product: 0.6 us at 1 row and 1.2 us
+    at 4 against 3.3 and 6.6 us for the sums below. Without them, each output's sum over the input
+    dimension, for inductor to write as a reduction kernel fused with its neighbours (the norm
+    before it, the bias and activation after); against MKL, compiled engines (decode steps ahead
+    of time) taking turns in one process, 128 greedy tokens a sequence, median of 4 rounds: 1.23x
+    MKL's tokens/s at batch 1, 1.40x at 4, 1.05x at 8, 1.12x at 12, 0.87 - 0.93x at 16 — hence
+    `SMALL_PRODUCT_ROWS`. Each row reads the weights again, so past a few rows MKL's blocked product
+    wins. Either result equals F.linear's up to float rounding (another summation order: ~1e-7
+    relative)."""
+    if kernels.applies(x.device, x.dtype, weight.dtype):
+        y = torch.ops.rlfoundry_kernels.small_linear(x, weight)
+    else:
+        y = (x[..., None, :] * weight).sum(-1)
     return y if bias is None else y + bias
 
 
@@ -881,9 +888,15 @@ class Experts(nn.Module):
         153 - 178 us for four, ~310 against 444 - 657 us for 64. Eagerly the indexing would copy
         [N, K, 2I, D] weights (2 - 6x slower than the dense path), hence compiled only. The
         result equals the sparse path's up to float rounding (~1e-7 relative)."""
-        gate_NKI, up_NKI = (x_ND[:, None, None, :] * self.gate_up_proj[routing.ids_NK]).sum(-1).chunk(2, dim=-1)
-        h_NKI = silu(gate_NKI) * up_NKI
-        y_NKD = (h_NKI[:, :, None, :] * self.down_proj[routing.ids_NK]).sum(-1).to(routing.weights_NK.dtype)
+        if kernels.applies(x_ND.device, x_ND.dtype, self.gate_up_proj.dtype):  # (see `small_linear`)
+            ops = torch.ops.rlfoundry_kernels
+            gate_NKI, up_NKI = ops.gathered_linear(x_ND, self.gate_up_proj, routing.ids_NK).chunk(2, dim=-1)
+            y_NKD = ops.gathered_linear(silu(gate_NKI) * up_NKI, self.down_proj, routing.ids_NK)
+        else:
+            gate_NKI, up_NKI = (x_ND[:, None, None, :] * self.gate_up_proj[routing.ids_NK]).sum(-1).chunk(2, dim=-1)
+            h_NKI = silu(gate_NKI) * up_NKI
+            y_NKD = (h_NKI[:, :, None, :] * self.down_proj[routing.ids_NK]).sum(-1)
+        y_NKD = y_NKD.to(routing.weights_NK.dtype)
         return (y_NKD * routing.weights_NK[..., None]).sum(1).to(x_ND.dtype)
 
     def _forward_dense(self, x_ND: Tensor, routing: Routing) -> Tensor:

@@ -151,6 +151,22 @@ _OPTIONS = {
 }
 
 
+def _c_shims() -> dict:
+    """The native ops (kernels/small_products.cpp) that the library calls through their C entry
+    points, with their declarations: a direct call, where the dispatcher's way (AOTInductor's proxy
+    executor) costs about what a small product itself does. Empty where the kernels are not loaded."""
+    if not kernels.loaded():
+        return {}
+    ops = torch.ops.rlfoundry_kernels
+    return {ops.decode_attention.default: ["AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, "
+                                           "AtenTensorHandle k, AtenTensorHandle v, AtenTensorHandle positions, "
+                                           "double scale, AtenTensorHandle* ret0)"],
+            ops.small_linear.default: ["AOTITorchError aoti_torch_cpu_small_linear(AtenTensorHandle x, "
+                                       "AtenTensorHandle w, AtenTensorHandle* ret0)"],
+            ops.gathered_linear.default: ["AOTITorchError aoti_torch_cpu_gathered_linear(AtenTensorHandle x, "
+                                          "AtenTensorHandle w, AtenTensorHandle ids, AtenTensorHandle* ret0)"]}
+
+
 def _build_flags() -> str:
     """What decides how inductor builds the library besides the program: its debug builds (-O0,
     which the test suite asks for to compile faster) against the optimised ones."""
@@ -182,7 +198,7 @@ def _compile(model: Glm4MoeForCausalLM, caches: list[KVCache], fn: Callable, T: 
     path = kernels.cache_dir() / f"{getattr(fn, '__name__', 'step')}_{key}.pt2"
 
     def package(out: Path) -> None:
-        with torch._inductor.config.patch(_OPTIONS):
+        with torch._inductor.config.patch({**_OPTIONS, "aot_inductor.custom_ops_to_c_shims": _c_shims()}):
             torch._inductor.aoti_compile_and_package(ep, package_path=str(out))
 
     kernels.build_once(path, package)

@@ -14,6 +14,7 @@ The compiler is the one inductor uses too (`$CXX`, else g++); compiled decoding 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
@@ -26,7 +27,7 @@ from typing import Callable
 
 import torch
 
-SOURCE = Path(__file__).with_name("decode_attention.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.cpp", "small_products.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None}  # None: not tried; True / False: the outcome
 
@@ -50,13 +51,13 @@ def cpu_features() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build_command(cxx: str, src: Path, out: Path) -> list[str]:
+def _build_command(cxx: str, sources: list[Path], out: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     libs = library_paths()
     return [cxx, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
-            *[f"-I{p}" for p in include_paths()], str(src), "-o", str(out),
+            *[f"-I{p}" for p in include_paths()], *map(str, sources), "-o", str(out),
             *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10", "-ltorch_cpu", "-ltorch"]
 
 
@@ -68,8 +69,8 @@ def compiler() -> str:
 def library_path() -> Path:
     """The shared library `load()` builds and loads on this machine."""
     cxx = compiler()
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, cxx, cpu_features(),
-                                    " ".join(_build_command(cxx, Path("SRC"), Path("OUT")))]).encode())
+    key = hashlib.sha256("\n".join([*(src.read_text() for src in SOURCES), torch.__version__, cxx, cpu_features(),
+                                    " ".join(_build_command(cxx, [Path("SRC")], Path("OUT")))]).encode())
     return cache_dir() / f"rlfoundry_kernels_{key.hexdigest()[:16]}.so"
 
 
@@ -114,7 +115,7 @@ def build_once(path: Path, build: Callable[[Path], None]) -> Path:
 
 
 def _compile_library(out: Path) -> None:
-    cmd = _build_command(compiler(), SOURCE, out)
+    cmd = _build_command(compiler(), SOURCES, out)
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed (exit {r.returncode}): {(r.stderr or r.stdout)[-2000:]}")
@@ -123,6 +124,9 @@ def _compile_library(out: Path) -> None:
 def _load() -> bool:
     try:
         path = build_once(library_path(), _compile_library)
+        # loaded with its symbols global first: the libraries aot.py compiles ahead of time call
+        # its C entry points (aoti_torch_cpu_small_linear, ...) directly, resolved at their load
+        ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
         torch.ops.load_library(str(path))
     except Exception as e:  # no compiler, a failed build, an unwritable cache: the torch path stays
         warnings.warn(f"rlfoundry's native CPU kernels are unavailable ({e}); compiled decoding "
@@ -132,5 +136,13 @@ def _load() -> bool:
     @torch.library.register_fake("rlfoundry_kernels::decode_attention")
     def _(q, k, v, positions, scale):
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake("rlfoundry_kernels::small_linear")
+    def _(x, w):
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    @torch.library.register_fake("rlfoundry_kernels::gathered_linear")
+    def _(x, w, ids):
+        return x.new_empty((*ids.shape, w.shape[1]))
 
     return True

@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -206,3 +207,16 @@ TORCH_LIBRARY(rlfoundry_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(rlfoundry_kernels, CPU, m) { m.impl("decode_attention", &decode_attention); }
+
+// AOTInductor's C shim (declared in aot.py's `_c_shims`): the libraries compiled ahead of time
+// call the op directly instead of through the dispatcher
+extern "C" AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHandle k, AtenTensorHandle v,
+                                                          AtenTensorHandle positions, double scale,
+                                                          AtenTensorHandle* ret0) {
+  using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    *ret0 = torch::aot_inductor::new_tensor_handle(
+        decode_attention(*tensor_handle_to_tensor_pointer(q), *tensor_handle_to_tensor_pointer(k),
+                         *tensor_handle_to_tensor_pointer(v), *tensor_handle_to_tensor_pointer(positions), scale));
+  });
+}
