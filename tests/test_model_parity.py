@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import hf_twin, random_model, small_config
+from rlfoundry.model.glm4_moe import SMALL_PRODUCT_ROWS
 
 CONFIGS = {
     "qknorm-bias-grouped-dense0": dict(use_qk_norm=True, attention_bias=True, n_group=4, topk_group=2,
@@ -108,14 +109,14 @@ def test_compiled_inference_experts_equal_the_sparse_path(n_tokens, monkeypatch)
 
 
 @pytest.mark.parametrize("native", [True, False])
-@pytest.mark.parametrize("rows", [1, 4, 8, 9, 32])
+@pytest.mark.parametrize("rows", [1, 4, 8, 9, SMALL_PRODUCT_ROWS, SMALL_PRODUCT_ROWS + 1])
 def test_compiled_inference_over_few_rows_takes_small_products(rows, native, monkeypatch):
     """Traced by torch.compile without autograd, on CPU, a product over at most SMALL_PRODUCT_ROWS
     rows is `small_linear`: the native kernel where it is loaded, else a sum over the input
     dimension (no product op in the graph); more rows a plain F.linear; each equals F.linear up to
     float rounding. Eager calls, and calls with autograd, always take F.linear."""
     from rlfoundry.model import kernels
-    from rlfoundry.model.glm4_moe import SMALL_PRODUCT_ROWS, Linear, takes_small_linear
+    from rlfoundry.model.glm4_moe import Linear, takes_small_linear
 
     assert kernels.load()
     if not native:

@@ -163,7 +163,8 @@ def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch, eager_dyna
     steps) is reached at small batches. The graphs are traced with dynamo's eager backend: which
     graphs there are is the guards' business, whatever compiles them. None of them takes the
     model's Python floats as inputs."""
-    from rlfoundry.model.glm4_moe import SMALL_PRODUCT_ROWS, Experts
+    from rlfoundry.model import glm4_moe
+    from rlfoundry.model.glm4_moe import Experts
 
     scalar_inputs = []  # graph inputs that are Python floats made tensors (see `engine._compile`)
 
@@ -175,8 +176,9 @@ def test_warmup_compiles_every_graph_that_decoding_needs(monkeypatch, eager_dyna
 
     eager_dynamo(eager)
     monkeypatch.setattr(Experts, "DENSE_MAX_ROWS", 16 * 4)  # 16 experts: dense up to 4 tokens
+    monkeypatch.setattr(glm4_moe, "SMALL_PRODUCT_ROWS", 8)  # small products up to 8 rows (see `small_linear`)
     model, prompts = shipped_model_and_prompts(10, seed=10_002)
-    assert model.token_switches() == [5, SMALL_PRODUCT_ROWS + 1]  # (small products: see `small_linear`)
+    assert model.token_switches() == [5, 9]
     engine = Engine(model, max_batch=6, speculative_steps=3, compile_decode=True)
     engine.warmup()
     greedy = [SamplingParams(temperature=0, max_new_tokens=5 + 2 * b) for b in range(6)]

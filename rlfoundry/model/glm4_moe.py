@@ -117,13 +117,13 @@ def silu(x: Tensor, invariant: bool = False) -> Tensor:
     return _InvariantSiLU.apply(x) if invariant else F.silu(x)
 
 
-SMALL_PRODUCT_ROWS = 8
-"""Compiled CPU inference over at most this many rows (decode steps of a few sequences,
-speculative verification and drafting) computes its products with small weights as sums over the
-input dimension (`small_linear`) ..."""
+SMALL_PRODUCT_ROWS = 64
+"""Compiled CPU inference over at most this many rows (decode steps of up to 64 sequences,
+speculative verification and drafting, short prefills) computes its products with small weights
+as `small_linear` ..."""
 SMALL_PRODUCT_WEIGHTS = 1 << 18
 """... for weights of at most this many elements (1 MB in fp32, which stays in a core's cache
-while each row reads it again)."""
+while each block of rows reads it again)."""
 
 
 def takes_small_linear(x: Tensor, weight: Tensor) -> bool:
@@ -143,14 +143,15 @@ def small_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     `rlfoundry_kernels::small_linear` (kernels/small_products.cpp): 4 outputs for up to 4 rows from
     each pass over the weights, a row's result independent of the others; graphs compiled ahead of
     time call it directly (aot.py). Measured alone, a 128 x 128 product: 0.6 us at 1 row and 1.2 us
-    at 4 against 3.3 and 6.6 us for the sums below. Without them, each output's sum over the input
-    dimension, for inductor to write as a reduction kernel fused with its neighbours (the norm
-    before it, the bias and activation after); against MKL, compiled engines (decode steps ahead
-    of time) taking turns in one process, 128 greedy tokens a sequence, median of 4 rounds: 1.23x
-    MKL's tokens/s at batch 1, 1.40x at 4, 1.05x at 8, 1.12x at 12, 0.87 - 0.93x at 16 — hence
-    `SMALL_PRODUCT_ROWS`. Each row reads the weights again, so past a few rows MKL's blocked product
-    wins. Either result equals F.linear's up to float rounding (another summation order: ~1e-7
-    relative)."""
+    at 4 against 3.3 and 6.6 us for the sums below; in the engine (compiled engines, decode steps
+    ahead of time, taking turns in one process, 128 greedy tokens a sequence, median of 3 rounds)
+    up to 64 rows against MKL's product past 8: 1.45x the tokens/s at batch 12, 1.13x at 16, 1.23x
+    at 32; up to 64 against MKL's past 32: 1.20x at 48, 1.06x at 64 — hence `SMALL_PRODUCT_ROWS`.
+    Without the kernels (a failed build: inductor itself needs the compiler), each output's sum
+    over the input dimension, for inductor to write as a reduction kernel fused with its
+    neighbours (the norm before it, the bias and activation after): against MKL 1.23x at batch 1,
+    1.40x at 4, 1.05x at 8, 0.87 - 0.93x at 16, since each row reads the weights again. Either
+    result equals F.linear's up to float rounding (another summation order: ~1e-7 relative)."""
     if kernels.applies(x.device, x.dtype, weight.dtype):
         y = torch.ops.rlfoundry_kernels.small_linear(x, weight)
     else:
