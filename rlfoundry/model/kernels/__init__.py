@@ -1,13 +1,15 @@
 """Native CPU kernels of our own, built on first use with the machine's C++ compiler.
 
-One so far: `rlfoundry_kernels::decode_attention` (decode_attention.cpp), the attention of the
-engine's compiled decode steps on CPU in fp32. `load()` compiles the source into a shared library
-against the installed torch (10 - 15 s here, once per machine: the library is kept in
-~/.cache/rlfoundry/kernels under a name that hashes the source, torch's version, the compiler and
-the CPU's features, since it is built for this CPU with -march=native) and registers the op with
-torch, so that torch.compile'd graphs call it like any other. Nothing else depends on it: where
-the compiler or the build fails, `load()` says why once and returns False, and attention keeps its
-pure-torch form (`glm4_moe.decode_attention`).
+`rlfoundry_kernels::decode_attention` (decode_attention.cpp), the attention of the engine's
+compiled decode steps on CPU in fp32, and `small_linear` / `gathered_linear` (small_products.cpp),
+the products of compiled CPU inference over a few rows (`glm4_moe.small_linear`, the experts'
+`_forward_gathered`). `load()` compiles the sources into one shared library against the installed
+torch (10 - 15 s here, once per machine: the library is kept in ~/.cache/rlfoundry/kernels under a
+name that hashes the sources, torch's version, the compiler and the CPU's features, since it is
+built for this CPU with -march=native) and registers the ops with torch, so that torch.compile'd
+graphs call them like any other; the libraries compiled ahead of time (rollout/aot.py) call their
+C entry points. Nothing else depends on them: where the compiler or the build fails, `load()`
+says why once and returns False, and attention and the products keep their pure-torch forms.
 
 The compiler is the one inductor uses too (`$CXX`, else g++); compiled decoding needs it anyway.
 """
@@ -130,7 +132,8 @@ def _load() -> bool:
         torch.ops.load_library(str(path))
     except Exception as e:  # no compiler, a failed build, an unwritable cache: the torch path stays
         warnings.warn(f"rlfoundry's native CPU kernels are unavailable ({e}); compiled decoding "
-                      "attends with batched matrix products instead", RuntimeWarning, stacklevel=3)
+                      "attends with batched matrix products and computes its small products as inductor's "
+                      "reductions instead", RuntimeWarning, stacklevel=3)
         return False
 
     @torch.library.register_fake("rlfoundry_kernels::decode_attention")
