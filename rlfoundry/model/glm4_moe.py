@@ -882,12 +882,14 @@ class Experts(nn.Module):
     def _forward_gathered(self, x_ND: Tensor, routing: Routing) -> Tensor:
         """Where torch.compile traces the dense path's token counts (the engine's compiled decode
         steps, verification, drafting, short prefills): each chosen (token, expert) pair's two
-        products as sums over its expert's weight rows, indexed by the expert id. Inductor fuses
-        the indexing into the reduction kernels, so only the K chosen experts' rows are read (none
-        copied) and the arithmetic is the routed rows' (the dense path's K/E). Measured alone,
-        compiled, one block of the tiny model: 62 against 85 - 149 us for one token, 85 against
-        153 - 178 us for four, ~310 against 444 - 657 us for 64. Eagerly the indexing would copy
-        [N, K, 2I, D] weights (2 - 6x slower than the dense path), hence compiled only. The
+        products over its expert's weights, indexed by the expert id — in our kernel
+        (`rlfoundry_kernels::gathered_linear`, the pairs grouped by expert) where the native
+        kernels are loaded, else as sums that inductor fuses with the indexing into its
+        reduction kernels. Either way only the K chosen experts' rows are read (none copied) and
+        the arithmetic is the routed rows' (the dense path's K/E). Measured alone, compiled, one
+        block of the tiny model (inductor's sums): 62 against 85 - 149 us for one token, 85
+        against 153 - 178 us for four, ~310 against 444 - 657 us for 64. Eagerly the indexing
+        would copy [N, K, 2I, D] weights (2 - 6x slower than the dense path), hence compiled only. The
         result equals the sparse path's up to float rounding (~1e-7 relative)."""
         if kernels.applies(x_ND.device, x_ND.dtype, self.gate_up_proj.dtype):  # (see `small_linear`)
             ops = torch.ops.rlfoundry_kernels

@@ -9,8 +9,10 @@ that hand ~90 tensors (the weights, the KV cache) to the graph and take its outp
 with `torch.export` once per batch-size regime (dynamo specialises batch 1, and the MoE blocks
 change path at the token counts of `Glm4MoeForCausalLM.token_switches`), compiled by AOTInductor
 into a shared library, and called with the step's few tensors: no guards, the weights bound once.
-The outputs equal the torch.compile'd function's up to float rounding (its own inductor build of
-the same graph: the same tokens and routing, logits within ~5e-6 of their scale; tests/test_aot.py).
+The native kernels' ops in the graph (decode attention, the small products) are called through
+their C entry points (`_c_shims`), not the dispatcher. The outputs equal the torch.compile'd
+function's up to float rounding (its own inductor build of the same graph: the same tokens and
+routing, logits within ~5e-6 of their scale; tests/test_aot.py).
 
 Weights: the library holds pointers to the model's own parameters and buffers
 (`load_constants(user_managed=True)`), so weight updates copied into them in place — as
@@ -152,9 +154,10 @@ _OPTIONS = {
 
 
 def _c_shims() -> dict:
-    """The native ops (kernels/small_products.cpp) that the library calls through their C entry
-    points, with their declarations: a direct call, where the dispatcher's way (AOTInductor's proxy
-    executor) costs about what a small product itself does. Empty where the kernels are not loaded."""
+    """The native ops (`rlfoundry.model.kernels`: decode attention, the small products) that the
+    library calls through their C entry points, with their declarations: a direct call, where the
+    dispatcher's way (AOTInductor's proxy executor) costs about what a small product itself does.
+    Empty where the kernels are not loaded."""
     if not kernels.loaded():
         return {}
     ops = torch.ops.rlfoundry_kernels
