@@ -49,44 +49,41 @@ inline float hsum(const Vec& v) {  // the lanes' sum (a fixed tree of vector add
   return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v);
 }
 
-// Rows x[r][k] (r < R) times weight rows w[n * K + k] for n in [n0, n1): y[r][n].
+// Rows x[r][k] (r < R) times the J weight rows w[(n + j) * K + k]: y[r][n + j].
+template <int R, int J>
+inline void product_tile(const float* const* x, const float* w, int64_t K, int64_t n, float* const* y) {
+  const int64_t full = K / kLanes * kLanes, tail = K - full;
+  Vec acc[R][J];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) acc[r][j] = Vec(0.f);
+  const float* wn = w + n * K;
+  for (int64_t k = 0; k < full; k += kLanes) {
+    Vec wv[J];
+    for (int j = 0; j < J; ++j) wv[j] = Vec::loadu(wn + j * K + k);
+    for (int r = 0; r < R; ++r) {
+      const Vec xv = Vec::loadu(x[r] + k);
+      for (int j = 0; j < J; ++j) acc[r][j] = at::vec::fmadd(xv, wv[j], acc[r][j]);
+    }
+  }
+  if (tail) {  // a masked slice last
+    Vec wv[J];
+    for (int j = 0; j < J; ++j) wv[j] = Vec::loadu(wn + j * K + full, tail);
+    for (int r = 0; r < R; ++r) {
+      const Vec xv = Vec::loadu(x[r] + full, tail);
+      for (int j = 0; j < J; ++j) acc[r][j] = at::vec::fmadd(xv, wv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) y[r][n + j] = hsum(acc[r][j]);
+}
+
+// Rows x[r][k] (r < R) times weight rows w[n * K + k] for n in [n0, n1): y[r][n], 4 outputs a
+// tile, the last ones one at a time (the same sums in the same order).
 template <int R>
 void product_block(const float* const* x, const float* w, int64_t K, int64_t n0, int64_t n1, float* const* y) {
-  const int64_t full = K / kLanes * kLanes, tail = K - full;
   int64_t n = n0;
-  for (; n + kOuts <= n1; n += kOuts) {
-    Vec acc[R][kOuts];
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < kOuts; ++j) acc[r][j] = Vec(0.f);
-    const float* wn = w + n * K;
-    for (int64_t k = 0; k < full; k += kLanes) {
-      Vec wv[kOuts];
-      for (int j = 0; j < kOuts; ++j) wv[j] = Vec::loadu(wn + j * K + k);
-      for (int r = 0; r < R; ++r) {
-        const Vec xv = Vec::loadu(x[r] + k);
-        for (int j = 0; j < kOuts; ++j) acc[r][j] = at::vec::fmadd(xv, wv[j], acc[r][j]);
-      }
-    }
-    if (tail) {
-      Vec wv[kOuts];
-      for (int j = 0; j < kOuts; ++j) wv[j] = Vec::loadu(wn + j * K + full, tail);
-      for (int r = 0; r < R; ++r) {
-        const Vec xv = Vec::loadu(x[r] + full, tail);
-        for (int j = 0; j < kOuts; ++j) acc[r][j] = at::vec::fmadd(xv, wv[j], acc[r][j]);
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < kOuts; ++j) y[r][n + j] = hsum(acc[r][j]);
-  }
-  for (; n < n1; ++n) {  // the last outputs one at a time: the same sums in the same order
-    for (int r = 0; r < R; ++r) {
-      Vec acc(0.f);
-      const float* wn = w + n * K;
-      for (int64_t k = 0; k < full; k += kLanes) acc = at::vec::fmadd(Vec::loadu(x[r] + k), Vec::loadu(wn + k), acc);
-      if (tail) acc = at::vec::fmadd(Vec::loadu(x[r] + full, tail), Vec::loadu(wn + full, tail), acc);
-      y[r][n] = hsum(acc);
-    }
-  }
+  for (; n + kOuts <= n1; n += kOuts) product_tile<R, kOuts>(x, w, K, n, y);
+  for (; n < n1; ++n) product_tile<R, 1>(x, w, K, n, y);
 }
 
 // Rows [0, R) in blocks of 4, then the last 3, 2 or 1 together.
@@ -194,7 +191,7 @@ TORCH_LIBRARY_IMPL(rlfoundry_kernels, CPU, m) {
   m.impl("gathered_linear", &gathered_linear);
 }
 
-// AOTInductor's C shims (their declarations are aot.py's `C_SHIMS`)
+// AOTInductor's C shims (their declarations are aot.py's `_c_shims`)
 extern "C" {
 
 AOTITorchError aoti_torch_cpu_small_linear(AtenTensorHandle x, AtenTensorHandle w, AtenTensorHandle* ret0) {
