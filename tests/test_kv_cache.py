@@ -70,6 +70,31 @@ def test_mtp_with_cache_equals_full_mtp_forward():
     assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
 
 
+def test_mtp_catch_up_keeping_one_position_a_row_caches_every_pair():
+    """`keep_B` (speculative decoding's catch-up of the MTP cache): the outputs at the kept position
+    of each row equal the whole forward's there, and the cache holds every pair's keys and values,
+    as after the whole forward — the next step's logits agree."""
+    cfg = small_config()
+    model = random_model(cfg, seed=6)
+    ids = torch.randint(0, cfg.vocab_size, (3, 9))
+    caches = [KVCache.for_model(cfg, num_slots=3, max_len=16, num_layers=1) for _ in range(2)]
+    keep = torch.tensor([5, 0, 3])
+    with torch.no_grad():
+        hidden = model(ids).hidden
+        full = model.mtp_forward(hidden[:, :6], ids[:, 1:7], cache=caches[0])
+        kept = model.mtp_forward(hidden[:, :6], ids[:, 1:7], cache=caches[1], keep_B=keep)
+        rows = torch.arange(3)
+        assert kept.logits.shape == (3, 1, cfg.vocab_size) and kept.hidden.shape == (3, 1, cfg.hidden_size)
+        assert (kept.logits[:, 0] - full.logits[rows, keep]).abs().max().item() <= 1e-5
+        assert (kept.hidden[:, 0] - full.hidden[rows, keep]).abs().max().item() <= 1e-5
+        assert kept.routed_experts.shape[:2] == (3, 1)
+        assert torch.equal(kept.routed_experts[:, 0], full.routed_experts[rows, keep])
+        for a, b in zip(caches[0].storage, caches[1].storage):
+            assert torch.equal(a, b)
+        after = [model.mtp_forward(hidden[:, 6:7], ids[:, 7:8], cache=c).logits for c in caches]
+    assert (after[0] - after[1]).abs().max().item() <= 1e-5
+
+
 def test_cached_rope_tables_equal_computed_ones_bit_for_bit():
     """A cache from `for_model` looks cos/sin up in tables; they hold the very bits `rope_cos_sin`
     computes for the same positions (fp32, fp64 and bf16; batch-1 and wider shapes), and a cached

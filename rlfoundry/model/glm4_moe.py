@@ -542,7 +542,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps)
 
     def forward(self, x_BTD: Tensor, cos_sin: tuple[Tensor, Tensor], mask_BTS: Tensor | None,
-                cache_step: CacheStep | None, layer: int) -> Tensor:
+                cache_step: CacheStep | None, layer: int, keep_B: Tensor | None = None) -> Tensor:
+        """Self-attention over the T new tokens of each row ([B, T, D] out); with `keep_B`, the
+        output at position keep_B[b] of each row only ([B, 1, D]): every key and value is still
+        computed and cached (see `mtp_forward_layers`)."""
         B, T, _ = x_BTD.shape
         Dh = self.cfg.head_dim
         q_BTHD = self.q_proj(x_BTD).view(B, T, -1, Dh)
@@ -566,7 +569,10 @@ class Attention(nn.Module):
             with _fp32_under_autocast(q) as dt:  # CPU's bf16 flash attention is slower than fp32
                 out_BHTD = F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=mask,
                                                           is_causal=mask is None, scale=Dh ** -0.5, enable_gqa=True)
-        return self.o_proj(out_BHTD.transpose(1, 2).reshape(B, T, -1))
+        out_BTX = out_BHTD.transpose(1, 2).reshape(B, T, -1)
+        if keep_B is not None:
+            out_BTX = out_BTX[torch.arange(B, device=keep_B.device), keep_B][:, None]
+        return self.o_proj(out_BTX)
 
 
 # ----------------------------------------------------------------------------- MLPs and experts
@@ -943,8 +949,13 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x_BTD: Tensor, cos_sin, mask_BTS, cache_step, layer: int,
-                replay_ids_NK: Tensor | None = None) -> tuple[Tensor, Routing | None]:
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_sin, mask_BTS, cache_step, layer)
+                replay_ids_NK: Tensor | None = None, keep_B: Tensor | None = None) -> tuple[Tensor, Routing | None]:
+        """With `keep_B`, the block's output at position keep_B[b] of each row only, [B, 1, D]
+        (`Attention.forward`): the MLP runs on those positions alone."""
+        a_BTD = self.self_attn(self.input_layernorm(x_BTD), cos_sin, mask_BTS, cache_step, layer, keep_B)
+        if keep_B is not None:
+            x_BTD = x_BTD[torch.arange(x_BTD.shape[0], device=keep_B.device), keep_B][:, None]
+        x_BTD = x_BTD + a_BTD
         h_BTD = self.post_attention_layernorm(x_BTD)
         if isinstance(self.mlp, MoE):
             y_BTD, routing = self.mlp(h_BTD, replay_ids_NK)
@@ -1136,6 +1147,7 @@ class Glm4MoeForCausalLM(nn.Module):
         input_lens: Tensor | None = None,
         return_router: bool = False,
         layers_fn=None,
+        keep_B: Tensor | None = None,
     ) -> CausalLMOutput:
         """MTP layer `depth`: from the main model's hidden state at t and token t+1, logits for t+2.
 
@@ -1143,7 +1155,8 @@ class Glm4MoeForCausalLM(nn.Module):
         t+1. Position ids (RoPE) are those of t. Returns logits and the MTP block's own hidden
         state (normed by shared_head.norm). With `cache` (one layer, its own), it decodes
         incrementally as `forward` does — the draft loop of speculative decoding. `layers_fn`
-        replaces `mtp_forward_layers` (the engine passes a torch.compile'd one for drafting).
+        replaces `mtp_forward_layers` (the engine passes a torch.compile'd one for drafting);
+        `keep_B`: the outputs at position keep_B[b] of each row only (see `mtp_forward_layers`).
         """
         if depth >= len(self.model.mtp_layers):
             raise ValueError(f"MTP depth {depth} requested, the model has "
@@ -1157,22 +1170,28 @@ class Glm4MoeForCausalLM(nn.Module):
         elif position_ids is None:
             position_ids = torch.arange(T, device=device).expand(B, T)
         logits, h_BTD, routed, scores = (layers_fn or self.mtp_forward_layers)(
-            hidden_BTD, next_ids, position_ids, mask_BTS, cache_step, depth, return_router)
+            hidden_BTD, next_ids, position_ids, mask_BTS, cache_step, depth, return_router, keep_B)
         if cache_step is not None:
             cache_step.advance()
         return CausalLMOutput(logits, h_BTD, routed, scores)
 
     def mtp_forward_layers(self, hidden_BTD: Tensor, next_ids: Tensor, position_ids: Tensor,
                            mask_BTS: Tensor | None, cache_step: CacheStep | None, depth: int = 0,
-                           return_router: bool = False):
+                           return_router: bool = False, keep_B: Tensor | None = None):
         """The MTP block's computation (as `forward_layers` is the main model's): (logits, normed
         hidden, routed expert ids [B, T, 1, K], router scores or None). Traceable whole by
-        torch.compile."""
+        torch.compile. `keep_B` [B]: the outputs at position keep_B[b] of each row only (T = 1 in
+        what it returns) — speculative decoding's catch-up of the MTP cache, which needs every
+        pair's key and value but drafts from each row's last pair alone; the block's MLP and the
+        output head then run on B rows instead of B x T (at batch 1, 4 pairs: the MoE reads a
+        quarter of the experts' weights)."""
         mtp = self.model.mtp_layers[depth]
         B, T = next_ids.shape
         e_BTD = mtp.enorm(self.model.embed_tokens(next_ids))
         x_BTD = mtp.eh_proj(torch.cat([e_BTD, mtp.hnorm(hidden_BTD)], dim=-1))
-        x_BTD, routing = mtp(x_BTD, self._rope(position_ids, cache_step, x_BTD.dtype), mask_BTS, cache_step, 0)
+        x_BTD, routing = mtp(x_BTD, self._rope(position_ids, cache_step, x_BTD.dtype), mask_BTS, cache_step, 0,
+                             keep_B=keep_B)
+        T = 1 if keep_B is not None else T
         h_BTD = mtp.shared_head.norm(x_BTD)
         return (self.lm_head(h_BTD), h_BTD, routing.ids_NK.view(B, T, 1, -1),
                 [routing.scores_NE.view(B, T, -1)] if return_router else None)

@@ -221,12 +221,11 @@ def greedy_drafts(model: Glm4MoeForCausalLM, hidden_BTD: Tensor, next_ids_BT: Te
     padding is written to the cache too — past the row's real positions, where no real query sees
     it (keys are visible only up to a query's own position) and where the row's next draft step
     writes over it — so that every row has the same shape and the chain stays one graph."""
-    # (the output head over the last real pair only: its logits at the other T - 1, which the
-    # compiled graph drops unused, would cost an [B x T, V] product for nothing)
-    _, h, _, _ = model.mtp_forward_layers(hidden_BTD, next_ids_BT, step.position_ids_BT, step.mask(), step)
-    h_B1D = h[torch.arange(h.shape[0], device=h.device), last_B][:, None]
+    # (the block's MLP and the output head over the last real pair only: `keep_B`)
+    logits, h_B1D, _, _ = model.mtp_forward_layers(hidden_BTD, next_ids_BT, step.position_ids_BT, step.mask(), step,
+                                                   keep_B=last_B)
     pos_B1 = step.position_ids_BT.gather(1, last_B[:, None])
-    draft_B = model.lm_head(h_B1D[:, 0]).argmax(-1)
+    draft_B = logits[:, 0].argmax(-1)
     drafts = [draft_B]
     for i in range(1, k):
         pos_B1 = pos_B1 + 1
@@ -476,7 +475,8 @@ class Engine:
                                                torch.full((B,), -1, device=device))
                         self.mtp_cache.lens[:B] = 1  # (T = 1: also a sampled draft step)
                         self.model.mtp_forward(h, ids, cache=self.mtp_cache, slots=torch.arange(B, device=device),
-                                               layers_fn=self._mtp_layers)
+                                               layers_fn=self._mtp_layers,
+                                               keep_B=torch.full((B,), T - 1, device=device) if T > 1 else None)
                 # prefills (a speculative engine's share the graphs above; a greedy one's run
                 # through `greedy_cycle`)
                 for B, T in self._prefill_shapes():
@@ -488,7 +488,8 @@ class Engine:
                         self.mtp_cache.lens[:B] = 1
                         self.model.mtp_forward(torch.zeros(B, T, D, dtype=dtype, device=device), ids,
                                                cache=self.mtp_cache, slots=torch.arange(B, device=device),
-                                               layers_fn=self._mtp_layers)
+                                               layers_fn=self._mtp_layers,
+                                               keep_B=torch.zeros(B, dtype=torch.long, device=device))
             self.cache.lens.zero_()
             if self.mtp_cache is not None:
                 self.mtp_cache.lens.zero_()
@@ -812,9 +813,11 @@ class Engine:
         # prompt-length tensors would fail the compiled graphs' stride guards and recompile)
         R = torch.tensor(rows)
         n_R, slots = torch.tensor([lens[b] - 1 for b in rows]), slots_R[R].to(device)
+        # (its outputs are not used: the MLP and the head over one position a row, `keep_B`)
         self.model.mtp_forward(hidden_RPD[R.to(hidden_RPD.device), :T], batch_RP[R, 1:T + 1].to(device),
                                cache=self.mtp_cache, slots=slots, input_lens=None if compiled else n_R,
-                               layers_fn=self._mtp_layers if compiled else None)
+                               layers_fn=self._mtp_layers if compiled else None,
+                               keep_B=torch.zeros(len(rows), dtype=torch.long, device=device))
         if compiled:  # the padding is written past each row's end, as in `_prefill`
             self.mtp_cache.lens[slots] = n_R.to(device)
 
@@ -937,12 +940,13 @@ class Engine:
                 last_B = (torch.tensor(n_new) - 1).to(device)
                 drafts_Bk = self._greedy_drafts(model, h, ids.to(device), step, k, last_B).cpu()
             else:
-                # (compiled only when no row is padding: a ragged cache write has a data-dependent shape)
+                # (compiled only when no row is padding: a ragged cache write has a data-dependent shape;
+                # the MLP and the head over each row's last pair only, `keep_B`, past one pair a row)
                 slots = torch.arange(B, device=device)
+                last = (torch.tensor(n_new) - 1).to(device) if T > 1 else None
                 out = model.mtp_forward(h, ids.to(device), cache=self.mtp_cache, slots=slots, input_lens=torch.tensor(n_new),
-                                        layers_fn=self._mtp_layers if uniform else None)
-                last = torch.tensor(n_new) - 1
-                logits, g = out.logits[torch.arange(B), last], out.hidden[torch.arange(B), last]
+                                        layers_fn=self._mtp_layers if uniform else None, keep_B=last)
+                logits, g = out.logits[:, 0], out.hidden[:, 0]
                 drafts, q_probs = [], []
                 for i in range(k):
                     d, q = self._draft(logits, params, rngs)
