@@ -1183,8 +1183,9 @@ class Glm4MoeForCausalLM(nn.Module):
         torch.compile. `keep_B` [B]: the outputs at position keep_B[b] of each row only (T = 1 in
         what it returns) — speculative decoding's catch-up of the MTP cache, which needs every
         pair's key and value but drafts from each row's last pair alone; the block's MLP and the
-        output head then run on B rows instead of B x T (at batch 1, 4 pairs: the MoE reads a
-        quarter of the experts' weights)."""
+        output head then run on B rows instead of B x T (at batch 1 with 4 pairs, the MoE's 4
+        experts instead of up to 16: ~2% of a compiled greedy cycle, ~8% of a 31-token greedy
+        speculative prefill, measured in one process against the whole forward)."""
         mtp = self.model.mtp_layers[depth]
         B, T = next_ids.shape
         e_BTD = mtp.enorm(self.model.embed_tokens(next_ids))
