@@ -542,10 +542,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps)
 
     def forward(self, x_BTD: Tensor, cos_sin: tuple[Tensor, Tensor], mask_BTS: Tensor | None,
-                cache_step: CacheStep | None, layer: int, keep_B: Tensor | None = None) -> Tensor:
-        """Self-attention over the T new tokens of each row ([B, T, D] out); with `keep_B`, the
-        output at position keep_B[b] of each row only ([B, 1, D]): every key and value is still
-        computed and cached (see `mtp_forward_layers`)."""
+                cache_step: CacheStep | None, layer: int) -> Tensor:
         B, T, _ = x_BTD.shape
         Dh = self.cfg.head_dim
         q_BTHD = self.q_proj(x_BTD).view(B, T, -1, Dh)
@@ -569,10 +566,7 @@ class Attention(nn.Module):
             with _fp32_under_autocast(q) as dt:  # CPU's bf16 flash attention is slower than fp32
                 out_BHTD = F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=mask,
                                                           is_causal=mask is None, scale=Dh ** -0.5, enable_gqa=True)
-        out_BTX = out_BHTD.transpose(1, 2).reshape(B, T, -1)
-        if keep_B is not None:
-            out_BTX = out_BTX[torch.arange(B, device=keep_B.device), keep_B][:, None]
-        return self.o_proj(out_BTX)
+        return self.o_proj(out_BHTD.transpose(1, 2).reshape(B, T, -1))
 
 
 # ----------------------------------------------------------------------------- MLPs and experts
@@ -950,12 +944,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x_BTD: Tensor, cos_sin, mask_BTS, cache_step, layer: int,
                 replay_ids_NK: Tensor | None = None, keep_B: Tensor | None = None) -> tuple[Tensor, Routing | None]:
-        """With `keep_B`, the block's output at position keep_B[b] of each row only, [B, 1, D]
-        (`Attention.forward`): the MLP runs on those positions alone."""
-        a_BTD = self.self_attn(self.input_layernorm(x_BTD), cos_sin, mask_BTS, cache_step, layer, keep_B)
+        """With `keep_B`, the block's output at position keep_B[b] of each row only, [B, 1, D]:
+        attention computes and caches every position's keys and values, the MLP runs on the kept
+        positions alone."""
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_sin, mask_BTS, cache_step, layer)
         if keep_B is not None:
             x_BTD = x_BTD[torch.arange(x_BTD.shape[0], device=keep_B.device), keep_B][:, None]
-        x_BTD = x_BTD + a_BTD
         h_BTD = self.post_attention_layernorm(x_BTD)
         if isinstance(self.mlp, MoE):
             y_BTD, routing = self.mlp(h_BTD, replay_ids_NK)
