@@ -132,6 +132,38 @@ def test_engine_decodes_to_the_end_of_its_context_through_both_compiled_steps():
     assert max(keys) == max_len - 1  # the last step, over max_len keys, went the other way
 
 
+def test_aot_prefill_of_one_prompt_equals_the_compiled_one_and_eager():
+    """One library for every prompt length T in its range (a dynamic size): a plain engine's
+    `decode_forward` over one prompt against the torch.compile'd function and eager, at the
+    range's ends and between; then the engine's one-prompt generations take it, with eager
+    decoding's tokens. (A speculative engine's, `greedy_cycle` with the MTP layer's prefill and
+    the first drafts: tests/test_speculative.py::test_compiled_speculative_decoding_equals_eager_plain_decoding.)"""
+    model = random_model(CFG, seed=1)  # (the model and engine of the first test: its graphs and packages)
+    engine = Engine(model, max_batch=4, compile_decode=True)
+    engine.warmup()
+    pre, g = engine._aot_prefill, torch.Generator().manual_seed(7)
+    assert pre is not None and pre.lo == 2 and pre.hi == engine.max_len - 1
+    for T in (2, 7, pre.hi):
+        ids = torch.randint(0, CFG.vocab_size, (1, T), generator=g)
+        engine.cache.lens.zero_()
+        step = lambda: CacheStep.make(engine.cache, 1, T, torch.arange(1), None, torch.device("cpu"))  # noqa: E731
+        with torch.no_grad():
+            aot = pre(ids)
+            _close(aot, engine._forward(model, ids, step()))
+            _close(aot, decode_forward(model, ids, step()))
+    assert not pre.applies(1) and not pre.applies(pre.hi + 1)
+    calls = []
+    engine._aot_prefill = lambda *args: calls.append(args[0].shape[1]) or pre(*args)
+    engine._aot_prefill.applies = pre.applies
+    prompts = [[5, 6, 7], [8] * 20, [9]]
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    for p, (e,) in zip(prompts, Engine(model, max_batch=4).generate(prompts, params)):
+        (o,) = engine.generate([p], params)[0]
+        assert o.output_ids == e.output_ids
+        assert (torch.tensor(o.logprobs) - torch.tensor(e.logprobs)).abs().max() <= 1e-5
+    assert calls == [3, 20]  # (a one-token prompt prefills eager)
+
+
 def test_a_failed_build_warns_and_decoding_keeps_the_compiled_step(monkeypatch):
     model = random_model(CFG, seed=5)
     monkeypatch.setattr(torch.export, "export", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no export")))

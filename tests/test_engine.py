@@ -443,15 +443,20 @@ def test_compiled_decode_equals_eager_decoding(model, optimized_cpp):
         assert len(o.output_ids) == sp.max_new_tokens or o.finish_reason == "stop"
         lp, _ = trainer_logprobs(model, p, o.output_ids, sp.temperature)
         assert (lp - torch.tensor(o.logprobs)).abs().max().item() <= 1e-5
-    # n samples of one prompt start from its compiled prefill (copied to their slots); a prompt of
-    # over DECODE_ATTENTION_MAX_T tokens is prefilled eager
+    # n samples of one prompt start from its compiled prefill (copied to their slots: one prompt
+    # alone, ahead of time); a prompt of over DECODE_ATTENTION_MAX_T tokens is prefilled eager
     tokens_a_row.clear()
+    prefill = compiled._aot_prefill
+    assert prefill is not None  # (built by warmup)
+    compiled._aot_prefill = lambda ids: tokens_a_row.append(ids.shape[1]) or prefill(ids)
+    compiled._aot_prefill.applies = prefill.applies
     long_prompt = _prompts(cfg, [70], seed=8)[0]
     for p in (prompts[1], long_prompt):
         for o in compiled.generate([p], SamplingParams(temperature=1.0, max_new_tokens=6, n=3, seed=7))[0]:
             lp, _ = trainer_logprobs(model, p, o.output_ids)
             assert (lp - torch.tensor(o.logprobs)).abs().max().item() <= 1e-5
     assert tokens_a_row[0] == 11 and 70 not in tokens_a_row
+    compiled._aot_prefill = prefill
     other = random_model(cfg, seed=5)
     compiled.update_weights(other.state_dict())
     new = compiled.generate(prompts, params)

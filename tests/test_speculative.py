@@ -27,16 +27,18 @@ def shipped_model_and_prompts(n: int, seed: int):
 def eager_dynamo(monkeypatch):
     """torch.compile with dynamo's eager backend (the backend the test passes to `use`, "eager"
     by default): which graphs there are, and the engine's bookkeeping around them, are under test,
-    not inductor — nor AOTInductor: no step is compiled ahead of time (`AOTStep.build` gives None,
-    as where a build fails), so every call goes through the torch.compile'd functions, whose
+    not inductor — nor AOTInductor: no step or prefill is compiled ahead of time (`AOTStep.build`
+    and `AOTPrefill.build` give None, as where a build fails), so every call goes through the
+    torch.compile'd functions, whose
     graphs `warmup` compiles either way (tests/test_aot.py and
     test_compiled_speculative_decoding_equals_eager_plain_decoding take the ahead-of-time steps;
     their builds took 2.3 of the 3.3 minutes of the two tests here that use this fixture, from
     empty caches). Dynamo's caches are reset before and after."""
-    from rlfoundry.rollout.aot import AOTStep
+    from rlfoundry.rollout.aot import AOTPrefill, AOTStep
 
     compile_ = torch.compile
-    monkeypatch.setattr(AOTStep, "build", classmethod(lambda cls, *args, **kwargs: None))
+    for cls in (AOTStep, AOTPrefill):
+        monkeypatch.setattr(cls, "build", classmethod(lambda cls, *args, **kwargs: None))
 
     def use(backend="eager"):
         monkeypatch.setattr(torch, "compile", lambda fn, dynamic, fullgraph, options=None: compile_(
@@ -90,15 +92,16 @@ def test_compiled_speculative_decoding_equals_eager_plain_decoding():
     in a batch the rows' catch-ups are padded to one length), and from a sequence's second cycle on
     both through one (`greedy_cycle`: verification, then the next drafts; a greedy prefill, the
     MTP layer's prefill and the first drafts through it too); on CPU in fp32 the cycles of all k
-    drafts run `greedy_cycle` compiled ahead of time (`rollout/aot.py`), the others (fewer drafts
-    near a response's end, prefills) the torch.compile'd one. With the shipped drafter
+    drafts run `greedy_cycle` compiled ahead of time (`rollout/aot.py`), and so does a greedy
+    prefill of one prompt at batch 1 (`AOTPrefill`), the others (fewer drafts near a response's
+    end, prefills of several prompts) the torch.compile'd one. With the shipped drafter
     (drafts accepted several at a time, to different depths per row), one prompt at a time and a
     batch: the same greedy tokens as eager plain decoding, log-probs within 1e-5."""
     model, prompts = shipped_model_and_prompts(6, seed=10_001)
     params = SamplingParams(temperature=0, max_new_tokens=32)
     plain = Engine(model, max_batch=6).generate(prompts, params)
     engine = Engine(model, max_batch=6, speculative_steps=3, compile_decode=True)
-    calls = {"chain": 0, "cycle": 0, "ahead": 0}
+    calls = {"chain": 0, "cycle": 0, "ahead": 0, "ahead_prefill": 0}
     for name, attr in (("chain", "_greedy_drafts"), ("cycle", "_greedy_cycle")):
         def counted(*args, _fn=getattr(engine, attr), _name=name):
             calls[_name] += 1
@@ -108,9 +111,14 @@ def test_compiled_speculative_decoding_equals_eager_plain_decoding():
     if ahead is not None:  # (native kernels built: a C++ compiler, as compiled decoding needs)
         engine._aot_cycle = lambda *args: calls.update(ahead=calls["ahead"] + 1) or ahead(*args)
         engine._aot_cycle.applies = ahead.applies
+    prefill = engine._aot_prefill_step()
+    if prefill is not None:
+        engine._aot_prefill = lambda *args: calls.update(ahead_prefill=calls["ahead_prefill"] + 1) or prefill(*args)
+        engine._aot_prefill.applies = prefill.applies
     single = [engine.generate([p], params)[0] for p in prompts[:2]]
-    # a greedy prefill drafts the first cycle in its own call (`greedy_cycle` over the prompt)
-    assert calls["chain"] == 0 < calls["cycle"]
+    # a greedy prefill drafts the first cycle in its own call (`greedy_cycle` over the prompt:
+    # one prompt ahead of time, where it is built)
+    assert calls["chain"] == 0 and (calls["ahead_prefill"] == 2 or prefill is None and calls["cycle"] >= 2)
     spec = single + engine.generate(prompts, params)
     for a, b in zip(plain[:2] + plain, spec):
         assert a[0].output_ids == b[0].output_ids and a[0].finish_reason == b[0].finish_reason

@@ -101,17 +101,9 @@ class AOTStep:
         the model's path changes for B x T tokens or, in the MTP layer's one-token drafts, for B);
         `batch_args` long tensors [B] follow. None, with a warning, where that fails."""
         switches = [-(-n // t) for n in model.token_switches() for t in {T, 1}]
-        try:
-            with warnings.catch_warnings():  # (torch's own use of a deprecated pytree class, at load)
-                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-                runners = {r: _compile(model, caches, fn, T, static, batch_args, *r)
-                           for r in regimes(max_batch, switches)}
-        except Exception as e:  # an export or a build that fails: the torch.compile'd step stays
-            warnings.warn(f"the ahead-of-time compiled {getattr(fn, '__name__', fn)} is unavailable "
-                          f"({type(e).__name__}: {str(e)[:500]}); the engine keeps its torch.compile'd one",
-                          RuntimeWarning, stacklevel=2)
-            return None
-        return cls(model, caches, T, runners)
+        runners = _built(fn, lambda: {r: _compile(model, caches, fn, T, static, batch_args, *r)
+                                      for r in regimes(max_batch, switches)})
+        return None if runners is None else cls(model, caches, T, runners)
 
     def bind_weights(self) -> None:
         """Point every library at the model's current parameters and buffers (they are read in
@@ -133,6 +125,52 @@ class AOTStep:
         keys = self._keys[:max(num_keys, self.T + 1)]
         flat = runner.loader.run([ids_BT, position_ids_BT, keys, *batch_args, *self._fixed])
         return pytree.tree_unflatten(flat, self._out_spec)
+
+
+class AOTPrefill(AOTStep):
+    """`fn(model, ids [1, T], *steps, *static, *batch_args)` over one prompt of T tokens, T in
+    lo..hi, at positions 0..T-1 of row 0 of `caches`: the ahead-of-time prefill at batch 1 (the
+    plain engine's `decode_forward`; a greedy speculative engine's `greedy_cycle`, static (k,),
+    batch_args (last_B,)). One library, T a dynamic size in it; call it with the ids [1, T] and the
+    batch_args."""
+
+    def __init__(self, model: Glm4MoeForCausalLM, caches: list[KVCache], lo: int, hi: int, runner: object):
+        super().__init__(model, caches, hi, {(1, 1): runner})
+        self.lo, self.hi = lo, hi
+        self._keys = torch.empty(hi, device=caches[0].lens.device)  # sliced to T
+        self._positions = torch.arange(hi, device=caches[0].lens.device)[None]
+
+    @classmethod
+    def build(cls, model: Glm4MoeForCausalLM, caches: list[KVCache], fn: Callable, lo: int, hi: int,
+              static: tuple = (), batch_args: int = 0) -> "AOTPrefill | None":
+        """Export and compile (or load from the disk cache) the library for prompts of lo..hi
+        tokens (all of one path of the model: no token switch in the range, and hi below the
+        cache's end, see `_max_keys`). None, with a warning, where that fails."""
+        runner = _built(fn, lambda: _compile(model, caches, fn, hi, static, batch_args, 1, 1, prompt=(lo, hi)))
+        return None if runner is None else cls(model, caches, lo, hi, runner)
+
+    def applies(self, T: int) -> bool:
+        """Whether a prompt of T tokens runs here."""
+        return self.lo <= T <= self.hi
+
+    def __call__(self, ids_1T: Tensor, *batch_args: Tensor):
+        T = ids_1T.shape[1]
+        flat = self._by_batch[1].loader.run([ids_1T, self._positions[:, :T], self._keys[:T], *batch_args, *self._fixed])
+        return pytree.tree_unflatten(flat, self._out_spec)
+
+
+def _built(fn: Callable, build: Callable):
+    """build(), or None with a warning where it fails (an export or a build: the engine's
+    torch.compile'd function stays)."""
+    try:
+        with warnings.catch_warnings():  # (torch's own use of a deprecated pytree class, at load)
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            return build()
+    except Exception as e:
+        warnings.warn(f"the ahead-of-time compiled {getattr(fn, '__name__', fn)} is unavailable "
+                      f"({type(e).__name__}: {str(e)[:500]}); the engine keeps its torch.compile'd one",
+                      RuntimeWarning, stacklevel=3)
+        return None
 
 
 def _max_keys(max_len: int, T: int) -> int:
@@ -179,26 +217,32 @@ def _build_flags() -> str:
 
 
 def _compile(model: Glm4MoeForCausalLM, caches: list[KVCache], fn: Callable, T: int, static: tuple,
-             batch_args: int, lo: int, hi: int):
+             batch_args: int, lo: int, hi: int, prompt: tuple[int, int] | None = None):
     """The loaded AOTInductor package of `fn` for batch sizes lo..hi and key counts T + 1 to
-    `_max_keys`."""
+    `_max_keys`; or, with `prompt` (t_lo, t_hi), of a prefill: one row of T tokens at positions
+    0..T-1 over T keys, for T in t_lo..t_hi."""
     device, L = caches[0].lens.device, caches[0].max_len
-    B, S = hi, T + 1
-    args = (torch.zeros(B, T, dtype=torch.long, device=device),
-            torch.arange(1, T + 1, device=device).repeat(B, 1), torch.empty(S, device=device),
+    if prompt:  # one row (the example at the range's top: export specialises sizes 0 and 1)
+        B, T = 1, prompt[1]
+        S, positions = T, torch.arange(T, device=device)[None]
+        tokens = torch.export.Dim("T", min=prompt[0], max=prompt[1])
+        rows, ids_shape, keys_shape = None, {1: tokens}, {0: tokens}
+    else:
+        B, S, positions = hi, T + 1, torch.arange(1, T + 1, device=device).repeat(hi, 1)
+        batch = torch.export.Dim("B", min=lo, max=hi) if lo < hi else None
+        rows = {0: batch} if batch else None
+        ids_shape, keys_shape = rows, {0: torch.export.Dim("S", min=T + 1, max=_max_keys(L, T))}
+    args = (torch.zeros(B, T, dtype=torch.long, device=device), positions, torch.empty(S, device=device),
             tuple(torch.zeros(B, dtype=torch.long, device=device) for _ in range(batch_args)),
             tuple(c.rope for c in caches), tuple(tuple(c.storage) for c in caches))
-    batch = torch.export.Dim("B", min=lo, max=hi) if lo < hi else None
-    keys = torch.export.Dim("S", min=T + 1, max=_max_keys(L, T))
-    rows = {0: batch} if batch else None
-    shapes = (rows, rows, {0: keys}, tuple(rows for _ in range(batch_args)),
+    shapes = (ids_shape, ids_shape, keys_shape, tuple(rows for _ in range(batch_args)),
               tuple((None, None) for _ in caches), tuple((None,) * len(c.storage) for c in caches))
     with torch.no_grad():
         ep = torch.export.export(_Traced(model, fn, static), args, dynamic_shapes=shapes, strict=False)
     code = ep.graph_module.print_readable(print_output=False, include_stride=True, include_device=True)
     key = hashlib.sha256("\n".join([code, str(ep.range_constraints), str(sorted(_OPTIONS.items())), _build_flags(),
                                     torch.__version__, kernels.cpu_features(), kernels.compiler()]).encode()).hexdigest()[:16]
-    path = kernels.cache_dir() / f"{getattr(fn, '__name__', 'step')}_{key}.pt2"
+    path = kernels.cache_dir() / f"{'prompt_' if prompt else ''}{getattr(fn, '__name__', 'step')}_{key}.pt2"
 
     def package(out: Path) -> None:
         with torch._inductor.config.patch({**_OPTIONS, "aot_inductor.custom_ops_to_c_shims": _c_shims()}):

@@ -33,7 +33,7 @@ from torch import Tensor
 from rlfoundry.model import Glm4MoeForCausalLM, KVCache, kernels
 from rlfoundry.model.glm4_moe import DECODE_ATTENTION_MAX_T, CacheStep, at_least_fp32
 from rlfoundry.model.hf_io import read_tensors, update_from_tensors
-from rlfoundry.rollout.aot import AOTStep
+from rlfoundry.rollout.aot import AOTPrefill, AOTStep
 
 
 class RequestError(ValueError):
@@ -368,6 +368,10 @@ class Engine:
         self._aot_cycle: AOTStep | None = None
         self._aot_wanted = keys_by_dim and not speculative_steps
         self._aot_cycle_wanted = keys_by_dim and bool(speculative_steps)
+        # and a prefill of one prompt (batch 1, the first row): `decode_forward`, or a greedy
+        # speculative prefill's `greedy_cycle` (`_aot_prefill_step`)
+        self._aot_prefill: AOTPrefill | None = None
+        self._aot_prefill_wanted = keys_by_dim
         if compile_decode:  # the batch size varies, the cache's shape never does
             for c in (self.cache, self.mtp_cache):
                 for t in (c.k + c.v if c is not None else []):
@@ -448,6 +452,7 @@ class Engine:
                 raise RuntimeError("warmup needs an idle engine: it writes the KV caches")
             self._aot_step()
             self._aot_cycle_step()
+            self._aot_prefill_step()
             k, switches, device = self.spec_steps, self.model.token_switches(), self.device
             D, dtype = self.model.config.hidden_size, self.dtype
 
@@ -574,7 +579,7 @@ class Engine:
         tensors = read_tensors(Path(source)) if isinstance(source, (str, Path)) else source
         def update() -> int:
             n = update_from_tensors(self.model, tensors)
-            for aot in (self._aot, self._aot_cycle):  # (copied in place, so already seen; a replaced tensor would not be)
+            for aot in (self._aot, self._aot_cycle, self._aot_prefill):  # (copied in place, so already seen; a replaced tensor would not be)
                 if aot is not None:
                     aot.bind_weights()
             self.weight_version = str(version) if version is not None else str(int(self.weight_version) + 1
@@ -738,22 +743,30 @@ class Engine:
             # every row the longest prompt's length: a shorter one's padding is written to the cache
             # past the row's end, where no query of it sees it (keys are visible up to a query's own
             # position) and its decode steps write over it; its length is set to the real one
-            step = CacheStep.make(self.cache, len(reqs), max(lens), slots, None, device)
-            lens_d = torch.tensor(lens, device=device)
+            lens_d, rows_d = torch.tensor(lens, device=device), slice(first, first + len(reqs))
+            # one prompt at the first row: the prefill compiled ahead of time, where it applies
+            aot = (self._aot_prefill_step() if len(reqs) == 1 and first == 0 and (greedy or not self.spec_steps)
+                   else None)
+            aot = aot if aot is not None and aot.applies(max(lens)) else None
+            step = None if aot else CacheStep.make(self.cache, len(reqs), max(lens), slots, None, device)
             if greedy and self._greedy_cycle is not None:
                 # speculative: the MTP layer's prefill and the first cycle's drafts in the same
                 # compiled call (`greedy_cycle`); the MTP cache holds every prompt pair and the
                 # first token's after it, its length set below
-                self.mtp_cache.reset(slots)
-                # (a slots tensor of its own: the graphs have two, and dynamo guards on their aliasing)
-                mtp_step = CacheStep.make(self.mtp_cache, len(reqs), max(lens), slots.clone(), None, device)
-                choice, lp, drafts, hidden, routed = self._greedy_cycle(model, batch.to(device), step, mtp_step,
-                                                                        self.spec_steps, lens_d - 1)
-                self.mtp_cache.lens[slots.to(device)] = lens_d
+                if aot:
+                    choice, lp, drafts, hidden, routed = aot(batch.to(device), lens_d - 1)
+                else:
+                    self.mtp_cache.reset(slots)
+                    # (a slots tensor of its own: the graphs have two, and dynamo guards on their aliasing)
+                    mtp_step = CacheStep.make(self.mtp_cache, len(reqs), max(lens), slots.clone(), None, device)
+                    choice, lp, drafts, hidden, routed = self._greedy_cycle(model, batch.to(device), step, mtp_step,
+                                                                            self.spec_steps, lens_d - 1)
+                self.mtp_cache.lens[rows_d] = lens_d  # (what `copy_slots` below copies)
                 drafts = drafts.tolist()
             else:
-                logits, choice, lp, hidden, routed = self._forward(model, batch.to(device), step)
-            self.cache.lens[slots.to(device)] = lens_d
+                logits, choice, lp, hidden, routed = aot(batch.to(device)) if aot else self._forward(
+                    model, batch.to(device), step)
+            self.cache.lens[rows_d] = lens_d
         else:
             out = model(batch.to(device), cache=self.cache, slots=slots.to(device), input_lens=torch.tensor(lens))
             logits, hidden, routed = out.logits, out.hidden, out.routed_experts
@@ -899,6 +912,22 @@ class Engine:
             self._aot_cycle = AOTStep.build(self.model, [self.cache, self.mtp_cache], self.max_batch, greedy_cycle,
                                             T=k + 1, static=(k,), batch_args=1)
         return self._aot_cycle
+
+    def _aot_prefill_step(self) -> AOTPrefill | None:
+        """The ahead-of-time compiled prefill of one prompt at the cache's first row, built on first
+        use: a plain engine's `decode_forward`, a speculative one's greedy `greedy_cycle` (sampled
+        prefills stay torch.compile'd). For prompts of 2 tokens up to the compiled prefill's
+        longest (`_prefill_max_t`), short of every switch of the model's path
+        (`Glm4MoeForCausalLM.token_switches`) and of the cache's end (`aot._max_keys`: the
+        cycle's further drafts read k - 1 keys more); the torch.compile'd functions take the rest."""
+        if self._aot_prefill_wanted:
+            self._aot_prefill_wanted = False
+            k, caches = self.spec_steps, [self.cache] + ([self.mtp_cache] if self.spec_steps else [])
+            hi = min([self._prefill_max_t, self.max_len - max(1, k)] + [n - 1 for n in self.model.token_switches()])
+            if hi >= 2:
+                self._aot_prefill = AOTPrefill.build(self.model, caches, greedy_cycle if k else decode_forward, 2, hi,
+                                                     static=(k,) if k else (), batch_args=1 if k else 0)
+        return self._aot_prefill
 
     def _decode_speculative(self, k: int) -> None:
         """MTP speculative decoding (Leviathan et al. 2023; Chen et al. 2023): the MTP layer drafts k
