@@ -1,5 +1,5 @@
 """Engine functions compiled ahead of time by AOTInductor: the plain decode step and the greedy
-speculative cycle.
+speculative cycle (`AOTStep`), and the prefill of one prompt (`AOTPrefill`).
 
 A torch.compile'd call pays, before and after its graph, for dynamo's guards (~1000 checks on the
 model's modules and attributes, since the graph holds them as constants) and for the Python layers
@@ -9,6 +9,10 @@ that hand ~90 tensors (the weights, the KV cache) to the graph and take its outp
 with `torch.export` once per batch-size regime (dynamo specialises batch 1, and the MoE blocks
 change path at the token counts of `Glm4MoeForCausalLM.token_switches`), compiled by AOTInductor
 into a shared library, and called with the step's few tensors: no guards, the weights bound once.
+A prefill of one prompt (batch 1: the latency case, where these fixed costs weigh most) is one more
+library, the prompt's length a dynamic size in it (the same function over T tokens at positions
+0..T-1: `decode_forward`, or a greedy speculative engine's `greedy_cycle`, whose MTP layer then
+takes the prompt's pairs and drafts the first cycle).
 The native kernels' ops in the graph (decode attention, the small products) are called through
 their C entry points (`_c_shims`), not the dispatcher. The outputs equal the torch.compile'd
 function's up to float rounding (its own inductor build of the same graph: the same tokens and
