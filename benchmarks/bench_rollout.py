@@ -7,7 +7,8 @@ tokens/s = B * 128 / wall time. Our engine and transformers run in this process,
 `LLM.generate` in a subprocess on the same checkpoint. Then MTP speculative decoding at batch 1:
 our engine with 3 draft tokens against itself without, eager and (unless --no-compile) both with
 compile_decode (on 32 task prompts when the checkpoint has a chat template, else on the synthetic
-prompts), with the mean acceptance length, and the
+prompts; `--spec-rounds` passes over them with the same engines, each ratio printed as the median
+pass's, every pass's beside it), with the mean acceptance length, and the
 cost of each forward involved (the speed-up that acceptance length allows at those costs).
 
     .venv/bin/python benchmarks/bench_rollout.py [--model CKPT] [--batches 1 16 64] [--new-tokens 128]
@@ -164,12 +165,13 @@ def task_prompts_for(path: Path) -> list[list[int]]:
     return [ds.token_ids(i, tok) for ds in sets for i in range(len(ds))]
 
 
-def bench_spec_on_prompts(model, prompts: list[list[int]], new: int,
-                          compile_decode: bool = False) -> tuple[dict[str, tuple[float, float]], Engine]:
+def bench_spec_on_prompts(model, prompts: list[list[int]], new: int, compile_decode: bool = False,
+                          rounds: int = 1) -> tuple[list[dict[str, tuple[float, float]]], Engine]:
     """Tokens/s of plain and of speculative decoding over `prompts` one at a time (EOS ends a
     response), the two engines taking turns prompt by prompt; checks that both give the same greedy
-    tokens. With compile_decode, both engines compiled (compiling is not timed). Returns
-    {"end to end": (plain, speculative), "after the first token": (plain, speculative)} and the
+    tokens. With compile_decode, both engines compiled (compiling is not timed). Returns, for each
+    of `rounds` passes over the prompts (the same engines: the spread between passes is the VM's),
+    {"end to end": (plain, speculative), "after the first token": (plain, speculative)}, and the
     speculative engine: each prompt is also answered with its first token alone, the time that
     takes (prefill, and for the speculative engine the MTP layer's prefill and first drafts)
     subtracted from the whole answer's, and its token from the tokens — the decoding that
@@ -181,19 +183,35 @@ def bench_spec_on_prompts(model, prompts: list[list[int]], new: int,
         engine.generate(prompts[:1], SamplingParams(temperature=0, max_new_tokens=new))  # warm-up
         engine.stats.update(spec_verify_steps=0, spec_emitted_tokens=0, spec_accept_length=0.0)
     freeze_heap()
-    seconds, firsts, outputs = [0.0, 0.0], [0.0, 0.0], [[], []]
-    for q in prompts:
-        for i, engine in enumerate(engines):
-            t = time.perf_counter()
-            engine.generate([q], SamplingParams(temperature=0, max_new_tokens=1))
-            firsts[i] += time.perf_counter() - t
-            t = time.perf_counter()
-            outputs[i].append(engine.generate([q], SamplingParams(temperature=0, max_new_tokens=new))[0][0].output_ids)
-            seconds[i] += time.perf_counter() - t
-    assert outputs[0] == outputs[1], "speculative decoding changed the greedy output"
-    tokens = sum(map(len, outputs[0]))
-    rest = [(tokens - len(prompts)) / (s - f) for s, f in zip(seconds, firsts)]
-    return {"end to end": (tokens / seconds[0], tokens / seconds[1]), "after the first token": tuple(rest)}, engines[1]
+    results = []
+    for _ in range(rounds):
+        seconds, firsts, outputs = [0.0, 0.0], [0.0, 0.0], [[], []]
+        for q in prompts:
+            for i, engine in enumerate(engines):
+                t = time.perf_counter()
+                engine.generate([q], SamplingParams(temperature=0, max_new_tokens=1))
+                firsts[i] += time.perf_counter() - t
+                t = time.perf_counter()
+                outputs[i].append(engine.generate([q], SamplingParams(temperature=0, max_new_tokens=new))[0][0].output_ids)
+                seconds[i] += time.perf_counter() - t
+        assert outputs[0] == outputs[1], "speculative decoding changed the greedy output"
+        tokens = sum(map(len, outputs[0]))
+        rest = [(tokens - len(prompts)) / (s - f) for s, f in zip(seconds, firsts)]
+        results.append({"end to end": (tokens / seconds[0], tokens / seconds[1]), "after the first token": tuple(rest)})
+    return results, engines[1]
+
+
+def spec_summary(results: list[dict[str, tuple[float, float]]]) -> str:
+    """Each measure's tokens/s (plain, speculative) and ratio in the round of the median ratio, and
+    every round's ratio."""
+    parts = []
+    for name in results[0]:
+        ratios = [r[name][1] / r[name][0] for r in results]
+        mid = sorted(range(len(ratios)), key=ratios.__getitem__)[(len(ratios) - 1) // 2]
+        plain, spec = results[mid][name]
+        parts.append(f"{name} {spec:.0f} vs {plain:.0f} = {ratios[mid]:.2f}x"
+                     + (f" (median of {len(ratios)} rounds: {' / '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else ""))
+    return "; ".join(parts)
 
 
 def bench_hf(hf, B, plen, new) -> float:
@@ -232,6 +250,8 @@ def main() -> None:
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the compile_decode column")
     ap.add_argument("--rounds", type=int, default=2, help="alternating runs of ours and transformers per batch")
+    ap.add_argument("--spec-rounds", type=int, default=3,
+                    help="passes over the task prompts for the speculative lines (each ratio: the median pass's)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import transformers
@@ -275,16 +295,15 @@ def main() -> None:
     task_prompts = task_prompts_for(path)
     for compiled in (False,) if args.no_compile else (False, True):
         if task_prompts:  # a trained checkpoint drafts well on text like its training data
-            rates, engine = bench_spec_on_prompts(model, task_prompts, new, compiled)
+            results, engine = bench_spec_on_prompts(model, task_prompts, new, compiled, args.spec_rounds)
             what = f"{len(task_prompts)} task prompts one at a time (Countdown 2 + arithmetic 3, chat template)"
         else:
             plain, _ = bench_ours(model, 1, plen, new, compile_decode=compiled)
             spec, engine = bench_ours(model, 1, plen, new, spec=3, compile_decode=compiled)
-            rates, what = {"end to end": (plain, spec)}, f"synthetic {plen}-token prompts, {new} new tokens"
+            results, what = [{"end to end": (plain, spec)}], f"synthetic {plen}-token prompts, {new} new tokens"
         acc = engine.stats["spec_accept_length"]
         print(f"MTP speculative decoding ({'compiled' if compiled else 'eager'}), batch 1, 3 draft tokens, "
-              f"greedy, {what}: acceptance length {acc:.2f}; speculative vs plain tok/s "
-              + "; ".join(f"{name} {spec:.0f} vs {plain:.0f} = {spec / plain:.2f}x" for name, (plain, spec) in rates.items()))
+              f"greedy, {what}: acceptance length {acc:.2f}; speculative vs plain tok/s " + spec_summary(results))
         if not compiled:
             c = forward_costs(model, plen, 3)
             bound = acc * c["main_1"] / (c["main_verify"] + 3 * c["mtp_1"])

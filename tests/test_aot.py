@@ -191,3 +191,7 @@ def test_only_compiled_fp32_engines_build_them():
     engine = Engine(model, max_batch=2)
     engine.generate([[1, 2]], SamplingParams(max_new_tokens=2))
     assert engine._aot is None
+    # a context of 3 leaves the prefill one prompt length (2): a static size, no library, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Engine(model, max_batch=2, max_len=3, compile_decode=True)._aot_prefill_step() is None

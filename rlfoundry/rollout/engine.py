@@ -924,7 +924,7 @@ class Engine:
             self._aot_prefill_wanted = False
             k, caches = self.spec_steps, [self.cache] + ([self.mtp_cache] if self.spec_steps else [])
             hi = min([self._prefill_max_t, self.max_len - max(1, k)] + [n - 1 for n in self.model.token_switches()])
-            if hi >= 2:
+            if hi > 2:  # (a range of one length would be a static size: export refuses it)
                 self._aot_prefill = AOTPrefill.build(self.model, caches, greedy_cycle if k else decode_forward, 2, hi,
                                                      static=(k,) if k else (), batch_args=1 if k else 0)
         return self._aot_prefill
