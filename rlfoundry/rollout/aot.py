@@ -80,7 +80,37 @@ def regimes(max_batch: int, switches: list[int]) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in zip(firsts, ends) if lo <= hi]
 
 
-class AOTStep:
+class _Libraries:
+    """AOTInductor libraries of one engine function over `caches`, `runners` by the batch-size range
+    [lo, hi] each serves: the weights bound to the model's own tensors, the caches' tensors passed at
+    every call after the call's own inputs."""
+
+    def __init__(self, model: Glm4MoeForCausalLM, caches: list[KVCache], runners: dict[tuple[int, int], object]):
+        self.model, self.caches, self.runners = model, caches, runners
+        self._by_batch: list[object | None] = [None] * (max(hi for _, hi in runners) + 1)
+        for (lo, hi), runner in runners.items():
+            self._by_batch[lo:hi + 1] = [runner] * (hi - lo + 1)
+        self._out_spec = pytree.treespec_loads(next(iter(runners.values())).loader.get_call_spec()[1])
+        self._fixed = [t for c in caches for t in c.rope] + [t for c in caches for t in c.storage]
+        self.bind_weights()
+
+    def bind_weights(self) -> None:
+        """Point every library at the model's current parameters and buffers (they are read in
+        place: updates copied into them need no call; a replaced tensor does)."""
+        named = {f"model.{n}": t for n, t in [*self.model.named_parameters(remove_duplicate=False),
+                                              *self.model.named_buffers(remove_duplicate=False)]}
+        self._weights = named  # the libraries hold raw pointers: keep every tensor alive
+        for runner in self.runners.values():
+            runner.load_constants({n: named[n] for n in runner.get_constant_fqns()},
+                                  check_full_update=True, user_managed=True)
+
+    def _run(self, ids_BT: Tensor, position_ids_BT: Tensor, keys_S: Tensor, batch_args: tuple[Tensor, ...]):
+        """The library of ids_BT's batch size on these inputs: what `fn` returns."""
+        flat = self._by_batch[ids_BT.shape[0]].loader.run([ids_BT, position_ids_BT, keys_S, *batch_args, *self._fixed])
+        return pytree.tree_unflatten(flat, self._out_spec)
+
+
+class AOTStep(_Libraries):
     """`fn(model, ids [B, T], *steps, *static, *batch_args)` over rows 0..B-1 of `caches` (one
     `CacheStep` each, the same positions), one AOTInductor library per batch regime: the engine's
     plain decode step (`decode_forward`, T = 1) and greedy speculative cycle (`greedy_cycle`, T =
@@ -88,15 +118,10 @@ class AOTStep:
     [B, T], the key count and the batch_args; it returns what `fn` returns."""
 
     def __init__(self, model: Glm4MoeForCausalLM, caches: list[KVCache], T: int, runners: dict[tuple[int, int], object]):
-        self.model, self.caches, self.T, self.runners = model, caches, T, runners
-        self._by_batch: list[object | None] = [None] * (max(hi for _, hi in runners) + 1)
-        for (lo, hi), runner in runners.items():
-            self._by_batch[lo:hi + 1] = [runner] * (hi - lo + 1)
+        super().__init__(model, caches, runners)
+        self.T = T
         self.max_keys = _max_keys(caches[0].max_len, T)
         self._keys = torch.empty(self.max_keys, device=caches[0].lens.device)  # sliced to the key count
-        self._out_spec = pytree.treespec_loads(next(iter(runners.values())).loader.get_call_spec()[1])
-        self._fixed = [t for c in caches for t in c.rope] + [t for c in caches for t in c.storage]
-        self.bind_weights()
 
     @classmethod
     def build(cls, model: Glm4MoeForCausalLM, caches: list[KVCache], max_batch: int, fn: Callable, T: int = 1,
@@ -109,29 +134,16 @@ class AOTStep:
                                       for r in regimes(max_batch, switches)})
         return None if runners is None else cls(model, caches, T, runners)
 
-    def bind_weights(self) -> None:
-        """Point every library at the model's current parameters and buffers (they are read in
-        place: updates copied into them need no call; a replaced tensor does)."""
-        named = {f"model.{n}": t for n, t in [*self.model.named_parameters(remove_duplicate=False),
-                                              *self.model.named_buffers(remove_duplicate=False)]}
-        self._weights = named  # the libraries hold raw pointers: keep every tensor alive
-        for runner in self.runners.values():
-            runner.load_constants({n: named[n] for n in runner.get_constant_fqns()},
-                                  check_full_update=True, user_managed=True)
-
     def applies(self, num_keys: int) -> bool:
         """Whether a call over this many keys runs here: all but those that read a cache's whole
         tensors (`_max_keys`), which the engine's torch.compile'd functions take."""
         return num_keys <= self.max_keys
 
     def __call__(self, ids_BT: Tensor, position_ids_BT: Tensor, num_keys: int, *batch_args: Tensor):
-        runner = self._by_batch[ids_BT.shape[0]]
-        keys = self._keys[:max(num_keys, self.T + 1)]
-        flat = runner.loader.run([ids_BT, position_ids_BT, keys, *batch_args, *self._fixed])
-        return pytree.tree_unflatten(flat, self._out_spec)
+        return self._run(ids_BT, position_ids_BT, self._keys[:max(num_keys, self.T + 1)], batch_args)
 
 
-class AOTPrefill(AOTStep):
+class AOTPrefill(_Libraries):
     """`fn(model, ids [1, T], *steps, *static, *batch_args)` over one prompt of T tokens, T in
     lo..hi, at positions 0..T-1 of row 0 of `caches`: the ahead-of-time prefill at batch 1 (the
     plain engine's `decode_forward`; a greedy speculative engine's `greedy_cycle`, static (k,),
@@ -139,7 +151,7 @@ class AOTPrefill(AOTStep):
     batch_args."""
 
     def __init__(self, model: Glm4MoeForCausalLM, caches: list[KVCache], lo: int, hi: int, runner: object):
-        super().__init__(model, caches, hi, {(1, 1): runner})
+        super().__init__(model, caches, {(1, 1): runner})
         self.lo, self.hi = lo, hi
         self._keys = torch.empty(hi, device=caches[0].lens.device)  # sliced to T
         self._positions = torch.arange(hi, device=caches[0].lens.device)[None]
@@ -159,8 +171,7 @@ class AOTPrefill(AOTStep):
 
     def __call__(self, ids_1T: Tensor, *batch_args: Tensor):
         T = ids_1T.shape[1]
-        flat = self._by_batch[1].loader.run([ids_1T, self._positions[:, :T], self._keys[:T], *batch_args, *self._fixed])
-        return pytree.tree_unflatten(flat, self._out_spec)
+        return self._run(ids_1T, self._positions[:, :T], self._keys[:T], batch_args)
 
 
 def _built(fn: Callable, build: Callable):
