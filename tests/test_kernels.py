@@ -109,7 +109,8 @@ def test_small_linear_equals_the_product_and_each_row_stands_alone(K, N):
     """y = x w^T for 1 - 9 rows (blocks of 4, then 3, 2, 1; input dims that are not a multiple of
     the vector width; output counts that are not a multiple of 4), any leading dims; and every
     row's outputs are bit-identical to those of the row alone — a speculative cycle's 4 verified
-    rows give the plain decode step's values."""
+    rows give the plain decode step's values — and to each output's computed alone (the tiles of 4
+    outputs sum their vectors' lanes together by the tree that a lone output's sum takes)."""
     g = torch.Generator().manual_seed(K * 1000 + N)
     w = torch.randn(N, K, generator=g).clamp(-4, 4)
     for R in range(1, 10):
@@ -119,6 +120,8 @@ def test_small_linear_equals_the_product_and_each_row_stands_alone(K, N):
         _ref_close(y, x.double() @ w.double().T, x.abs().sum(-1, keepdim=True).double())
         for r in range(R):
             assert torch.equal(torch.ops.rlfoundry_kernels.small_linear(x[r:r + 1], w)[0], y[r])
+        for n in range(min(N, 5)):
+            assert torch.equal(torch.ops.rlfoundry_kernels.small_linear(x, w[n:n + 1])[:, 0], y[:, n])
     x = torch.randn(2, 3, K, generator=g).transpose(0, 1)  # leading dims, not contiguous
     assert torch.equal(torch.ops.rlfoundry_kernels.small_linear(x, w),
                        torch.ops.rlfoundry_kernels.small_linear(x.contiguous(), w))

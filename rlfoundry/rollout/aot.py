@@ -28,8 +28,9 @@ their storage tensors (`KVCache.storage`).
 
 Compiling takes ~12 s a regime here. The packages are kept on disk beside the native kernels
 (`kernels.cache_dir()`), named by a hash of the exported program (its code with shapes and
-strides, its dynamic ranges), the build options and flags, torch's version and the CPU's
-features: a second engine, or process, with the same model shapes and limits loads them instead
+strides, its dynamic ranges), the build options and flags, torch's version, the CPU's features
+and the native kernels' library (whose C entry points it calls: a change to their sources builds
+the packages again): a second engine, or process, with the same model shapes and limits loads them instead
 (3 ms a package here; the first load in a process ~2 s). Where export or the build fails, `build` says why once and returns None, and the
 engine keeps its torch.compile'd function.
 """
@@ -256,7 +257,8 @@ def _compile(model: Glm4MoeForCausalLM, caches: list[KVCache], fn: Callable, T: 
         ep = torch.export.export(_Traced(model, fn, static), args, dynamic_shapes=shapes, strict=False)
     code = ep.graph_module.print_readable(print_output=False, include_stride=True, include_device=True)
     key = hashlib.sha256("\n".join([code, str(ep.range_constraints), str(sorted(_OPTIONS.items())), _build_flags(),
-                                    torch.__version__, kernels.cpu_features(), kernels.compiler()]).encode()).hexdigest()[:16]
+                                    torch.__version__, kernels.cpu_features(), kernels.compiler(),
+                                    kernels.library_path().name if _c_shims() else ""]).encode()).hexdigest()[:16]
     path = kernels.cache_dir() / f"{'prompt_' if prompt else ''}{getattr(fn, '__name__', 'step')}_{key}.pt2"
 
     def package(out: Path) -> None:

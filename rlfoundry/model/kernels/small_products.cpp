@@ -49,6 +49,74 @@ inline float hsum(const Vec& v) {  // the lanes' sum (a fixed tree of vector add
   return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v);
 }
 
+#ifdef CPU_CAPABILITY_AVX512
+// The lane sums of 16 vectors at once, each by `hsum`'s tree (lanes i + i+8, then + i+4, + i+2,
+// + i+1), so each sum is the same bits: a level adds two vectors' halves for both at once, where
+// `hsum` spends a shuffle and an add of a whole vector on each half of one. Returns the sums of
+// v[4t + c] in lane 4c + t. 30 shuffles and 15 adds for what takes `hsum` 64 and 64: at 128 input
+// channels `hsum` took as long as the tile's multiply-adds. Measured (Xeon, AVX-512, one thread):
+// 64 rows x 128 x 128 23 against 27 us, the routed experts of 64 tokens 96 against 112 us; the
+// compiled engine's batch-64 decode ~10% more tokens/s (34K against 30.6K, processes alternating).
+inline __m512 sums16(const __m512* v) {
+  __m512 w[8], x[4], y[2];
+  for (int p = 0; p < 8; ++p)  // lanes i + i+8: chunks [v2p, v2p, v2p+1, v2p+1]
+    w[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int q = 0; q < 4; ++q)  // + i+4: chunks [v4q, v4q+1, v4q+2, v4q+3]
+    x[q] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * q], w[2 * q + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(w[2 * q], w[2 * q + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int s = 0; s < 2; ++s)  // + i+2: chunk c [v(8s+c) twice, v(8s+4+c) twice]
+    y[s] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * s], x[2 * s + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(x[2 * s], x[2 * s + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // + i+1: chunk c [vc, v4+c, v8+c, v12+c]
+  return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// The same for 4 vectors: the sum of v[c] in lane 4c (10 shuffles and 5 adds against 16 and 16).
+inline __m512 sums4(const __m512* v) {
+  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(v[0], v[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(v[2], v[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(v[2], v[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 y = _mm512_add_ps(_mm512_shuffle_ps(x, x, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(x, x, _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_ps(y, y, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_ps(y, y, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+#endif
+
+// y[r][n + j] = the lane sum of acc[r][j], each by `hsum`'s tree: with AVX-512, tiles of 4
+// outputs for 2 - 4 rows at once (`sums16`, missing rows as zeros: lanes of different vectors never
+// mix) or for one row (`sums4`), else one at a time.
+template <int R, int J>
+inline void store_sums(const Vec (&acc)[R][J], int64_t n, float* const* y) {
+#ifdef CPU_CAPABILITY_AVX512
+  if constexpr (J == 4 && R >= 2) {
+    __m512 v[16];
+    for (int j = 0; j < 4; ++j)
+      for (int r = 0; r < 4; ++r) v[4 * j + r] = r < R ? static_cast<__m512>(acc[r][j]) : _mm512_setzero_ps();
+    const __m512 z = sums16(v);  // lane 4r + j: the sum of v[4j + r] = acc[r][j]
+    alignas(64) float out[16];
+    _mm512_store_ps(out, z);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j) y[r][n + j] = out[4 * r + j];
+    return;
+  }
+  if constexpr (J == 4 && R == 1) {
+    const __m512 v[4] = {acc[0][0], acc[0][1], acc[0][2], acc[0][3]};
+    alignas(64) float out[16];
+    _mm512_store_ps(out, sums4(v));
+    for (int j = 0; j < 4; ++j) y[0][n + j] = out[4 * j];
+    return;
+  }
+#endif
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) y[r][n + j] = hsum(acc[r][j]);
+}
+
 // Rows x[r][k] (r < R) times the J weight rows w[(n + j) * K + k]: y[r][n + j].
 template <int R, int J>
 inline void product_tile(const float* const* x, const float* w, int64_t K, int64_t n, float* const* y) {
@@ -73,8 +141,7 @@ inline void product_tile(const float* const* x, const float* w, int64_t K, int64
       for (int j = 0; j < J; ++j) acc[r][j] = at::vec::fmadd(xv, wv[j], acc[r][j]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) y[r][n + j] = hsum(acc[r][j]);
+  store_sums<R, J>(acc, n, y);
 }
 
 // Rows x[r][k] (r < R) times weight rows w[n * K + k] for n in [n0, n1): y[r][n], 4 outputs a
