@@ -3,7 +3,9 @@ checked against torch's SDPA on both key layouts, several head dims (the compile
 generic path), GQA ratios and ragged rows; keys past a row's position are never read; a failed
 build leaves the pure-torch attention in place. The small products (`small_linear`,
 `gathered_linear`) against fp64 products, each row's result bit-identical whatever the rows
-beside it, and their C entry points, which the libraries compiled ahead of time call."""
+beside it, and their C entry points, which the libraries compiled ahead of time call. The
+batch-invariant products (`invariant_matmul`, `invariant_grouped_matmul`) against fp64 products,
+each output the same bits whatever the rows, batch, threads or weight layout."""
 
 import pytest
 import torch
@@ -148,6 +150,58 @@ def test_gathered_linear_multiplies_each_pair_by_its_expert(per_pair):
             alone = torch.ops.rlfoundry_kernels.gathered_linear(xs[t:t + 1, p:p + 1].contiguous(), w, ids[t:t + 1, p:p + 1])
             assert torch.equal(alone[0, 0], y[t, p])
     assert torch.equal(torch.ops.rlfoundry_kernels.small_linear(xs[0, :1], w[ids[0, 0]])[0], y[0, 0])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_invariant_matmul_gives_every_row_the_same_bits_however_batched(threads):
+    """y = x w^T within fp32 rounding of the fp64 product, for 1 - 200 rows, output counts around
+    the 32-wide panels (1, 16, 17, 33, 100) and input dims not a multiple of the vector width; each
+    row's outputs are the same bits alone, among any rows (200 span two work items of 192), in a
+    batch, on 1 or 2 threads, and with the weights read in place (outputs contiguous: a transposed
+    view) or packed."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    ops = torch.ops.rlfoundry_kernels
+    try:
+        g = torch.Generator().manual_seed(threads)
+        for N, K in [(1, 5), (16, 37), (17, 64), (33, 45), (100, 128)]:
+            w = torch.randn(N, K, generator=g).clamp(-4, 4)
+            wt = w.t().contiguous().t()  # the same values, outputs contiguous: read in place
+            x = torch.randn(200, K, generator=g)
+            y = ops.invariant_matmul(x[None], w)[0]
+            _ref_close(y, x.double() @ w.double().T, x.abs().sum(-1, keepdim=True).double())
+            for rows in (slice(0, 1), slice(3, 5), slice(7, 19), slice(50, 51)):
+                for weights in (w, wt):
+                    assert torch.equal(ops.invariant_matmul(x[None, rows], weights)[0], y[rows]), (N, K, rows)
+            xb = torch.stack([x[:12], x[12:24].flip(0)])  # batched, w shared and per batch
+            yb = ops.invariant_matmul(xb, w)
+            assert torch.equal(yb[0], y[:12]) and torch.equal(yb[1], y[12:24].flip(0))
+            assert torch.equal(ops.invariant_matmul(xb, torch.stack([w, wt])), yb)
+            assert torch.equal(ops.invariant_matmul(x[:9].expand(3, 9, K), w)[2], y[:9])  # batch stride 0
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_invariant_grouped_matmul_equals_each_experts_product():
+    """Rows offsets[e-1]:offsets[e] times w[e]^T, bit for bit each expert's `invariant_matmul`
+    (empty experts, int32 and int64 offsets, weights given as a transposed view); bad offsets are
+    refused."""
+    ops = torch.ops.rlfoundry_kernels
+    g = torch.Generator().manual_seed(0)
+    E, N, K = 5, 40, 24
+    w = torch.randn(E, N, K, generator=g)
+    counts = [3, 0, 200, 1, 7]
+    x = torch.randn(sum(counts), K, generator=g)
+    offsets = torch.tensor(counts).cumsum(0)
+    for off in (offsets, offsets.int()):
+        for weights in (w, w.transpose(1, 2).contiguous().transpose(1, 2)):
+            y = ops.invariant_grouped_matmul(x, weights, off)
+            start = 0
+            for e, c in enumerate(counts):
+                assert torch.equal(y[start:start + c], ops.invariant_matmul(x[None, start:start + c], w[e])[0])
+                start += c
+    with pytest.raises(RuntimeError, match="offsets must rise"):
+        ops.invariant_grouped_matmul(x, w, torch.tensor([3, 2, 200, 211, 211]))
 
 
 def test_small_products_reject_bad_input():

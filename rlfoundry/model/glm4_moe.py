@@ -55,19 +55,22 @@ def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
 
 # ----------------------------------------------------------------------------- batch invariance
 # In fp32 a row's result can depend on how it was batched: the BLAS (MKL on CPU) picks other
-# kernels, with other summation orders, for matrix products with fewer than 12 rows (on this CPU:
-# 1 - 3 rows always, 5 - 7 and 9 - 11 with two threads; 4, 8 and >= 12 agree) or fewer than 12
-# columns, and fused attention splits a query's keys into blocks that depend on the sequence
-# length. So an engine decoding one token of 500 sequences and a trainer recomputing whole
+# kernels, with other summation orders, by the product's shape and the CPU (on one AMD EPYC rows
+# 1 - 3 and 5 - 11 round differently from 4, 8 and >= 12; on one Xeon rows 2 - 5 from >= 6, or
+# 2 - 15 from >= 16), and fused attention splits a query's keys into blocks that depend on the
+# sequence length. So an engine decoding one token of 500 sequences and a trainer recomputing whole
 # sequences round differently: log-probs a few 1e-6 apart, occasionally 1e-5 or (an MoE routing
 # near-tie tipped) far more. `set_batch_invariant(model)` makes every row's arithmetic the same
 # whatever it is batched with (He & Thinking Machines, "Defeating Nondeterminism in LLM
-# Inference", 2025, did this with GPU kernels; here it is arranged around MKL's): matrix products
-# get at least `invariant_rows` rows, experts' row counts multiples of 4, the MoE sums its experts
-# in top-k order on every path, sigmoid and SiLU are built from ops whose scalar and vector code
-# agree (`sigmoid`), and attention is two plain matrix products whose summation over keys only
-# ever sees zeros appended (`invariant_attention`). Engine and trainer then agree bit for
-# bit in fp32 (RL's `batch_invariant`; tests/test_rl_trainer.py).
+# Inference", 2025, did this with GPU kernels): the forward's matrix products — linear layers,
+# experts, attention's two — are our own CPU kernel's, each output one chain of multiply-adds in
+# input order (`invariant_matmul`, kernels/invariant_products.cpp); the MoE sums its experts in
+# top-k order on every path, sigmoid and SiLU are built from ops whose scalar and vector code
+# agree (`sigmoid`), and attention is two matrix products whose summation over keys only ever sees
+# zeros appended (`invariant_attention`). Engine and trainer then agree bit for bit in fp32 (RL's
+# `batch_invariant`; tests/test_rl_trainer.py). Without the native kernels (no compiler) the
+# products are MKL's with rows padded to `invariant_rows`, what one AMD EPYC's MKL treated alike
+# — invariant there, not on every CPU.
 
 
 def invariant_rows(M: int) -> int:
@@ -81,8 +84,45 @@ def _pad_rows(x_MA: Tensor, rows: int) -> Tensor:
         [x_MA, x_MA.new_zeros(*x_MA.shape[:-2], rows - x_MA.shape[-2], x_MA.shape[-1])], dim=-2)
 
 
+def invariant_kernels(x: Tensor, *weights: Tensor) -> bool:
+    """Whether batch-invariant products of these tensors are `invariant_matmul`'s: fp32 on CPU
+    with the native kernels (built and loaded on first use, `kernels.load()`)."""
+    return kernels.applies(x.device, x.dtype, *(w.dtype for w in weights), load_now=True)
+
+
+class _InvariantMatmul(torch.autograd.Function):
+    """x [Bt, M, K] times w^T (w [N, K] or [Bt, N, K], any strides) by the native kernel's
+    `invariant_matmul`: each output one chain of fused multiply-adds over k in order, so a row's
+    result never depends on the other rows, their count or the threads. The backward's products
+    are torch's (only the forward's values need be batch-invariant)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w)
+        return torch.ops.rlfoundry_kernels.invariant_matmul(x, w)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w = ctx.saved_tensors
+        dx = g @ w if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = g.transpose(-1, -2) @ x
+            dw = dw.sum(0) if w.dim() == 2 else dw
+        return dx, dw
+
+
+def invariant_matmul(x: Tensor, w: Tensor) -> Tensor:
+    """x [Bt, M, K] @ w^T, w [N, K] or [Bt, N, K]: batch-invariant (`_InvariantMatmul`)."""
+    return _InvariantMatmul.apply(x, w)
+
+
 def invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear with the rows padded to `invariant_rows`."""
+    """F.linear by `invariant_matmul`; without the native kernels, MKL's with the rows padded to
+    `invariant_rows`."""
+    if invariant_kernels(x, weight):
+        y = invariant_matmul(x.reshape(1, -1, x.shape[-1]), weight).view(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
     x_MA = x.reshape(-1, x.shape[-1])
     M = x_MA.shape[0]
     y_MB = F.linear(_pad_rows(x_MA, invariant_rows(M)), weight, bias)[:M]
@@ -256,6 +296,15 @@ def invariant_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor,
     M = H // G * T
     if mask_BTS is None:
         mask_BTS = torch.ones(T, S, dtype=torch.bool, device=q_BHTD.device).tril(S - T)[None]
+    if invariant_kernels(q_BHTD, k_BGSD, v_BGSD):
+        s_BGMS = invariant_matmul((q_BHTD.reshape(B, G, M, D) * scale).reshape(B * G, M, D),
+                                  k_BGSD.reshape(B * G, S, D)).view(B, G, M, S)
+        hidden_B1MS = ~mask_BTS[:, None].expand(-1, H // G, T, S).reshape(-1, 1, M, S)
+        e_BGMS = s_BGMS.masked_fill_(hidden_B1MS, float("-inf")).sub_(s_BGMS.detach().amax(-1, keepdim=True)).exp_()
+        v1_BGSE = v_BGSD if v_BGSD.shape[-1] == D + 1 else torch.cat([v_BGSD, v_BGSD.new_ones(B, G, S, 1)], dim=-1)
+        o_BGME = invariant_matmul(e_BGMS.reshape(B * G, M, S),
+                                  v1_BGSE.reshape(B * G, S, D + 1).transpose(1, 2)).view(B, G, M, D + 1)
+        return (o_BGME[..., :D] / o_BGME[..., D:]).reshape(B, H, T, D)
     if S < 12:  # the scores' product needs 12 columns too: hidden zero keys
         k_BGSD, v_BGSD = (F.pad(t, (0, 0, 0, 12 - S)) for t in (k_BGSD, v_BGSD))
         mask_BTS, S = F.pad(mask_BTS, (0, 12 - S), value=False), 12
@@ -755,6 +804,21 @@ def _(x_MA, w_EAB, offsets_E):
     return x_MA.new_empty(x_MA.shape[0], w_EAB.shape[2])
 
 
+class _InvariantGroupedMM(torch.autograd.Function):
+    """`grouped_mm` of batch-invariant fp32 experts on CPU: the forward by the native kernel's
+    `invariant_grouped_matmul` (each output one chain of multiply-adds in input order: an expert's
+    row gets the same bits whatever rows share the expert), the backward as `grouped_mm`'s."""
+
+    @staticmethod
+    def forward(ctx, x_MA: Tensor, w_EAB: Tensor, offsets_E: Tensor) -> Tensor:
+        ctx.save_for_backward(x_MA, w_EAB, offsets_E)
+        return torch.ops.rlfoundry_kernels.invariant_grouped_matmul(x_MA, w_EAB.transpose(1, 2), offsets_E)
+
+    @staticmethod
+    def backward(ctx, g_MB: Tensor):
+        return _grouped_mm_backward(ctx, g_MB)
+
+
 def _grouped_mm_backward(ctx, g_MB):
     x_MA, w_EAB, offsets_E = ctx.saved_tensors
     g_MB = g_MB.contiguous()
@@ -870,12 +934,15 @@ class Experts(nn.Module):
             return self._forward_dense(x_ND, routing)
         dt = _autocast_dtype(x_ND)  # the expert GEMMs honour autocast as nn.Linear does
         bucket = _row_bucket(x_ND, dt, N * K, E)
-        if self.batch_invariant:  # each expert's product gets a multiple of 4 rows (`invariant_rows`)
+        mm = grouped_mm
+        if self.batch_invariant and dt == x_ND.dtype and invariant_kernels(x_ND, self.gate_up_proj):
+            mm = _InvariantGroupedMM.apply
+        elif self.batch_invariant:  # MKL's: each expert's product gets a multiple of 4 rows (`invariant_rows`)
             bucket = math.lcm(bucket, 4)
         rows = expert_rows(routing.ids_NK, routing.weights_NK, E, bucket)
         x_RD = _Dispatch.apply(x_ND.to(dt), rows.token_R, rows.row_M, K)  # R >= N*K rows, grouped by expert
-        gate_RI, up_RI = grouped_mm(x_RD, self.gate_up_proj.to(dt).transpose(1, 2), rows.offsets_E).chunk(2, dim=-1)
-        y_RD = grouped_mm(silu(gate_RI, self.batch_invariant) * up_RI, self.down_proj.to(dt).transpose(1, 2), rows.offsets_E)
+        gate_RI, up_RI = mm(x_RD, self.gate_up_proj.to(dt).transpose(1, 2), rows.offsets_E).chunk(2, dim=-1)
+        y_RD = mm(silu(gate_RI, self.batch_invariant) * up_RI, self.down_proj.to(dt).transpose(1, 2), rows.offsets_E)
         y_RD = y_RD * rows.weight_R[:, None]
         return _Combine.apply(y_RD.to(x_ND.dtype), rows.token_R, rows.row_M, K)
 
@@ -908,9 +975,14 @@ class Experts(nn.Module):
         Sorting, dispatch and per-expert bookkeeping cost more than that work at small N; the
         result equals the sparse path's up to float rounding (~1e-7 relative)."""
         N = x_ND.shape[0]
-        x_MD = _pad_rows(x_ND, invariant_rows(N)) if self.batch_invariant else x_ND
-        gate_EMI, up_EMI = torch.matmul(x_MD, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
-        y_EMD = torch.bmm(silu(gate_EMI, self.batch_invariant) * up_EMI, self.down_proj.transpose(1, 2))
+        E = self.gate_up_proj.shape[0]
+        if self.batch_invariant and invariant_kernels(x_ND, self.gate_up_proj):
+            gate_EMI, up_EMI = invariant_matmul(x_ND.expand(E, *x_ND.shape), self.gate_up_proj).chunk(2, dim=-1)
+            y_EMD = invariant_matmul(silu(gate_EMI, True) * up_EMI, self.down_proj)
+        else:
+            x_MD = _pad_rows(x_ND, invariant_rows(N)) if self.batch_invariant else x_ND
+            gate_EMI, up_EMI = torch.matmul(x_MD, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+            y_EMD = torch.bmm(silu(gate_EMI, self.batch_invariant) * up_EMI, self.down_proj.transpose(1, 2))
         # the chosen experts' outputs in top-k order, weighted and summed as the sparse path does
         y_NKD = y_EMD[routing.ids_NK, torch.arange(N, device=x_ND.device)[:, None]].to(routing.weights_NK.dtype)
         return (y_NKD * routing.weights_NK[..., None]).sum(1).to(x_ND.dtype)

@@ -3,13 +3,16 @@
 `rlfoundry_kernels::decode_attention` (decode_attention.cpp), the attention of the engine's
 compiled decode steps on CPU in fp32, and `small_linear` / `gathered_linear` (small_products.cpp),
 the products of compiled CPU inference over a few rows (`glm4_moe.small_linear`, the experts'
-`_forward_gathered`). `load()` compiles the sources into one shared library against the installed
+`_forward_gathered`), and `invariant_matmul` / `invariant_grouped_matmul` (invariant_products.cpp),
+the forward products of the batch-invariant mode (`glm4_moe.set_batch_invariant`), which loads
+them too. `load()` compiles the sources into one shared library against the installed
 torch (10 - 15 s here, once per machine: the library is kept in ~/.cache/rlfoundry/kernels under a
 name that hashes the sources, torch's version, the compiler and the CPU's features, since it is
 built for this CPU with -march=native) and registers the ops with torch, so that torch.compile'd
 graphs call them like any other; the libraries compiled ahead of time (rollout/aot.py) call their
 C entry points. Nothing else depends on them: where the compiler or the build fails, `load()`
-says why once and returns False, and attention and the products keep their pure-torch forms.
+says why once and returns False, and attention and the products keep their pure-torch forms (the
+batch-invariant mode: MKL's products with padded rows, invariant on some CPUs only).
 
 The compiler is the one inductor uses too (`$CXX`, else g++); compiled decoding needs it anyway.
 """
@@ -29,7 +32,8 @@ from typing import Callable
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.cpp", "small_products.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.cpp", "small_products.cpp",
+                                                        "invariant_products.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None}  # None: not tried; True / False: the outcome
 
@@ -133,7 +137,8 @@ def _load() -> bool:
     except Exception as e:  # no compiler, a failed build, an unwritable cache: the torch path stays
         warnings.warn(f"rlfoundry's native CPU kernels are unavailable ({e}); compiled decoding "
                       "attends with batched matrix products and computes its small products as inductor's "
-                      "reductions instead", RuntimeWarning, stacklevel=3)
+                      "reductions instead, and batch-invariant mode takes MKL's products with padded rows (invariant on "
+                      "some CPUs only)", RuntimeWarning, stacklevel=3)
         return False
 
     @torch.library.register_fake("rlfoundry_kernels::decode_attention")
