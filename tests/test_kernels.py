@@ -184,8 +184,8 @@ def test_invariant_matmul_gives_every_row_the_same_bits_however_batched(threads)
 
 def test_invariant_grouped_matmul_equals_each_experts_product():
     """Rows offsets[e-1]:offsets[e] times w[e]^T, bit for bit each expert's `invariant_matmul`
-    (empty experts, int32 and int64 offsets, weights given as a transposed view); bad offsets are
-    refused."""
+    (empty experts, int32 and int64 offsets, weights given as a transposed view; rows past the last
+    expert's are zero); bad offsets are refused."""
     ops = torch.ops.rlfoundry_kernels
     g = torch.Generator().manual_seed(0)
     E, N, K = 5, 40, 24
@@ -200,6 +200,9 @@ def test_invariant_grouped_matmul_equals_each_experts_product():
             for e, c in enumerate(counts):
                 assert torch.equal(y[start:start + c], ops.invariant_matmul(x[None, start:start + c], w[e])[0])
                 start += c
+    tail = ops.invariant_grouped_matmul(x, w, torch.tensor([3, 3, 100, 101, 101]))  # rows 101.. in no expert
+    assert torch.equal(tail[:101], ops.invariant_grouped_matmul(x[:101], w, torch.tensor([3, 3, 100, 101, 101])))
+    assert torch.equal(tail[101:], torch.zeros(x.shape[0] - 101, N))
     with pytest.raises(RuntimeError, match="offsets must rise"):
         ops.invariant_grouped_matmul(x, w, torch.tensor([3, 2, 200, 211, 211]))
 

@@ -13,7 +13,8 @@
 //
 //   invariant_matmul(x [Bt, M, K], w [Bt, N, K] or [N, K]) -> [Bt, M, N]     y = x w^T
 //   invariant_grouped_matmul(x [R, K], w [E, N, K], offsets [E]) -> [R, N]  rows offsets[e-1] to
-//                                      offsets[e] (cumulative ends, int32 or int64) times w[e]^T
+//                                      offsets[e] (cumulative ends, int32 or int64) times w[e]^T,
+//                                      rows past offsets[E-1] zero
 //
 // x's rows have K contiguous (else copied), any other strides (a batch stride of 0 shares rows);
 // w any strides (a transposed view too): each work item takes 32 outputs' weights as a [K, 32]
@@ -225,6 +226,8 @@ at::Tensor invariant_grouped_matmul(const at::Tensor& x_in, const at::Tensor& w,
   at::Tensor y = at::empty({R, N}, x.options());
   if (y.numel() == 0) return y;
   if (K == 0) return y.zero_();
+  const int64_t used = E ? op[E - 1] : 0;
+  if (used < R) y.narrow(0, used, R - used).zero_();  // rows past the last expert's: no product
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   std::vector<Item> items;
