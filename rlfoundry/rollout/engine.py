@@ -352,9 +352,8 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         dtype = self.dtype
         # compiled on CPU in fp32: attention through our native kernel (built on first use, see
-        # `rlfoundry.model.kernels`), which reads keys stored position-contiguous; so does the
-        # batch-invariant attention's product of queries and keys (`invariant_matmul`, in place)
-        keys_by_dim = (compile_decode or batch_invariant) and kernels.applies(self.device, dtype, load_now=True)
+        # `rlfoundry.model.kernels`), which reads keys stored position-contiguous
+        keys_by_dim = compile_decode and kernels.applies(self.device, dtype, load_now=True)
         self.cache = KVCache.for_model(cfg, max_batch, self.max_len, dtype=dtype, device=self.device,
                                        value_ones=batch_invariant, keys_by_dim=keys_by_dim)
         # the MTP layer's own cache: position t holds the pair (h_t, token t+1)
@@ -367,12 +366,12 @@ class Engine:
         # of k drafts (`greedy_cycle`); the torch.compile'd functions take the rest
         self._aot: AOTStep | None = None
         self._aot_cycle: AOTStep | None = None
-        self._aot_wanted = compile_decode and keys_by_dim and not speculative_steps
-        self._aot_cycle_wanted = compile_decode and keys_by_dim and bool(speculative_steps)
+        self._aot_wanted = keys_by_dim and not speculative_steps
+        self._aot_cycle_wanted = keys_by_dim and bool(speculative_steps)
         # and a prefill of one prompt (batch 1, the first row): `decode_forward`, or a greedy
         # speculative prefill's `greedy_cycle` (`_aot_prefill_step`)
         self._aot_prefill: AOTPrefill | None = None
-        self._aot_prefill_wanted = compile_decode and keys_by_dim
+        self._aot_prefill_wanted = keys_by_dim
         if compile_decode:  # the batch size varies, the cache's shape never does
             for c in (self.cache, self.mtp_cache):
                 for t in (c.k + c.v if c is not None else []):
