@@ -296,28 +296,26 @@ def invariant_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor,
     M = H // G * T
     if mask_BTS is None:
         mask_BTS = torch.ones(T, S, dtype=torch.bool, device=q_BHTD.device).tril(S - T)[None]
-    if invariant_kernels(q_BHTD, k_BGSD, v_BGSD):
-        s_BGMS = invariant_matmul((q_BHTD.reshape(B, G, M, D) * scale).reshape(B * G, M, D),
-                                  k_BGSD.reshape(B * G, S, D)).view(B, G, M, S)
-        hidden_B1MS = ~mask_BTS[:, None].expand(-1, H // G, T, S).reshape(-1, 1, M, S)
-        e_BGMS = s_BGMS.masked_fill_(hidden_B1MS, float("-inf")).sub_(s_BGMS.detach().amax(-1, keepdim=True)).exp_()
-        v1_BGSE = v_BGSD if v_BGSD.shape[-1] == D + 1 else torch.cat([v_BGSD, v_BGSD.new_ones(B, G, S, 1)], dim=-1)
-        o_BGME = invariant_matmul(e_BGMS.reshape(B * G, M, S),
-                                  v1_BGSE.reshape(B * G, S, D + 1).transpose(1, 2)).view(B, G, M, D + 1)
-        return (o_BGME[..., :D] / o_BGME[..., D:]).reshape(B, H, T, D)
-    if S < 12:  # the scores' product needs 12 columns too: hidden zero keys
+    kernel = invariant_kernels(q_BHTD, k_BGSD, v_BGSD)
+    if not kernel and S < 12:  # MKL's scores' product needs 12 columns too: hidden zero keys
         k_BGSD, v_BGSD = (F.pad(t, (0, 0, 0, 12 - S)) for t in (k_BGSD, v_BGSD))
         mask_BTS, S = F.pad(mask_BTS, (0, 12 - S), value=False), 12
     P = invariant_rows(M)
-    s_BGMS = _pad_rows(q_BHTD.reshape(B, G, M, D) * scale, P) @ k_BGSD.transpose(-1, -2)
-    if P > M:
-        s_BGMS = s_BGMS[:, :, :M].contiguous()
+
+    def product(a_BGMX: Tensor, w_BGYX: Tensor) -> Tensor:
+        """a @ w^T for each group, each row's bits its own: `invariant_matmul`, else MKL's over P rows."""
+        if kernel:
+            Y, X = w_BGYX.shape[-2:]
+            return invariant_matmul(a_BGMX.reshape(B * G, M, X), w_BGYX.reshape(B * G, Y, X)).view(B, G, M, Y)
+        return (_pad_rows(a_BGMX, P) @ w_BGYX.transpose(-1, -2))[:, :, :M]
+
+    s_BGMS = product(q_BHTD.reshape(B, G, M, D) * scale, k_BGSD).contiguous()
     hidden_B1MS = ~mask_BTS[:, None].expand(-1, H // G, T, S).reshape(-1, 1, M, S)
     # in place (the product's output is not kept for its backward); the max is a constant to the
     # softmax, so no gradient flows through it
     e_BGMS = s_BGMS.masked_fill_(hidden_B1MS, float("-inf")).sub_(s_BGMS.detach().amax(-1, keepdim=True)).exp_()
     v1_BGSE = v_BGSD if v_BGSD.shape[-1] == D + 1 else torch.cat([v_BGSD, v_BGSD.new_ones(B, G, S, 1)], dim=-1)
-    o_BGME = (_pad_rows(e_BGMS, P) @ v1_BGSE)[:, :, :M]
+    o_BGME = product(e_BGMS, v1_BGSE.transpose(-1, -2))
     return (o_BGME[..., :D] / o_BGME[..., D:]).view(B, H, T, D)
 
 
