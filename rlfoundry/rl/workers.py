@@ -469,8 +469,9 @@ class RolloutWorker(_Actor):
             self.client = SGLangClient(self.router_url)
         else:
             self.client = RoundRobinClient(self.engines)
-        # HTTP calls block: one thread per request in flight (asyncio's default pool is too small)
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=r.concurrency)
+        # HTTP calls block: one thread per request in flight (asyncio's default pool is too small),
+        # up to one a sequence (a custom generate function's calls, evaluation's requests)
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=r.concurrency * r.n_samples_per_prompt)
         self.ctx = GenerateContext(self.client, self.tokenizer, self.eos, self.pool)
         self.generate_fn = load_function(r.generate_fn, "generate_fn") if r.generate_fn else None
         # what each engine runs with, for the record (threads, batch, context)
@@ -604,7 +605,8 @@ class RolloutWorker(_Actor):
                       top_p=1.0 if greedy else r.top_p, n=n or r.n_samples_per_prompt, stop_token_ids=self.eos)
         if r.routing_replay and not greedy:
             params["return_routed_experts"] = True
-        concurrency = 1 if self.cfg.deterministic else r.concurrency
+        # as many sequences in flight as concurrency groups of n_samples_per_prompt
+        concurrency = 1 if self.cfg.deterministic else max(1, r.concurrency * r.n_samples_per_prompt // params["n"])
 
         sem = asyncio.Semaphore(concurrency)
         return list(await asyncio.gather(*(self._group(q, sem, params, True) for q in requests)))
