@@ -15,9 +15,15 @@ def test_invariant_rows_pads_small_products_to_multiples_of_four():
         [4, 4, 4, 4, 8, 8, 8, 12, 12, 12, 13, 500]
 
 
-def test_batch_invariant_model_matches_transformers():
+@pytest.mark.parametrize("native", [True, False])
+def test_batch_invariant_model_matches_transformers(native, monkeypatch):
     """The same function as the usual path: logits and every gradient within 1e-5 of transformers'
-    (padding mask included), through the dense decode path of the experts too."""
+    (padding mask included), through the dense decode path of the experts too — with the native
+    kernels (`invariant_matmul`, `invariant_attention`) and without them (MKL's padded products)."""
+    from rlfoundry.model import kernels
+
+    if not native:
+        monkeypatch.setitem(kernels._state, "loaded", False)
     cfg = small_config()
     ours = random_model(cfg, seed=3).set_batch_invariant()
     hf = hf_twin(ours)

@@ -5,7 +5,9 @@ build leaves the pure-torch attention in place. The small products (`small_linea
 `gathered_linear`) against fp64 products, each row's result bit-identical whatever the rows
 beside it, and their C entry points, which the libraries compiled ahead of time call. The
 batch-invariant products (`invariant_matmul`, `invariant_grouped_matmul`) against fp64 products,
-each output the same bits whatever the rows, batch, threads or weight layout."""
+each output the same bits whatever the rows, batch, threads or weight layout. The batch-invariant
+attention (`invariant_attention` and its backward) against fp64 autograd, and a query's result the
+same bits alone, decoded against a cache among other rows, and packed after a shared prompt."""
 
 import pytest
 import torch
@@ -233,3 +235,128 @@ def test_the_ops_have_c_entry_points():
         name = f"aoti_torch_cpu_{op.name().split('::')[1]}"
         assert f" {name}(" in decl and hasattr(lib, name)
         assert hasattr(ctypes.CDLL(None), name)  # global: visible to libraries loaded after it
+
+
+def _attention_ref(q, k, v, visible_BTS, scale):
+    """fp64 softmax attention over the visible keys (GQA: query head h reads h // (H / G))."""
+    H, G = q.shape[1], k.shape[1]
+    k, v = (t.double().repeat_interleave(H // G, dim=1) for t in (k, v))
+    s = (q.double() @ k.transpose(-1, -2)) * scale
+    return s.masked_fill(~visible_BTS[:, None], float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("D", [16, 32, 24])  # (24: not a multiple of the vector width)
+@pytest.mark.parametrize("H,G", [(4, 2), (3, 3)])
+def test_invariant_attention_equals_softmax_attention_and_its_gradients(D, H, G):
+    """Direct form (query t of row b sees slots 0..pos[b, t], rows longer than that, a padding query
+    with pos -1) and values with an extra channel (a `value_ones` cache's, left alone): outputs and
+    the gradients of q, k and v within fp32 rounding of fp64 autograd's."""
+    g = torch.Generator().manual_seed(D + H)
+    B, T, S, scale = 3, 5, 9, D ** -0.5
+    q = torch.randn(B, T, H, D, generator=g).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, G, S, D, generator=g).requires_grad_()
+    v1 = torch.randn(B, G, S, D + 1, generator=g).requires_grad_()
+    pos = torch.tensor([[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [2, 3, 4, 5, -1]])
+    out, stats = torch.ops.rlfoundry_kernels.invariant_attention(q, k, v1, pos, pos.new_empty(0), pos.new_empty(0), scale)
+    visible = torch.arange(S)[None, None] <= pos[..., None]
+    real = (pos >= 0)[:, None, :, None]
+    ref = _attention_ref(q, k, v1[..., :D], visible | (pos < 0)[..., None], scale)
+    assert ((out.double() - ref) * real).abs().max().item() < 1e-5
+    assert torch.equal(out[2, :, 4], torch.zeros(H, D))  # the padding query
+    dout = torch.randn(B, H, T, D, generator=g)
+    grads = torch.ops.rlfoundry_kernels.invariant_attention_backward(
+        dout, q, k, v1, out, stats, pos, pos.new_empty(0), pos.new_empty(0), scale)
+    want = torch.autograd.grad((ref * real * dout.double()).sum(), (q, k, v1))
+    for name, got, w in zip("qkv", grads, want):
+        assert got.shape == w.shape, name
+        assert (got.double() - w).abs().max().item() < 1e-5, name
+    assert torch.equal(grads[2][..., D], torch.zeros(B, G, S))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_invariant_attention_gives_a_query_the_same_bits_however_computed(threads):
+    """A sequence's queries: alone (a causal row of its own), decoded one at a time against a cache
+    holding more slots than it sees, among other rows and with other queries, and packed after a
+    shared prompt in the trainer's form (`seq`, `keys`: its key places as positions in the row) —
+    the same bits every time, forward; and the packed form's gradients are those of each sequence
+    computed alone, summed over the shared prompt's keys."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    ops = torch.ops.rlfoundry_kernels
+    try:
+        g = torch.Generator().manual_seed(threads)
+        H, G, D, P, R, scale = 4, 2, 32, 6, 5, 32 ** -0.5
+        none = torch.empty(0, dtype=torch.long)
+
+        def alone(q, k, v):  # q [H, n, D], k, v [G, n, D]: a causal sequence of its own
+            n = q.shape[1]
+            return ops.invariant_attention(q[None], k[None], v[None], torch.arange(n)[None], none, none, scale)[0][0]
+
+        # a prompt of P tokens and two responses of R: each sequence's queries, keys and values
+        qp, kp, vp = torch.randn(H, P, D, generator=g), torch.randn(G, P, D, generator=g), torch.randn(G, P, D, generator=g)
+        resp = [(torch.randn(H, R, D, generator=g), torch.randn(G, R, D, generator=g), torch.randn(G, R, D, generator=g))
+                for _ in range(2)]
+        seqs = [(torch.cat([qp, q], 1), torch.cat([kp, k], 1), torch.cat([vp, v], 1)) for q, k, v in resp]
+        want = [alone(*s) for s in seqs]
+        # decoded: one query at a time over a cache of 20 slots (garbage past the sequence), among 3 rows
+        q0, k0, v0 = seqs[0]
+        n = P + R
+        cache_k, cache_v = torch.randn(3, G, 20, D, generator=g), torch.randn(3, G, 20, D, generator=g)
+        cache_k[1, :, :n], cache_v[1, :, :n] = k0, v0
+        for t in range(n):
+            qs = torch.randn(3, H, 1, D, generator=g)
+            qs[1, :, 0] = q0[:, t]
+            pos = torch.tensor([[7], [t], [19]])
+            out = ops.invariant_attention(qs, cache_k, cache_v, pos, none, none, scale)[0]
+            assert torch.equal(out[1, :, 0], want[0][:, t]), t
+        # packed: [prompt | response 0 | response 1] in row 1 of 2, both responses seeing the prompt
+        T = P + 2 * R + 1  # (one padding token)
+        q = torch.randn(2, H, T, D, generator=g)
+        k, v = torch.randn(2, G, T, D, generator=g), torch.randn(2, G, T, D, generator=g)
+        q[1, :, :P], k[1, :, :P], v[1, :, :P] = qp, kp, vp
+        for i, (qr, kr, vr) in enumerate(resp):
+            at = slice(P + i * R, P + (i + 1) * R)
+            q[1, :, at], k[1, :, at], v[1, :, at] = qr, kr, vr
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        keys = [list(range(T - 1)),  # row 0: one sequence of T - 1 tokens
+                list(range(P)),  # row 1: the prompt's own
+                list(range(P + R)),  # response 0's: the prompt, then itself
+                list(range(P)) + list(range(P + R, P + 2 * R))]  # response 1's
+        keys = torch.tensor([s + [0] * (T - len(s)) for s in keys])  # (places past a sequence: any slot)
+        seq = torch.tensor([[0] * T, [1] * P + [2] * R + [3] * R + [0]])
+        pos = torch.tensor([list(range(T - 1)) + [-1], list(range(P)) + list(range(P, P + R)) * 2 + [-1]])
+        out, stats = ops.invariant_attention(q, k, v, pos, seq, keys, scale)
+        assert torch.equal(out[1, :, :P + R], want[0]) and torch.equal(out[1, :, P + R:T - 1], want[1][:, P:])
+        dout = torch.randn(2, H, T, D, generator=g)
+        dq, dk, dv = ops.invariant_attention_backward(dout, q, k, v, out, stats, pos, seq, keys, scale)
+        # each sequence alone through fp64 autograd, their key gradients summed where they share the prompt
+        ref_q, ref_k, ref_v = torch.zeros(H, T, D, dtype=torch.float64), *torch.zeros(2, G, T, D, dtype=torch.float64)
+        for slots, queries in ((list(range(P + R)), list(range(P + R))),
+                               (list(range(P)) + list(range(P + R, P + 2 * R)), list(range(P + R, P + 2 * R)))):
+            qs, ks, vs = (x.detach()[1, :, slots].double().requires_grad_() for x in (q, k, v))
+            o = _attention_ref(qs[None], ks[None], vs[None], torch.ones(len(slots), len(slots)).tril().bool()[None], scale)[0]
+            mine = [slots.index(t) for t in queries]
+            gq, gk, gv = torch.autograd.grad((o[:, mine] * dout[1][:, queries].double()).sum(), (qs, ks, vs))
+            ref_q[:, queries] += gq[:, mine]
+            ref_k[:, slots] += gk
+            ref_v[:, slots] += gv
+        for got, ref in ((dq[1], ref_q), (dk[1], ref_k), (dv[1], ref_v)):
+            assert (got.double() - ref).abs().max().item() < 1e-5
+        assert torch.equal(dq[1, :, T - 1], torch.zeros(H, D))  # the padding token's
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_invariant_attention_rejects_bad_input():
+    ops = torch.ops.rlfoundry_kernels
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 4, 8)
+    none = torch.empty(0, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"pos\[0, 2\] = 4 past the 4 key places"):
+        ops.invariant_attention(q, k, k, torch.tensor([[0, 1, 4]]), none, none, 1.0)
+    with pytest.raises(RuntimeError, match="keys holds 5, not a key slot"):
+        ops.invariant_attention(q, k, k, torch.tensor([[0, 1, 2]]), torch.zeros(1, 3, dtype=torch.long),
+                                torch.tensor([[0, 1, 5]]), 1.0)
+    with pytest.raises(RuntimeError, match="mismatched shapes"):
+        ops.invariant_attention(q, torch.randn(1, 1, 4, 7), k, torch.tensor([[0, 1, 2]]), none, none, 1.0)
+    with pytest.raises(RuntimeError, match="fp32"):
+        ops.invariant_attention(q.double(), k, k, torch.tensor([[0, 1, 2]]), none, none, 1.0)

@@ -228,6 +228,11 @@ class PackedSequences:
     queries_QT: Tensor  # flat index of each of its own tokens (the queries)
     mask_QTS: Tensor   # key place s is visible to query t: s <= the query's own place
     scatter_N: Tensor  # [B * T] where each row token's query is (q * T' + t)
+    # the native kernel's form (`_InvariantAttention`: no unpacking): a sequence's key places as
+    # positions in its row, each row token's sequence and its own key place there (-1: padding)
+    key_slots_QS: Tensor  # keys_QS mod T
+    seq_BT: Tensor
+    place_BT: Tensor
 
 
 def segment_prefixes(prefix_lens: Tensor, n_segments: int) -> Tensor:
@@ -266,22 +271,58 @@ def packed_sequences(segment_ids_BT: Tensor, prefix_lens: Tensor | None, valid_B
     seq_BT = (exists_BS.flatten().long().cumsum(0).view(B, -1) - 1).gather(1, seg_BT)
     own_place_BT = (own_BST.long().cumsum(-1) - 1).gather(1, seg_BT[:, None, :]).squeeze(1)
     scatter_N = torch.where(valid_BT, seq_BT * queries_QT.shape[1] + own_place_BT, 0).flatten()
-    return PackedSequences(keys_QS, queries_QT, mask_QTS, scatter_N)
+    place_BT = torch.where(valid_BT, place_BST.gather(1, seg_BT[:, None, :]).squeeze(1), -1)
+    return PackedSequences(keys_QS, queries_QT, mask_QTS, scatter_N, keys_QS % T, seq_BT, place_BT)
+
+
+class _InvariantAttention(torch.autograd.Function):
+    """`invariant_attention` by the native kernel (kernels/invariant_attention.cpp): each query
+    walks its visible keys in order — scores, softmax, weighted values, a fixed sequence of
+    operations on those keys alone — and the backward recomputes its weights the same way. The
+    kernel reads packed rows in place (`seq_BT`, `keys_QS`: see `PackedSequences`)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pos_BT: Tensor, seq_BT: Tensor, keys_QS: Tensor,
+                scale: float) -> Tensor:
+        out, stats = torch.ops.rlfoundry_kernels.invariant_attention(q, k, v, pos_BT, seq_BT, keys_QS, scale)
+        ctx.save_for_backward(q, k, v, out, stats, pos_BT, seq_BT, keys_QS)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        dq, dk, dv = torch.ops.rlfoundry_kernels.invariant_attention_backward(g, *ctx.saved_tensors, ctx.scale)
+        return dq, dk, dv, None, None, None, None
 
 
 def invariant_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor,
-                        mask_BTS: "Tensor | PackedSequences | None", scale: float) -> Tensor:
-    """Softmax attention whose result for a query depends only on the keys it sees and their
-    positions, never on the batch, the other queries or the keys hidden from it: the scores are one
-    matrix product per key/value group (the group's query heads and the T queries as rows, padded
-    to `invariant_rows`); the softmax's numerator exp(s - max) is 0 on hidden keys, and numerator
-    times values and the denominator come out of one more product, with [V | 1] — so hidden keys
-    add exact zeros to a sum whose order MKL fixes by the key index (a `sum` over keys would not:
-    its vector lanes change with the row length). Visible keys must therefore sit at the same
-    index on both sides: a decode's cache holds a sequence's keys at positions 0..p, and so does a
-    trainer's row of one sample; packed rows (`PackedSequences`) are unpacked into their sequences
-    for the attention alone. `mask_BTS` None is causal. Values [B, G, S, D + 1] are taken to be
-    [V | 1] already (a `value_ones` KV cache's)."""
+                        mask_BTS: "Tensor | PackedSequences | None", scale: float,
+                        positions_BT: Tensor | None = None) -> Tensor:
+    """Softmax attention whose result for a query depends only on the keys it sees, never on the
+    batch, the other queries or the keys hidden from it. A query sees a prefix of its sequence's
+    keys, places 0..p — as a decode's KV cache holds a sequence's keys at positions 0..p, and as a
+    trainer's sequence has them: `mask_BTS` None is causal; a KV cache's mask comes with the
+    queries' `positions_BT` (key j visible iff j <= the position); `PackedSequences` are rows that
+    pack several sequences (a prompt shared by the responses after it).
+
+    fp32 on CPU with the native kernels: `_InvariantAttention`, which reads only each query's
+    visible keys. Otherwise the scores are one matrix product per key/value group (the group's
+    query heads and the T queries as rows, padded to `invariant_rows`); the softmax's numerator
+    exp(s - max) is 0 on hidden keys, and numerator times values and the denominator come out of
+    one more product, with [V | 1] — so hidden keys add exact zeros to a sum whose order MKL fixes
+    by the key index (a `sum` over keys would not: its vector lanes change with the row length);
+    packed rows are unpacked into their sequences for the attention alone; a mask tensor without
+    positions is taken as it is. Values [B, G, S, D + 1] are taken to be [V | 1] already (a
+    `value_ones` KV cache's; the kernel reads the first D channels)."""
+    if invariant_kernels(q_BHTD, k_BGSD, v_BGSD) and (positions_BT is not None or not isinstance(mask_BTS, Tensor)):
+        if isinstance(mask_BTS, PackedSequences):
+            pos_BT, seq_BT, keys_QS = mask_BTS.place_BT, mask_BTS.seq_BT, mask_BTS.key_slots_QS
+        else:
+            B, T, S = q_BHTD.shape[0], q_BHTD.shape[2], k_BGSD.shape[2]
+            pos_BT = positions_BT if positions_BT is not None else \
+                (torch.arange(T, device=q_BHTD.device) + (S - T)).expand(B, T)
+            seq_BT = keys_QS = pos_BT.new_empty(0)
+        return _InvariantAttention.apply(q_BHTD, k_BGSD, v_BGSD, pos_BT.long(), seq_BT, keys_QS, scale)
     B, H, T, D = q_BHTD.shape
     if isinstance(mask_BTS, PackedSequences):  # attend within each sequence, laid out on its own
         seqs = mask_BTS
@@ -605,7 +646,8 @@ class Attention(nn.Module):
             if v.shape[-1] != Dh and not self.batch_invariant:  # a `value_ones` cache's [V | 1]
                 v = v[..., :Dh]
         if self.batch_invariant:
-            out_BHTD = invariant_attention(q, k, v, mask_BTS, Dh ** -0.5)
+            out_BHTD = invariant_attention(q, k, v, mask_BTS, Dh ** -0.5,
+                                           None if cache_step is None else cache_step.position_ids_BT)
         elif T <= DECODE_ATTENTION_MAX_T and cache_step is not None and torch.compiler.is_compiling():
             out_BHTD = decode_attention(q, k, v, mask_BTS, Dh ** -0.5, cache_step.position_ids_BT)
         else:
@@ -1155,10 +1197,11 @@ class Glm4MoeForCausalLM(nn.Module):
                     mask_BTS = mask_BTS & same_BTS
                 # a query that may see nothing (left padding) sees itself, so no row is all -inf
                 mask_BTS = mask_BTS | torch.eye(T, dtype=torch.bool, device=device)
-                if segment_ids is not None and self.batch_invariant:
+                if self.batch_invariant:  # each row's real tokens a sequence, keys from place 0 as a cache's
                     valid_BT = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None \
                         else attention_mask.bool()
-                    mask_BTS = packed_sequences(segment_ids, prefix_lens, valid_BT)
+                    segs = segment_ids if segment_ids is not None else torch.zeros(B, T, dtype=torch.long, device=device)
+                    mask_BTS = packed_sequences(segs, prefix_lens, valid_BT)
 
         logits, h_BTD, routed, scores = (layers_fn or self.forward_layers)(
             input_ids, position_ids, mask_BTS, cache_step, routed_experts, return_router)
