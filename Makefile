@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	  else $(PYTHON) -m venv $(VENV); fi; fi
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[test]"
+	@# the native CPU kernels, built once per machine here rather than inside the first run's time
+	@# (a demo's 9.25 minutes, say); without a C++ compiler this warns and the torch paths serve
+	$(BIN)/python -c "from rlfoundry.model import kernels; kernels.load()"
 	@touch $(STAMP)
 
 demo: $(STAMP)
