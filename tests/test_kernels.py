@@ -360,3 +360,42 @@ def test_invariant_attention_rejects_bad_input():
         ops.invariant_attention(q, torch.randn(1, 1, 4, 7), k, torch.tensor([[0, 1, 2]]), none, none, 1.0)
     with pytest.raises(RuntimeError, match="fp32"):
         ops.invariant_attention(q.double(), k, k, torch.tensor([[0, 1, 2]]), none, none, 1.0)
+
+
+@pytest.mark.parametrize("D", [32, 128, 40])
+def test_rms_norm_and_rope_equal_torchs_and_each_row_stands_alone(D):
+    """`rms_norm` and `rope` (the batch-invariant mode's RMSNorm and rotary embedding) within fp32
+    rounding of torch's forms in fp64, their backwards within fp32 rounding of fp64 autograd's,
+    and each row's output the same bits alone as among 300 rows."""
+    from rlfoundry.model.glm4_moe import apply_rope
+
+    ops = torch.ops.rlfoundry_kernels
+    g = torch.Generator().manual_seed(D)
+    N, H, R, eps = 300, 3, D // 2, 1e-5
+    x = (torch.randn(N, D, generator=g) * 3).requires_grad_()
+    w = (1 + 0.1 * torch.randn(D, generator=g)).requires_grad_()
+    y, r = ops.rms_norm(x, w, eps)
+    x64, w64 = x.double(), w.double()
+    ref = w64 * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps))
+    assert (y.double() - ref).abs().max().item() < 1e-5
+    gy = torch.randn(N, D, generator=g)
+    dx, dw = ops.rms_norm_backward(gy, x, w, r)
+    want = torch.autograd.grad((ref * gy.double()).sum(), (x, w))
+    assert (dx.double() - want[0]).abs().max().item() < 1e-5
+    assert (dw.double() - want[1]).abs().max().item() < 1e-4 * N ** 0.5
+    for rows in (slice(0, 1), slice(5, 6), slice(7, 40)):
+        assert torch.equal(ops.rms_norm(x.detach()[rows], w, eps)[0], y[rows])
+
+    q = torch.randn(N, H, D, generator=g, requires_grad=True)
+    angle = torch.rand(N, R // 2, generator=g, dtype=torch.float64) * 6
+    cos = torch.cat([angle.cos(), angle.cos(), torch.ones(N, D - R, dtype=torch.float64)], -1)
+    sin = torch.cat([-angle.sin(), angle.sin(), torch.zeros(N, D - R, dtype=torch.float64)], -1)
+    out = ops.rope(q, cos.float(), sin.float(), R)
+    ref = apply_rope(q.double()[None], cos[None], sin[None], R)[0]
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    gq = torch.randn(N, H, D, generator=g)
+    want = torch.autograd.grad((ref * gq.double()).sum(), q)[0]
+    assert (ops.rope_backward(gq, cos.float(), sin.float(), R).double() - want).abs().max().item() < 1e-5
+    assert torch.equal(ops.rope(q.detach()[3:4, 1:2], cos.float()[3:4], sin.float()[3:4], R)[0, 0], out[3, 1])
+    with pytest.raises(RuntimeError, match="R even and at most D"):
+        ops.rope(q.detach(), cos.float(), sin.float(), D + 2)

@@ -360,13 +360,35 @@ def invariant_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor,
     return (o_BGME[..., :D] / o_BGME[..., D:]).view(B, H, T, D)
 
 
+class _InvariantRMSNorm(torch.autograd.Function):
+    """RMSNorm by the native kernel (kernels/invariant_pointwise.cpp): one pass a row each way,
+    each row's sum of squares a fixed order; the result rounded as `RMSNorm.forward`'s, w * (x * r)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, eps: float) -> Tensor:
+        y, r = torch.ops.rlfoundry_kernels.rms_norm(x.reshape(-1, x.shape[-1]), w, eps)
+        ctx.save_for_backward(x, w, r)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w, r = ctx.saved_tensors
+        dx, dw = torch.ops.rlfoundry_kernels.rms_norm_backward(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]),
+                                                               w, r)
+        return dx.view(x.shape), dw, None
+
+
 class RMSNorm(nn.Module):
+    batch_invariant = False
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.batch_invariant and invariant_kernels(x, self.weight):
+            return _InvariantRMSNorm.apply(x, self.weight, self.eps)
         x32 = x.to(at_least_fp32(x.dtype))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -391,13 +413,35 @@ def rope_cos_sin(position_ids_BT: Tensor, cfg: ModelConfig, dtype: torch.dtype) 
     return cos_BTD.to(dtype), sin_BTD.to(dtype)
 
 
-def apply_rope(x_BTHD: Tensor, cos_BTD: Tensor, sin_BTD: Tensor, rotary_dim: int) -> Tensor:
+class _InvariantRope(torch.autograd.Function):
+    """`apply_rope` by the native kernel (kernels/invariant_pointwise.cpp): one pass each way, each
+    channel fma(x, cos, partner * sin)."""
+
+    @staticmethod
+    def forward(ctx, x_BTHD: Tensor, cos_BTD: Tensor, sin_BTD: Tensor, R: int) -> Tensor:
+        B, T, H, D = x_BTHD.shape
+        cos_ND, sin_ND = (t.expand(B, T, D).reshape(B * T, D) for t in (cos_BTD, sin_BTD))
+        ctx.save_for_backward(cos_ND, sin_ND)
+        ctx.R = R
+        return torch.ops.rlfoundry_kernels.rope(x_BTHD.reshape(B * T, H, D), cos_ND, sin_ND, R).view(B, T, H, D)
+
+    @staticmethod
+    def backward(ctx, g_BTHD: Tensor):
+        B, T, H, D = g_BTHD.shape
+        dx = torch.ops.rlfoundry_kernels.rope_backward(g_BTHD.reshape(B * T, H, D), *ctx.saved_tensors, ctx.R)
+        return dx.view(B, T, H, D), None, None, None
+
+
+def apply_rope(x_BTHD: Tensor, cos_BTD: Tensor, sin_BTD: Tensor, rotary_dim: int, invariant: bool = False) -> Tensor:
     """Rotate the first R = rotary_dim channels of every head; channel i pairs with i + R/2:
     out = x * cos + partner(x) * signed_sin, where partner swaps the two rotary halves (the
     pass-through channels stay in place; their sin is 0). The rotary channels get exactly
     x1*cos - x2*sin and x2*cos + x1*sin, as in the reference. Built from slices and one
     concatenation, every index stays affine, so compiled kernels vectorise (a flip of a size-2 dim
-    made inductor emit a scalar loop: 1.6x slower QK-norm + RoPE forward+backward)."""
+    made inductor emit a scalar loop: 1.6x slower QK-norm + RoPE forward+backward).
+    `invariant` (the batch-invariant mode): by the native kernel where it is built (`_InvariantRope`)."""
+    if invariant and invariant_kernels(x_BTHD, cos_BTD, sin_BTD):
+        return _InvariantRope.apply(x_BTHD, cos_BTD, sin_BTD, rotary_dim)
     R = rotary_dim
     partner = torch.cat([x_BTHD[..., R // 2: R], x_BTHD[..., : R // 2], x_BTHD[..., R:]], dim=-1)
     return x_BTHD * cos_BTD[:, :, None, :] + partner * sin_BTD[:, :, None, :]
@@ -639,7 +683,8 @@ class Attention(nn.Module):
         if self.cfg.use_qk_norm:
             q_BTHD, k_BTGD = self.q_norm(q_BTHD), self.k_norm(k_BTGD)
         R = self.cfg.rotary_dim
-        q_BTHD, k_BTGD = apply_rope(q_BTHD, *cos_sin, R), apply_rope(k_BTGD, *cos_sin, R)
+        inv = self.batch_invariant
+        q_BTHD, k_BTGD = apply_rope(q_BTHD, *cos_sin, R, inv), apply_rope(k_BTGD, *cos_sin, R, inv)
         q, k, v = q_BTHD.transpose(1, 2), k_BTGD.transpose(1, 2), v_BTGD.transpose(1, 2)
         if cache_step is not None:
             k, v = cache_step.update(layer, k, v)
@@ -1117,9 +1162,11 @@ class Glm4MoeForCausalLM(nn.Module):
         self.init_weights()
 
     def set_batch_invariant(self, on: bool = True) -> "Glm4MoeForCausalLM":
-        """Make every row's fp32 arithmetic independent of its batch (see `invariant_rows`); slower
-        attention (no fused kernel) and unfit for long sequences (scores are [B, H, T, S]). Eager
-        only: torch.compile's generated kernels sum in their own orders."""
+        """Make every row's fp32 arithmetic independent of its batch: products, attention, RMSNorm
+        and rotary embedding by the native kernels (kernels/invariant_*.cpp) where they are built,
+        else torch's with MKL's products over rows padded to `invariant_rows` (invariant on some
+        CPUs only; its attention's scores are [B, H, T, S], unfit for long sequences). Eager only:
+        torch.compile's generated kernels sum in their own orders."""
         for m in self.modules():  # this model and every module with the switch
             if hasattr(m, "batch_invariant"):
                 m.batch_invariant = on

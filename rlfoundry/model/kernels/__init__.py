@@ -5,8 +5,8 @@ compiled decode steps on CPU in fp32, and `small_linear` / `gathered_linear` (sm
 the products of compiled CPU inference over a few rows (`glm4_moe.small_linear`, the experts'
 `_forward_gathered`), and `invariant_matmul` / `invariant_grouped_matmul` (invariant_products.cpp),
 the forward products of the batch-invariant mode (`glm4_moe.set_batch_invariant`), which loads
-them too, and that mode's attention, forward and backward (`invariant_attention`,
-invariant_attention.cpp). `load()` compiles the sources into one shared library against the installed
+them too, and that mode's attention, RMSNorm and rotary embedding, forward and backward
+(`invariant_attention`, invariant_attention.cpp; `rms_norm`, `rope`, invariant_pointwise.cpp). `load()` compiles the sources into one shared library against the installed
 torch (10 - 15 s here, once per machine: the library is kept in ~/.cache/rlfoundry/kernels under a
 name that hashes the sources, torch's version, the compiler and the CPU's features, since it is
 built for this CPU with -march=native) and registers the ops with torch, so that torch.compile'd
@@ -34,7 +34,8 @@ from typing import Callable
 import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.cpp", "small_products.cpp",
-                                                        "invariant_products.cpp", "invariant_attention.cpp")]
+                                                        "invariant_products.cpp", "invariant_attention.cpp",
+                                                        "invariant_pointwise.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None}  # None: not tried; True / False: the outcome
 
@@ -157,6 +158,22 @@ def _load() -> bool:
     @torch.library.register_fake("rlfoundry_kernels::invariant_attention_backward")
     def _(dout, q, k, v, out, stats, pos, seq, keys, scale):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @torch.library.register_fake("rlfoundry_kernels::rms_norm")
+    def _(x, w, eps):
+        return x.new_empty(x.shape), x.new_empty(x.shape[:1])
+
+    @torch.library.register_fake("rlfoundry_kernels::rms_norm_backward")
+    def _(g, x, w, r):
+        return x.new_empty(x.shape), w.new_empty(w.shape)
+
+    @torch.library.register_fake("rlfoundry_kernels::rope")
+    def _(x, cos, sin, R):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("rlfoundry_kernels::rope_backward")
+    def _(g, cos, sin, R):
+        return g.new_empty(g.shape)
 
     @torch.library.register_fake("rlfoundry_kernels::gathered_linear")
     def _(x, w, ids):

@@ -1,0 +1,183 @@
+// RMSNorm and rotary embedding of the batch-invariant mode in fp32 on CPU, forward and backward,
+// each a single pass over its rows (torch's forms are 5 - 10 element-wise passes each way, a
+// tenth of the trainer's step in that mode). A row's result is a fixed function of that row:
+//
+//   rms_norm(x [N, D], w [D], eps) -> (y [N, D], r [N])
+//     r = 1 / sqrt(sum(x^2) / D + eps), the sum lane-wise multiply-adds over D in order then the
+//     lanes' sum (a fixed tree); y = w * (x * r), rounded in that order.
+//   rms_norm_backward(g, x, w, r) -> (dx [N, D], dw [D])
+//   rope(x [N, H, D], cos [N, D], sin [N, D], R) -> [N, H, D]
+//     out[d] = fma(x[d], cos[d], x[partner(d)] * sin[d]), the rotary half-split layout of
+//     `glm4_moe.apply_rope`: channel d < R/2 pairs with d + R/2, channels d >= R are passed through
+//     (their sin is 0, cos 1).
+//   rope_backward(g, cos, sin, R) -> dx
+// Rows contiguous (else copied).
+#ifdef __AVX512F__
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__)
+#define CPU_CAPABILITY_AVX2
+#endif
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+
+void check(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "rlfoundry_kernels::", op, ": ", name,
+              " must be an fp32 CPU tensor");
+}
+
+// sum of x[d]^2: lane-wise multiply-adds in d order, then the lanes' sum
+inline float sum_squares(const float* x, int64_t D) {
+  Vec acc(0.f);
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    const Vec v = Vec::loadu(x + d);
+    acc = at::vec::fmadd(v, v, acc);
+  }
+  if (d < D) {
+    const Vec v = Vec::loadu(x + d, D - d);
+    acc = at::vec::fmadd(v, v, acc);
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
+  check(x_in, "rms_norm", "x");
+  check(w_in, "rms_norm", "w");
+  TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 1 && w_in.size(0) == x_in.size(1),
+              "rlfoundry_kernels::rms_norm: x [N, D] and w [D]");
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const int64_t N = x.size(0), D = x.size(1);
+  at::Tensor y = at::empty({N, D}, x.options()), r = at::empty({N}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float *yp = y.data_ptr<float>(), *rp = r.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, N, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, D)), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* xr = xp + n * D;
+      float* yr = yp + n * D;
+      const float rs = 1.f / std::sqrt(sum_squares(xr, D) / static_cast<float>(D) + e);
+      rp[n] = rs;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) yr[d] = wp[d] * (xr[d] * rs);
+    }
+  });
+  return {y, r};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& g_in, const at::Tensor& x_in,
+                                                     const at::Tensor& w_in, const at::Tensor& r_in) {
+  for (auto [t, name] : {std::pair{&g_in, "g"}, {&x_in, "x"}, {&w_in, "w"}, {&r_in, "r"}})
+    check(*t, "rms_norm_backward", name);
+  TORCH_CHECK(g_in.sizes() == x_in.sizes() && x_in.dim() == 2 && w_in.numel() == x_in.size(1) &&
+                  r_in.numel() == x_in.size(0),
+              "rlfoundry_kernels::rms_norm_backward: g, x [N, D], w [D], r [N]");
+  const at::Tensor g = g_in.contiguous(), x = x_in.contiguous(), w = w_in.contiguous(), r = r_in.contiguous();
+  const int64_t N = x.size(0), D = x.size(1);
+  at::Tensor dx = at::empty({N, D}, x.options());
+  const float *gp = g.data_ptr<float>(), *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(),
+              *rp = r.data_ptr<float>();
+  float* dxp = dx.data_ptr<float>();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 64));
+  std::vector<float> dw_parts(chunks * D, 0.f);  // each chunk of rows its own dw, summed after
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      float* dw = dw_parts.data() + c * D;
+      for (int64_t n = N * c / chunks; n < N * (c + 1) / chunks; ++n) {
+        const float *gr = gp + n * D, *xr = xp + n * D;
+        const float rs = rp[n];
+        float dot = 0.f;  // sum of (g w) . (x r)
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) {
+          const float nd = xr[d] * rs;
+          dw[d] += gr[d] * nd;
+          dot += gr[d] * wp[d] * nd;
+        }
+        const float c_ = dot / static_cast<float>(D);
+        float* dxr = dxp + n * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) dxr[d] = rs * (gr[d] * wp[d] - xr[d] * rs * c_);
+      }
+    }
+  });
+  at::Tensor dw = at::zeros({D}, x.options());
+  float* dwp = dw.data_ptr<float>();
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t d = 0; d < D; ++d) dwp[d] += dw_parts[c * D + d];
+  return {dx, dw.view(w_in.sizes())};
+}
+
+void check_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t R, const char* op) {
+  check(x, op, "x");
+  check(cos, op, "cos");
+  check(sin, op, "sin");
+  TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) &&
+                  cos.size(1) == x.size(2) && R >= 0 && R % 2 == 0 && R <= x.size(2),
+              "rlfoundry_kernels::", op, ": x [N, H, D], cos and sin [N, D], R even and at most D");
+}
+
+// out = fma(a, cos, partner(a) * sin) over one head's D channels, partner swapping the two rotary
+// halves; the backward is the same with the partner's sin (the fused multiply-add explicit: the
+// compiler's own contraction could differ between a loop's vector body and its remainder)
+template <bool kBackward>
+inline void rotate(const float* a, const float* c, const float* s, int64_t R, int64_t D, float* out) {
+  const int64_t h = R / 2;
+  for (int64_t d = 0; d < h; ++d) out[d] = std::fma(a[d], c[d], a[d + h] * s[kBackward ? d + h : d]);
+  for (int64_t d = h; d < R; ++d) out[d] = std::fma(a[d], c[d], a[d - h] * s[kBackward ? d - h : d]);
+  for (int64_t d = R; d < D; ++d) out[d] = std::fma(a[d], c[d], a[d] * s[d]);
+}
+
+template <bool kBackward>
+at::Tensor rope_impl(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in, int64_t R) {
+  const char* op = kBackward ? "rope_backward" : "rope";
+  check_rope(x_in, cos_in, sin_in, R, op);
+  const at::Tensor x = x_in.contiguous(), cs = cos_in.contiguous(), sn = sin_in.contiguous();
+  const int64_t N = x.size(0), H = x.size(1), D = x.size(2);
+  at::Tensor out = at::empty({N, H, D}, x.options());
+  const float *xp = x.data_ptr<float>(), *cp = cs.data_ptr<float>(), *sp = sn.data_ptr<float>();
+  float* op_ = out.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, H * D)), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t h = 0; h < H; ++h)
+        rotate<kBackward>(xp + (n * H + h) * D, cp + n * D, sp + n * D, R, D, op_ + (n * H + h) * D);
+  });
+  return out;
+}
+
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t R) {
+  return rope_impl<false>(x, cos, sin, R);
+}
+
+at::Tensor rope_backward(const at::Tensor& g, const at::Tensor& cos, const at::Tensor& sin, int64_t R) {
+  return rope_impl<true>(g, cos, sin, R);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rlfoundry_kernels, m) {
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor g, Tensor x, Tensor w, Tensor r) -> (Tensor, Tensor)");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin, int R) -> Tensor");
+  m.def("rope_backward(Tensor g, Tensor cos, Tensor sin, int R) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rlfoundry_kernels, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rms_norm_backward", &rms_norm_backward);
+  m.impl("rope", &rope);
+  m.impl("rope_backward", &rope_backward);
+}
