@@ -399,3 +399,36 @@ def test_rms_norm_and_rope_equal_torchs_and_each_row_stands_alone(D):
     assert torch.equal(ops.rope(q.detach()[3:4, 1:2], cos.float()[3:4], sin.float()[3:4], R)[0, 0], out[3, 1])
     with pytest.raises(RuntimeError, match="R even and at most D"):
         ops.rope(q.detach(), cos.float(), sin.float(), D + 2)
+
+
+def test_swiglu_and_combine_equal_torchs_and_each_row_stands_alone():
+    """`swiglu` (silu(gate) * up, gate and up the halves of one product) and `combine` (the
+    experts' weighted sum in top-k order) within fp32 rounding of fp64 forms, their backwards of
+    fp64 autograd's, a row's result the same bits alone; bad rows are refused."""
+    ops = torch.ops.rlfoundry_kernels
+    g = torch.Generator().manual_seed(0)
+    for I in (64, 20):  # (20: a partial vector)
+        gu = (torch.randn(150, 2 * I, generator=g) * 3).requires_grad_()
+        gate, up = gu.chunk(2, -1)
+        h = ops.swiglu(gate, up)
+        ref = F.silu(gate.double()) * up.double()
+        assert (h.double() - ref).abs().max().item() < 1e-5
+        assert torch.equal(ops.swiglu(gate[7:8].contiguous(), up[7:8].contiguous()), h[7:8])
+        dh = torch.randn(150, I, generator=g)
+        dgate, dup = ops.swiglu_backward(dh, gate, up)
+        want = torch.autograd.grad((ref * dh.double()).sum(), gu)[0]
+        assert (torch.cat([dgate, dup], -1).double() - want).abs().max().item() < 1e-5
+    N, K, R, D = 40, 4, 170, 48
+    y = torch.randn(R, D, generator=g, requires_grad=True)
+    rows = torch.randperm(R, generator=g)[:N * K]
+    w = torch.rand(N, K, generator=g, requires_grad=True)
+    out = ops.combine(y, rows, w)
+    ref = (y.double()[rows].view(N, K, D) * w.double()[..., None]).sum(1)
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    assert torch.equal(ops.combine(y.detach(), rows[8:12], w.detach()[2:3]), out[2:3])
+    gout = torch.randn(N, D, generator=g)
+    dy, dw = ops.combine_backward(gout, y, rows, w)
+    want = torch.autograd.grad((ref * gout.double()).sum(), (y, w))
+    assert (dy.double() - want[0]).abs().max().item() < 1e-5 and (dw.double() - want[1]).abs().max().item() < 1e-5
+    with pytest.raises(RuntimeError, match=r"rows\[3\] = 170 not a row of y"):
+        ops.combine(y.detach(), torch.tensor([0, 1, 2, 170]), w.detach()[:1])

@@ -157,6 +157,33 @@ def silu(x: Tensor, invariant: bool = False) -> Tensor:
     return _InvariantSiLU.apply(x) if invariant else F.silu(x)
 
 
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up by the native kernel (kernels/invariant_pointwise.cpp): one pass each way,
+    silu in `silu`'s invariant form, gate / (1 + exp(-gate)). gate and up may be views of one
+    product's halves."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        I = gate.shape[-1]
+        return torch.ops.rlfoundry_kernels.swiglu(gate.reshape(-1, I), up.reshape(-1, I)).view(gate.shape)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        gate, up = ctx.saved_tensors
+        I = gate.shape[-1]
+        dgate, dup = torch.ops.rlfoundry_kernels.swiglu_backward(g.reshape(-1, I), gate.reshape(-1, I), up.reshape(-1, I))
+        return dgate.view(gate.shape), dup.view(up.shape)
+
+
+def swiglu(gate: Tensor, up: Tensor, invariant: bool = False) -> Tensor:
+    """silu(gate) * up; `invariant` (the batch-invariant mode): by the native kernel where it is
+    built (`_SwiGLU`), else with `silu`'s invariant form."""
+    if invariant and invariant_kernels(gate, up):
+        return _SwiGLU.apply(gate, up)
+    return silu(gate, invariant) * up
+
+
 SMALL_PRODUCT_ROWS = 64
 """Compiled CPU inference over at most this many rows (decode steps of up to 64 sequences,
 speculative verification and drafting, short prefills) computes its products with small weights
@@ -715,7 +742,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(silu(self.gate_proj(x), self.batch_invariant) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.batch_invariant))
 
 
 @dataclass
@@ -966,6 +993,24 @@ class _Combine(torch.autograd.Function):
         return _Dispatch.apply(g_ND, token_R, row_M, ctx.K), None, None, None
 
 
+class _WeightedCombine(torch.autograd.Function):
+    """The batch-invariant experts' outputs of each token, sum over k of w[n, k] * y[rows[n * K + k]]
+    in top-k order, by the native kernel (`combine`: one multiply-add chain a channel) — the
+    weighting, gather and sum of `_Combine`'s path in one pass each way."""
+
+    @staticmethod
+    def forward(ctx, y_RD: Tensor, rows: Tensor, w_NK: Tensor) -> Tensor:
+        rows = rows.long()
+        ctx.save_for_backward(y_RD, rows, w_NK)
+        return torch.ops.rlfoundry_kernels.combine(y_RD, rows, w_NK)
+
+    @staticmethod
+    def backward(ctx, g_ND: Tensor):
+        y_RD, rows, w_NK = ctx.saved_tensors
+        dy, dw = torch.ops.rlfoundry_kernels.combine_backward(g_ND, y_RD, rows, w_NK)
+        return dy, None, dw
+
+
 def _autocast_dtype(x: Tensor) -> torch.dtype:
     """The dtype autocast gives matrix products of `x` (x's own dtype outside autocast)."""
     dev = x.device.type
@@ -1020,14 +1065,17 @@ class Experts(nn.Module):
         dt = _autocast_dtype(x_ND)  # the expert GEMMs honour autocast as nn.Linear does
         bucket = _row_bucket(x_ND, dt, N * K, E)
         mm = grouped_mm
-        if self.batch_invariant and dt == x_ND.dtype and invariant_kernels(x_ND, self.gate_up_proj):
+        native = self.batch_invariant and dt == x_ND.dtype and invariant_kernels(x_ND, self.gate_up_proj)
+        if native:
             mm = _InvariantGroupedMM.apply
         elif self.batch_invariant:  # MKL's: each expert's product gets a multiple of 4 rows (`invariant_rows`)
             bucket = math.lcm(bucket, 4)
         rows = expert_rows(routing.ids_NK, routing.weights_NK, E, bucket)
         x_RD = _Dispatch.apply(x_ND.to(dt), rows.token_R, rows.row_M, K)  # R >= N*K rows, grouped by expert
         gate_RI, up_RI = mm(x_RD, self.gate_up_proj.to(dt).transpose(1, 2), rows.offsets_E).chunk(2, dim=-1)
-        y_RD = mm(silu(gate_RI, self.batch_invariant) * up_RI, self.down_proj.to(dt).transpose(1, 2), rows.offsets_E)
+        y_RD = mm(swiglu(gate_RI, up_RI, self.batch_invariant), self.down_proj.to(dt).transpose(1, 2), rows.offsets_E)
+        if native:  # weighted and summed in top-k order in one pass, as `_forward_dense`
+            return _WeightedCombine.apply(y_RD, rows.row_M, routing.weights_NK)
         y_RD = y_RD * rows.weight_R[:, None]
         return _Combine.apply(y_RD.to(x_ND.dtype), rows.token_R, rows.row_M, K)
 
@@ -1063,11 +1111,15 @@ class Experts(nn.Module):
         E = self.gate_up_proj.shape[0]
         if self.batch_invariant and invariant_kernels(x_ND, self.gate_up_proj):
             gate_EMI, up_EMI = invariant_matmul(x_ND.expand(E, *x_ND.shape), self.gate_up_proj).chunk(2, dim=-1)
-            y_EMD = invariant_matmul(silu(gate_EMI, True) * up_EMI, self.down_proj)
+            y_EMD = invariant_matmul(swiglu(gate_EMI, up_EMI, True), self.down_proj)
+            # the chosen experts' rows (expert e's output for token n is row e * N + n), weighted and
+            # summed in top-k order by the kernel the sparse path's tokens take
+            pairs = (routing.ids_NK * N + torch.arange(N, device=x_ND.device)[:, None]).flatten()
+            return _WeightedCombine.apply(y_EMD.reshape(E * N, -1), pairs, routing.weights_NK)
         else:
             x_MD = _pad_rows(x_ND, invariant_rows(N)) if self.batch_invariant else x_ND
             gate_EMI, up_EMI = torch.matmul(x_MD, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
-            y_EMD = torch.bmm(silu(gate_EMI, self.batch_invariant) * up_EMI, self.down_proj.transpose(1, 2))
+            y_EMD = torch.bmm(swiglu(gate_EMI, up_EMI, self.batch_invariant), self.down_proj.transpose(1, 2))
         # the chosen experts' outputs in top-k order, weighted and summed as the sparse path does
         y_NKD = y_EMD[routing.ids_NK, torch.arange(N, device=x_ND.device)[:, None]].to(routing.weights_NK.dtype)
         return (y_NKD * routing.weights_NK[..., None]).sum(1).to(x_ND.dtype)

@@ -5,8 +5,9 @@ compiled decode steps on CPU in fp32, and `small_linear` / `gathered_linear` (sm
 the products of compiled CPU inference over a few rows (`glm4_moe.small_linear`, the experts'
 `_forward_gathered`), and `invariant_matmul` / `invariant_grouped_matmul` (invariant_products.cpp),
 the forward products of the batch-invariant mode (`glm4_moe.set_batch_invariant`), which loads
-them too, and that mode's attention, RMSNorm and rotary embedding, forward and backward
-(`invariant_attention`, invariant_attention.cpp; `rms_norm`, `rope`, invariant_pointwise.cpp). `load()` compiles the sources into one shared library against the installed
+them too, and that mode's attention, RMSNorm, rotary embedding, SwiGLU and the experts' weighted
+sum, forward and backward (`invariant_attention`, invariant_attention.cpp; `rms_norm`, `rope`,
+`swiglu`, `combine`, invariant_pointwise.cpp). `load()` compiles the sources into one shared library against the installed
 torch (10 - 15 s here, once per machine: the library is kept in ~/.cache/rlfoundry/kernels under a
 name that hashes the sources, torch's version, the compiler and the CPU's features, since it is
 built for this CPU with -march=native) and registers the ops with torch, so that torch.compile'd
@@ -174,6 +175,22 @@ def _load() -> bool:
     @torch.library.register_fake("rlfoundry_kernels::rope_backward")
     def _(g, cos, sin, R):
         return g.new_empty(g.shape)
+
+    @torch.library.register_fake("rlfoundry_kernels::swiglu")
+    def _(gate, up):
+        return gate.new_empty(gate.shape)
+
+    @torch.library.register_fake("rlfoundry_kernels::swiglu_backward")
+    def _(dh, gate, up):
+        return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+    @torch.library.register_fake("rlfoundry_kernels::combine")
+    def _(y, rows, w):
+        return y.new_empty((w.shape[0], y.shape[1]))
+
+    @torch.library.register_fake("rlfoundry_kernels::combine_backward")
+    def _(g, y, rows, w):
+        return y.new_empty(y.shape), w.new_empty(w.shape)
 
     @torch.library.register_fake("rlfoundry_kernels::gathered_linear")
     def _(x, w, ids):

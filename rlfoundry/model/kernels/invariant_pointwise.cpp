@@ -11,7 +11,15 @@
 //     `glm4_moe.apply_rope`: channel d < R/2 pairs with d + R/2, channels d >= R are passed through
 //     (their sin is 0, cos 1).
 //   rope_backward(g, cos, sin, R) -> dx
-// Rows contiguous (else copied).
+//   swiglu(gate [R, I], up [R, I]) -> h [R, I]
+//     h = gate / (1 + exp(-gate)) * up, exp in vector-width blocks (every element the same code);
+//     gate and up may be views with any row stride (the halves of the experts' [R, 2I] product).
+//   swiglu_backward(dh, gate, up) -> (dgate, dup)
+//   combine(y [R, D], rows [N * K], w [N, K]) -> [N, D]
+//     the experts' outputs of each token, sum over k of w[n, k] * y[rows[n * K + k]], one
+//     multiply-add chain in k order (top-k order: every path of the experts, sparse or dense).
+//   combine_backward(g, y, rows, w) -> (dy [R, D] (rows no pair names: 0), dw [N, K])
+// Rows contiguous (else copied), but for swiglu's inputs.
 #ifdef __AVX512F__
 #define CPU_CAPABILITY_AVX512
 #elif defined(__AVX2__)
@@ -25,6 +33,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -166,6 +175,125 @@ at::Tensor rope_backward(const at::Tensor& g, const at::Tensor& cos, const at::T
   return rope_impl<true>(g, cos, sin, R);
 }
 
+void check_rows(const at::Tensor& t, const char* op, const char* name) {
+  check(t, op, name);
+  TORCH_CHECK(t.dim() == 2 && (t.stride(1) == 1 || t.size(1) <= 1), "rlfoundry_kernels::", op, ": ", name,
+              " must be [R, I] with its last dim contiguous");
+}
+
+// e = exp(-x) for a block of lanes
+inline Vec neg_exp(const Vec& x) { return (Vec(0.f) - x).exp(); }
+
+at::Tensor swiglu(const at::Tensor& gate_in, const at::Tensor& up_in) {
+  check_rows(gate_in, "swiglu", "gate");
+  check_rows(up_in, "swiglu", "up");
+  TORCH_CHECK(gate_in.sizes() == up_in.sizes(), "rlfoundry_kernels::swiglu: gate and up of one shape");
+  const int64_t R = gate_in.size(0), I = gate_in.size(1), sg = gate_in.stride(0), su = up_in.stride(0);
+  at::Tensor h = at::empty({R, I}, gate_in.options());
+  const float *gp = gate_in.data_ptr<float>(), *up = up_in.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  at::parallel_for(0, R, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, I)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t i = 0; i < I; i += kLanes) {
+        const int64_t n = std::min(kLanes, I - i);
+        const Vec g = Vec::loadu(gp + r * sg + i, n);
+        (g / (Vec(1.f) + neg_exp(g)) * Vec::loadu(up + r * su + i, n)).store(hp + r * I + i, n);
+      }
+  });
+  return h;
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& dh_in, const at::Tensor& gate_in,
+                                                   const at::Tensor& up_in) {
+  check_rows(gate_in, "swiglu_backward", "gate");
+  check_rows(up_in, "swiglu_backward", "up");
+  check(dh_in, "swiglu_backward", "dh");
+  TORCH_CHECK(gate_in.sizes() == up_in.sizes() && dh_in.sizes() == gate_in.sizes(),
+              "rlfoundry_kernels::swiglu_backward: dh, gate and up of one shape");
+  const at::Tensor dh = dh_in.contiguous();
+  const int64_t R = gate_in.size(0), I = gate_in.size(1), sg = gate_in.stride(0), su = up_in.stride(0);
+  at::Tensor dg = at::empty({R, I}, dh.options()), du = at::empty({R, I}, dh.options());
+  const float *gp = gate_in.data_ptr<float>(), *up = up_in.data_ptr<float>(), *dhp = dh.data_ptr<float>();
+  float *dgp = dg.data_ptr<float>(), *dup = du.data_ptr<float>();
+  at::parallel_for(0, R, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, I)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t i = 0; i < I; i += kLanes) {
+        const int64_t n = std::min(kLanes, I - i);
+        const Vec g = Vec::loadu(gp + r * sg + i, n), u = Vec::loadu(up + r * su + i, n);
+        const Vec d = Vec::loadu(dhp + r * I + i, n);
+        const Vec s = Vec(1.f) / (Vec(1.f) + neg_exp(g));  // sigmoid(g)
+        (d * g * s).store(dup + r * I + i, n);             // dh * silu(g)
+        (d * u * s * (Vec(1.f) + g * (Vec(1.f) - s))).store(dgp + r * I + i, n);
+      }
+  });
+  return {dg, du};
+}
+
+void check_combine(const at::Tensor& y, const at::Tensor& rows, const at::Tensor& w, const char* op) {
+  check(y, op, "y");
+  check(w, op, "w");
+  TORCH_CHECK(y.dim() == 2 && w.dim() == 2 && rows.dim() == 1 && rows.scalar_type() == at::kLong &&
+                  rows.numel() == w.numel(),
+              "rlfoundry_kernels::", op, ": y [R, D], rows [N * K] int64, w [N, K]");
+}
+
+at::Tensor combine(const at::Tensor& y_in, const at::Tensor& rows_in, const at::Tensor& w_in) {
+  check_combine(y_in, rows_in, w_in, "combine");
+  const at::Tensor y = y_in.contiguous(), rows = rows_in.contiguous(), w = w_in.contiguous();
+  const int64_t R = y.size(0), D = y.size(1), N = w.size(0), K = w.size(1);
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t j = 0; j < N * K; ++j)
+    TORCH_CHECK(rp[j] >= 0 && rp[j] < R, "rlfoundry_kernels::combine: rows[", j, "] = ", rp[j], " not a row of y");
+  at::Tensor out = at::empty({N, D}, y.options());
+  const float *yp = y.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 2048 / std::max<int64_t>(1, D * K)), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t d = 0; d < D; d += kLanes) {
+        const int64_t c = std::min(kLanes, D - d);
+        Vec acc(0.f);
+        for (int64_t k = 0; k < K; ++k)
+          acc = at::vec::fmadd(Vec::loadu(yp + rp[n * K + k] * D + d, c), Vec(wp[n * K + k]), acc);
+        acc.store(op + n * D + d, c);
+      }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& g_in, const at::Tensor& y_in,
+                                                    const at::Tensor& rows_in, const at::Tensor& w_in) {
+  check_combine(y_in, rows_in, w_in, "combine_backward");
+  check(g_in, "combine_backward", "g");
+  const at::Tensor g = g_in.contiguous(), y = y_in.contiguous(), rows = rows_in.contiguous(), w = w_in.contiguous();
+  const int64_t R = y.size(0), D = y.size(1), N = w.size(0), K = w.size(1);
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == N && g.size(1) == D, "rlfoundry_kernels::combine_backward: g [N, D]");
+  at::Tensor dy = at::zeros({R, D}, y.options()), dw = at::empty({N, K}, y.options());
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const float *gp = g.data_ptr<float>(), *yp = y.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float *dyp = dy.data_ptr<float>(), *dwp = dw.data_ptr<float>();
+  for (int64_t j = 0; j < N * K; ++j)
+    TORCH_CHECK(rp[j] >= 0 && rp[j] < R, "rlfoundry_kernels::combine_backward: rows[", j, "] = ", rp[j],
+                " not a row of y");
+  // (a row of y belongs to one pair: no two pairs write the same dy row)
+  at::parallel_for(0, N, std::max<int64_t>(1, 2048 / std::max<int64_t>(1, D * K)), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t row = rp[n * K + k];
+        const float wk = wp[n * K + k];
+        float dot = 0.f;
+        const float *gr = gp + n * D, *yr = yp + row * D;
+        float* dyr = dyp + row * D;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) {
+          dyr[d] = gr[d] * wk;
+          dot += gr[d] * yr[d];
+        }
+        dwp[n * K + k] = dot;
+      }
+  });
+  return {dy, dw};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rlfoundry_kernels, m) {
@@ -173,6 +301,10 @@ TORCH_LIBRARY_FRAGMENT(rlfoundry_kernels, m) {
   m.def("rms_norm_backward(Tensor g, Tensor x, Tensor w, Tensor r) -> (Tensor, Tensor)");
   m.def("rope(Tensor x, Tensor cos, Tensor sin, int R) -> Tensor");
   m.def("rope_backward(Tensor g, Tensor cos, Tensor sin, int R) -> Tensor");
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_backward(Tensor dh, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  m.def("combine(Tensor y, Tensor rows, Tensor w) -> Tensor");
+  m.def("combine_backward(Tensor g, Tensor y, Tensor rows, Tensor w) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rlfoundry_kernels, CPU, m) {
@@ -180,4 +312,8 @@ TORCH_LIBRARY_IMPL(rlfoundry_kernels, CPU, m) {
   m.impl("rms_norm_backward", &rms_norm_backward);
   m.impl("rope", &rope);
   m.impl("rope_backward", &rope_backward);
+  m.impl("swiglu", &swiglu);
+  m.impl("swiglu_backward", &swiglu_backward);
+  m.impl("combine", &combine);
+  m.impl("combine_backward", &combine_backward);
 }
