@@ -237,14 +237,20 @@ class Buffer:
 
     def groups(self, rollout_id: int, states: tuple[str, ...] = ("generated",)) -> list[list[Sample]]:
         """The stored groups of a rollout, in the order they were drawn."""
+        return [[Sample(**d) for d in g] for g in self.group_dicts(rollout_id, states)]
+
+    def group_dicts(self, rollout_id: int, states: tuple[str, ...] = ("generated",)) -> list[list[dict]]:
+        """`groups` as the plain data they are stored as (`Sample.to_dict`'s), as actors exchange them."""
         q = ",".join("?" * len(states))
         ids = [r[0] for r in self.db.execute(
             f"SELECT id FROM groups WHERE rollout_id = ? AND state IN ({q}) ORDER BY id", (rollout_id, *states))]
-        out = []
-        for gid in ids:
-            rows = self.db.execute("SELECT data FROM samples WHERE group_id = ? ORDER BY idx", (gid,)).fetchall()
-            out.append([Sample.from_json(r[0]) for r in rows])
-        return out
+        out: dict[int, list[dict]] = {gid: [] for gid in ids}
+        for gid, data in self.db.execute(
+                f"SELECT s.group_id, s.data FROM samples s JOIN groups g ON s.group_id = g.id "
+                f"WHERE g.rollout_id = ? AND g.state IN ({q}) ORDER BY s.group_id, s.idx", (rollout_id, *states)):
+            if gid in out:  # (a group whose state changed between the two reads is left out)
+                out[gid].append(json.loads(data))
+        return list(out.values())
 
     def sample_stats(self, rollout_id: int, states: tuple[str, ...]) -> list[tuple]:
         """(reward, status, correct, response length) of every stored sample of a rollout's groups

@@ -721,13 +721,13 @@ class BufferWorker(_Actor):
     def training_groups(self, step: int, min_version: int | None = None) -> list[list[dict]]:
         """The groups of rollout `step` to train; with `min_version` (async mode), those with a
         sample requested under an older policy version are filtered as stale instead."""
-        groups = self.buffer.groups(step)
+        groups = self.buffer.group_dicts(step)  # (as stored: no Sample built and taken apart again)
         if min_version is not None:
-            stale = {g[0].group_id for g in groups if min(s.policy_version for s in g) < min_version}
+            stale = {g[0]["group_id"] for g in groups if min(s["policy_version"] for s in g) < min_version}
             if stale:
                 self.buffer.filter_groups(sorted(stale), "stale")
-                groups = [g for g in groups if g[0].group_id not in stale]
-        return [[s.to_dict() for s in g] for g in groups]
+                groups = [g for g in groups if g[0]["group_id"] not in stale]
+        return groups
 
     def step_stats(self, step: int, save_to: str | None = None) -> dict:
         """Group counts of rollout `step`, and reward and length statistics of every stored sample
