@@ -215,14 +215,15 @@ class RLConfig:
     Combines with train.compile and rollout.compile_decode (compiled and eager fp64 agree to ~1e-14)."""
     batch_invariant: bool = False
     """Exact on-policy log-probs in fp32: the engines and the trainer compute every sequence as if it
-    were alone (`Glm4MoeForCausalLM.set_batch_invariant`: matrix products padded to row counts the
-    BLAS treats alike, attention as plain matrix products over each sequence's own keys), so the
-    trainer's log-probs equal the engines' bit for bit (mismatch 0) with fp32 arithmetic
+    were alone (`Glm4MoeForCausalLM.set_batch_invariant`: products, attention, norms and the
+    experts' sums by native kernels of our own in which every output is a fixed sequence of
+    operations on its own row's inputs; where they cannot be built, MKL's products over padded rows),
+    so the trainer's log-probs equal the engines' bit for bit (mismatch 0) with fp32 arithmetic
     throughout. It also makes runs bit-reproducible with requests concurrent (batching no longer
-    changes a bit; `deterministic` serialises them instead), up to max_minutes' clock. Costs ~1.2x
-    the training time here (attention without a fused kernel) and little in the rollout. Eager
-    only (not with train.compile or rollout.compile_decode), fp32 only (not with exact or
-    train.bf16)."""
+    changes a bit; `deterministic` serialises them instead), up to max_minutes' clock. With the
+    kernels it is faster than plain fp32 here (`benchmarks/bench_batch_invariant.py`: generation
+    ~0.9x, the RL loss ~0.75-0.95x). Eager only (not with train.compile or rollout.compile_decode),
+    fp32 only (not with exact or train.bf16)."""
     num_trainers: int = 1
     """Data-parallel trainer processes (Ray actors in one torch.distributed group, over gloo: the
     RL trainer computes on CPU). Each holds the whole model and optimizer and trains on about 1 / num_trainers
