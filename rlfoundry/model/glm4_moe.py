@@ -389,7 +389,8 @@ def invariant_attention(q_BHTD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor,
 
 class _InvariantRMSNorm(torch.autograd.Function):
     """RMSNorm by the native kernel (kernels/invariant_pointwise.cpp): one pass a row each way,
-    each row's sum of squares a fixed order; the result rounded as `RMSNorm.forward`'s, w * (x * r)."""
+    r = 1 / sqrt(sum(x^2) / D + eps) with the row's sum of squares in a fixed order (not torch's
+    mean and rsqrt: the same function up to rounding), then w * (x * r) as `RMSNorm.forward`."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, eps: float) -> Tensor:
