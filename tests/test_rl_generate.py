@@ -43,36 +43,73 @@ def test_custom_multi_turn_generate(tmp_path):
 
 
 class _Counting:
-    """A client standing in for the router: counts the calls in flight at once, each held until
-    `expect` are (or 5 s have passed), so that the count does not depend on the machine's speed."""
+    """An engine's client: records the prompts and seeds of every batched request and counts the
+    sequences in flight at once, each request held for 50 ms (so that a second one sent before
+    it returned would be counted with it)."""
 
-    def __init__(self, expect: int):
-        self.cond, self.expect, self.now, self.most = threading.Condition(), expect, 0, 0
+    def __init__(self):
+        self.cond, self.now, self.most, self.calls = threading.Condition(), 0, 0, []
 
-    def generate(self, input_ids, n=1, **sampling):
+    def generate_batch(self, prompts, seeds, max_new_tokens, n=1, **sampling):
+        self.calls.append((prompts, seeds))
         with self.cond:
-            self.now += 1
+            self.now += len(prompts) * n
             self.most = max(self.most, self.now)
-            self.cond.notify_all()
-            self.cond.wait_for(lambda: self.most >= self.expect, timeout=5)
-            self.now -= 1
-        return [Generation(output_ids=[0], logprobs=[-1.0], finish_reason="stop") for _ in range(n)]
+            self.cond.wait(0.05)
+            self.now -= len(prompts) * n
+        return [[Generation(output_ids=[s % 7], logprobs=[-1.0], finish_reason="stop") for _ in range(n)]
+                for s in seeds]
 
 
-def test_requests_in_flight_are_counted_in_sequences(tmp_path):
-    """rollout.concurrency groups of n_samples_per_prompt in flight: requests of one sample each
-    (evaluation's) come in as many sequences' worth, not one request per group's place (64 at a
-    time left each engine decoding 32 sequences)."""
+def test_groups_go_to_the_engines_in_batches_counted_in_sequences(tmp_path):
+    """Without a custom generate function each engine takes every num_engines-th group, in batched
+    requests of at most concurrency x n_samples_per_prompt / num_engines sequences (each prompt
+    with its own seed), one request at a time an engine; the groups come back in the requests'
+    order. Evaluation's one greedy sample a prompt fills requests of as many sequences."""
     cfg = load_rl_config(None, ["rollout.concurrency=4", "rollout.n_samples_per_prompt=8"])
     worker = RolloutWorker(cfg, str(tmp_path))
     try:
-        reqs = [{"group_id": i, "prompt_idx": i, "prompt_ids": [3, 4, 5], "label": "1",
-                 "metadata": {"task": "countdown", "level": 1, "numbers": [1, 2], "target": 3}, "seed": i,
+        reqs = [{"group_id": i, "prompt_idx": i, "prompt_ids": [3, 4, 5 + i], "label": "1",
+                 "metadata": {"task": "countdown", "level": 1, "numbers": [1, 2], "target": 3}, "seed": 100 + i,
                  "version": 0} for i in range(64)]
-        for greedy, n, most in ((False, None, 4), (True, 1, 32), (False, 2, 16)):
-            worker.ctx.client = client = _Counting(most)
+        for greedy, n, per_request in ((False, None, 2), (True, 1, 16), (False, 2, 8)):
+            worker.engines = engines = [_Counting(), _Counting()]  # two engines, 16 sequences each at most
             groups = asyncio.run(worker.generate(reqs, greedy, n))
             assert [len(g) for g in groups] == [n or 8] * 64
-            assert client.most == most, (greedy, n)
+            assert [g[0]["group_id"] for g in groups] == list(range(64))
+            assert all(s["response_ids"] == [(100 + i) % 7] for i, g in enumerate(groups) for s in g)
+            for j, e in enumerate(engines):
+                assert [len(p) for p, _ in e.calls] == [per_request] * (32 // per_request), (greedy, n)
+                assert [p for call, _ in e.calls for p in call] == [q["prompt_ids"] for q in reqs[j::2]]
+                assert [s for _, seeds in e.calls for s in seeds] == [q["seed"] for q in reqs[j::2]]
+                assert e.most == 16, (greedy, n)  # one request in flight an engine
     finally:
         worker.shutdown()
+
+
+def test_batched_requests_give_the_samples_of_one_request_a_group(tmp_path):
+    """Batch-invariant engines: a group's samples are the same bits whether it reaches an engine in
+    a batched request with others (each prompt its seed) or alone through the router."""
+    from rlfoundry.rollout.client import RolloutClient
+
+    cfg = load_rl_config(None, ["batch_invariant=true", "rollout.num_engines=2", "rollout.n_samples_per_prompt=4",
+                                "rollout.max_new_tokens=12", "rollout.temperature=1.0"])
+    worker = RolloutWorker(cfg, str(tmp_path))
+    try:
+        reqs = [{"group_id": i, "prompt_idx": i, "prompt_ids": [3 + i, 4, 5, 6 + 2 * i][: 2 + i % 3], "label": "1",
+                 "metadata": {"task": "countdown", "level": 1, "numbers": [1, 2], "target": 3}, "seed": 7 * i,
+                 "version": 0} for i in range(7)]
+        batched = asyncio.run(worker.generate(reqs))
+        params = dict(max_new_tokens=12, temperature=1.0, top_p=1.0, n=4, stop_token_ids=worker.eos)
+        alone = [[s.to_dict() for s in worker._samples(q, worker.client.generate(q["prompt_ids"], seed=q["seed"], **params))]
+                 for q in reqs]
+        # the base class's form (one call a prompt, as for vLLM's servers) gives them too
+        default = RolloutClient.generate_batch(worker.engines[0], [q["prompt_ids"] for q in reqs],
+                                               [q["seed"] for q in reqs], **params)
+    finally:
+        worker.shutdown()
+    key = [[(s["response_ids"], s["logprobs"]) for s in g] for g in alone]
+    assert [[(s["response_ids"], s["logprobs"]) for s in g] for g in batched] == key
+    assert [[(g.output_ids, g.logprobs) for g in gs] for gs in default] == key
+    assert len({tuple(s["response_ids"]) for g in batched for s in g}) > 7  # sampled, not one answer
+    assert all(s["reward"] is not None for g in batched for s in g)

@@ -83,13 +83,14 @@ class RolloutConfig:
     demo's sequences stay under 100 tokens), also the most it may be. A response stops at the
     context's end (truncated); a prompt that fills it fails its group."""
     concurrency: int = 64
-    """Groups in flight to the engines (the router): concurrency x n_samples_per_prompt sequences.
-    Requests of fewer samples each are let in as many sequences' worth (evaluation's, one greedy
-    sample a prompt: 512 at once, where 64 at a time left each engine decoding 32 and took twice
-    as long)."""
+    """Groups in flight to the engines: concurrency x n_samples_per_prompt sequences, shared out
+    among the engines, each its part in one batched request at a time (a custom generate_fn: as
+    many sequences' worth of its calls through the router). Requests of fewer samples each are let
+    in as many sequences' worth (evaluation's, one greedy sample a prompt: 512 at once, where 64 at
+    a time left each engine decoding 32 and took twice as long)."""
     generate_fn: str = ""
-    """A custom async generate function by dotted path (see rlfoundry.rl.generate); empty: one
-    request per group."""
+    """A custom async generate function by dotted path (see rlfoundry.rl.generate); empty: the
+    groups in batched requests to the engines (`RolloutWorker.generate`)."""
     routing_replay: bool = False
     """Train with the experts the engine chose for each token (rollout routing replay)."""
     compile_decode: bool = False

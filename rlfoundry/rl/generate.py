@@ -1,6 +1,7 @@
 """Generation functions: how a prompt becomes a sample.
 
-The default generates the n samples of a group in one request (`n` shares the prompt's prefill).
+The default sends each engine its share of a round's groups in batched requests (every prompt its
+seed; a group's n samples share the prompt's prefill): `RolloutWorker.generate`.
 A custom function (`rollout.generate_fn: package.module.function`) is called once per sample:
 
     async def generate(ctx: GenerateContext, sample: Sample, sampling: dict) -> Sample | list[Sample]

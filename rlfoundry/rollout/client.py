@@ -11,6 +11,7 @@ torch.distributed broadcast group (gloo on CPU, NCCL on GPU).
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import io
 import itertools
 import json
@@ -77,6 +78,17 @@ class RolloutClient(ABC):
         """n samples continuing `input_ids`, with the log-prob of every generated token.
         `ignore_eos`: generate max_new_tokens tokens whatever is sampled (stop ids still stop)."""
 
+    def generate_batch(self, prompts: list[list[int]], seeds: list[int | None], max_new_tokens: int,
+                       **sampling) -> list[list[Generation]]:
+        """`generate` for each of `prompts`, prompt i with seed `seeds[i]` and the same other
+        sampling parameters: its n Generations, in the prompts' order. This default calls
+        `generate` once a prompt, all at once; servers that take a batch in one request do that."""
+        if len(seeds) != len(prompts):
+            raise ValueError(f"seeds: one per prompt, got {len(seeds)} for {len(prompts)} prompts")
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(prompts), 64))) as pool:
+            return list(pool.map(lambda ids, seed: self.generate(ids, max_new_tokens, seed=seed, **sampling),
+                                 prompts, seeds))
+
     @abstractmethod
     def update_weights_from_disk(self, path: str, version: str | None = None) -> None:
         """Load the weights of a Hugging Face checkpoint directory in place."""
@@ -116,26 +128,53 @@ class SGLangClient(RolloutClient):
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_p=1.0, top_k=-1, n=1,
                  stop_token_ids=None, seed=None, ignore_eos=False, return_routed_experts: bool = False
                  ) -> list[Generation]:
+        sp = self._sampling(max_new_tokens, temperature, top_p, top_k, n, stop_token_ids, seed, ignore_eos)
+        payload = {"input_ids": list(input_ids), "sampling_params": sp, "return_logprob": True}
+        if return_routed_experts:
+            payload["return_routed_experts"] = True
+        body = _post(self.url + "/generate", payload, self.timeout)
+        return [self._generation(item) for item in (body if isinstance(body, list) else [body])]
+
+    def generate_batch(self, prompts, seeds, max_new_tokens, temperature=1.0, top_p=1.0, top_k=-1, n=1,
+                       stop_token_ids=None, ignore_eos=False, return_routed_experts: bool = False
+                       ) -> list[list[Generation]]:
+        """One `/generate` request for all of `prompts`, with one sampling_params a prompt (SGLang's
+        batch form: each its seed). Not through sglang-router, which takes one sampling_params for
+        a whole batch (its 0.3 refuses a list): give an engine's URL."""
+        if len(seeds) != len(prompts):
+            raise ValueError(f"seeds: one per prompt, got {len(seeds)} for {len(prompts)} prompts")
+        if not prompts:
+            return []
+        payload = {"input_ids": [list(p) for p in prompts], "return_logprob": True,
+                   "sampling_params": [self._sampling(max_new_tokens, temperature, top_p, top_k, n, stop_token_ids,
+                                                      seed, ignore_eos) for seed in seeds]}
+        if return_routed_experts:
+            payload["return_routed_experts"] = True
+        body = _post(self.url + "/generate", payload, self.timeout)
+        items = body if isinstance(body, list) else [body]
+        if len(items) != len(prompts) * n:
+            raise RolloutError(f"{self.url}: a batch of {len(prompts)} prompts x {n} samples was answered "
+                               f"with {len(items)} generations")
+        gens = [self._generation(item) for item in items]
+        return [gens[i * n:(i + 1) * n] for i in range(len(prompts))]  # (prompt by prompt, as SGLang answers)
+
+    @staticmethod
+    def _sampling(max_new_tokens, temperature, top_p, top_k, n, stop_token_ids, seed, ignore_eos) -> dict:
         sp = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "n": n,
               "ignore_eos": ignore_eos}
         if stop_token_ids:
             sp["stop_token_ids"] = list(stop_token_ids)
         if seed is not None:
             sp["sampling_seed"] = seed
-        payload = {"input_ids": list(input_ids), "sampling_params": sp, "return_logprob": True}
-        if return_routed_experts:
-            payload["return_routed_experts"] = True
-        body = _post(self.url + "/generate", payload, self.timeout)
-        items = body if isinstance(body, list) else [body]
-        out = []
-        for item in items:
-            meta = item["meta_info"]
-            lps = meta.get("output_token_logprobs") or []
-            out.append(Generation(output_ids=item["output_ids"], logprobs=[float(e[0]) for e in lps],
-                                  finish_reason=meta["finish_reason"]["type"],
-                                  weight_version=meta.get("weight_version"),
-                                  routed_experts=meta.get("routed_experts"), meta=meta))
-        return out
+        return sp
+
+    @staticmethod
+    def _generation(item: dict) -> Generation:
+        meta = item["meta_info"]
+        lps = meta.get("output_token_logprobs") or []
+        return Generation(output_ids=item["output_ids"], logprobs=[float(e[0]) for e in lps],
+                          finish_reason=meta["finish_reason"]["type"], weight_version=meta.get("weight_version"),
+                          routed_experts=meta.get("routed_experts"), meta=meta)
 
     def update_weights_from_disk(self, path, version=None):
         body = _post(self.url + "/update_weights_from_disk", {"model_path": str(path), "weight_version": version},
