@@ -7,7 +7,8 @@ the products of compiled CPU inference over a few rows (`glm4_moe.small_linear`,
 the forward products of the batch-invariant mode (`glm4_moe.set_batch_invariant`), which loads
 them too, and that mode's attention, RMSNorm, rotary embedding, SwiGLU and the experts' weighted
 sum, forward and backward (`invariant_attention`, invariant_attention.cpp; `rms_norm`, `rope`,
-`swiglu`, `combine`, invariant_pointwise.cpp). `load()` compiles the sources into one shared library against the installed
+`swiglu`, `combine`, invariant_pointwise.cpp; common.h holds what the four sources written with
+ATen's vectors share). `load()` compiles the sources into one shared library against the installed
 torch (10 - 15 s here, once per machine: the library is kept in ~/.cache/rlfoundry/kernels under a
 name that hashes the sources, torch's version, the compiler and the CPU's features, since it is
 built for this CPU with -march=native) and registers the ops with torch, so that torch.compile'd
@@ -37,6 +38,8 @@ import torch
 SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.cpp", "small_products.cpp",
                                                         "invariant_products.cpp", "invariant_attention.cpp",
                                                         "invariant_pointwise.cpp")]
+HEADERS = [Path(__file__).with_name("common.h")]
+"""Included by the sources: part of what names the built library, as the sources are."""
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None}  # None: not tried; True / False: the outcome
 
@@ -78,7 +81,8 @@ def compiler() -> str:
 def library_path() -> Path:
     """The shared library `load()` builds and loads on this machine."""
     cxx = compiler()
-    key = hashlib.sha256("\n".join([*(src.read_text() for src in SOURCES), torch.__version__, cxx, cpu_features(),
+    key = hashlib.sha256("\n".join([*(src.read_text() for src in SOURCES + HEADERS), torch.__version__, cxx,
+                                    cpu_features(),
                                     " ".join(_build_command(cxx, [Path("SRC")], Path("OUT")))]).encode())
     return cache_dir() / f"rlfoundry_kernels_{key.hexdigest()[:16]}.so"
 

@@ -27,15 +27,9 @@
 //     The gradients, dq [B, H, T, D], dk [B, G, S, D], dv shaped as v (zero past D). Not
 //     batch-invariant (nothing needs it to be); the rows of one b run in order on one thread.
 // q, k, v: any strides with the head dim contiguous (else copied).
-#ifdef __AVX512F__
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__)
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "common.h"
+
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -48,8 +42,10 @@
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = Vec::size();
+using rlfoundry::kernels::check_fp32;
+using rlfoundry::kernels::kLanes;
+using rlfoundry::kernels::lane_sum;
+using rlfoundry::kernels::Vec;
 
 // The head dim: NC vectors (D = NC * kLanes) known at compile time, or NC = 0: D at run time.
 template <int NC>
@@ -70,7 +66,7 @@ inline float dot(const float* a, const float* b, Head<NC> h) {
     for (; d + kLanes <= h.D; d += kLanes) acc = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc);
     if (d < h.D) acc = at::vec::fmadd(Vec::loadu(a + d, h.D - d), Vec::loadu(b + d, h.D - d), acc);
   }
-  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+  return lane_sum(acc);
 }
 
 // y[d] = fma(w, x[d], y[d]): one multiply-add a channel
@@ -201,11 +197,6 @@ void backward_b(const Args& a, int64_t b, const float* dout, const float* out, c
   }
 }
 
-void check(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "rlfoundry_kernels::invariant_attention: ",
-              name, " must be an fp32 CPU tensor");
-}
-
 at::Tensor dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 || t.size(-1) <= 1 ? t : t.contiguous(); }
 
 struct Prepared {
@@ -216,9 +207,9 @@ struct Prepared {
 
 Prepared prepare(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& pos_in,
                  const at::Tensor& seq_in, const at::Tensor& keys_in, double scale) {
-  check(q_in, "q");
-  check(k_in, "k");
-  check(v_in, "v");
+  check_fp32(q_in, "invariant_attention", "q");
+  check_fp32(k_in, "invariant_attention", "k");
+  check_fp32(v_in, "invariant_attention", "v");
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4 && pos_in.dim() == 2,
               "rlfoundry_kernels::invariant_attention: q [B, H, T, D], k, v [B, G, S, D], pos [B, T]");
   const int64_t B = q_in.size(0), H = q_in.size(1), T = q_in.size(2), D = q_in.size(3);
@@ -293,9 +284,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> invariant_attention_backward(
     const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out_in,
     const at::Tensor& stats_in, const at::Tensor& pos, const at::Tensor& seq, const at::Tensor& keys, double scale) {
   Prepared p = prepare(q, k, v, pos, seq, keys, scale);
-  check(dout_in, "dout");
-  check(out_in, "out");
-  check(stats_in, "stats");
+  check_fp32(dout_in, "invariant_attention_backward", "dout");
+  check_fp32(out_in, "invariant_attention_backward", "out");
+  check_fp32(stats_in, "invariant_attention_backward", "stats");
   const int64_t H = p.a.H, T = p.a.T, G = p.a.G, S = p.k.size(2);
   TORCH_CHECK(dout_in.sizes() == out_in.sizes() && out_in.sizes() == p.q.sizes() && stats_in.dim() == 4 &&
                   stats_in.size(3) == 2 && stats_in.numel() == p.B * H * T * 2,

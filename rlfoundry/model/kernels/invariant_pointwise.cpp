@@ -20,15 +20,9 @@
 //     multiply-add chain in k order (top-k order: every path of the experts, sparse or dense).
 //   combine_backward(g, y, rows, w) -> (dy [R, D] (rows no pair names: 0), dw [N, K])
 // Rows contiguous (else copied), but for swiglu's inputs.
-#ifdef __AVX512F__
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__)
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "common.h"
+
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -41,13 +35,10 @@
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = Vec::size();
-
-void check(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "rlfoundry_kernels::", op, ": ", name,
-              " must be an fp32 CPU tensor");
-}
+using rlfoundry::kernels::check_fp32;
+using rlfoundry::kernels::kLanes;
+using rlfoundry::kernels::lane_sum;
+using rlfoundry::kernels::Vec;
 
 // sum of x[d]^2: lane-wise multiply-adds in d order, then the lanes' sum
 inline float sum_squares(const float* x, int64_t D) {
@@ -61,12 +52,12 @@ inline float sum_squares(const float* x, int64_t D) {
     const Vec v = Vec::loadu(x + d, D - d);
     acc = at::vec::fmadd(v, v, acc);
   }
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+  return lane_sum(acc);
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
-  check(x_in, "rms_norm", "x");
-  check(w_in, "rms_norm", "w");
+  check_fp32(x_in, "rms_norm", "x");
+  check_fp32(w_in, "rms_norm", "w");
   TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 1 && w_in.size(0) == x_in.size(1),
               "rlfoundry_kernels::rms_norm: x [N, D] and w [D]");
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
@@ -91,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x_in, const at::Te
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& g_in, const at::Tensor& x_in,
                                                      const at::Tensor& w_in, const at::Tensor& r_in) {
   for (auto [t, name] : {std::pair{&g_in, "g"}, {&x_in, "x"}, {&w_in, "w"}, {&r_in, "r"}})
-    check(*t, "rms_norm_backward", name);
+    check_fp32(*t, "rms_norm_backward", name);
   TORCH_CHECK(g_in.sizes() == x_in.sizes() && x_in.dim() == 2 && w_in.numel() == x_in.size(1) &&
                   r_in.numel() == x_in.size(0),
               "rlfoundry_kernels::rms_norm_backward: g, x [N, D], w [D], r [N]");
@@ -131,9 +122,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& g_in, con
 }
 
 void check_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t R, const char* op) {
-  check(x, op, "x");
-  check(cos, op, "cos");
-  check(sin, op, "sin");
+  check_fp32(x, op, "x");
+  check_fp32(cos, op, "cos");
+  check_fp32(sin, op, "sin");
   TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) &&
                   cos.size(1) == x.size(2) && R >= 0 && R % 2 == 0 && R <= x.size(2),
               "rlfoundry_kernels::", op, ": x [N, H, D], cos and sin [N, D], R even and at most D");
@@ -176,7 +167,7 @@ at::Tensor rope_backward(const at::Tensor& g, const at::Tensor& cos, const at::T
 }
 
 void check_rows(const at::Tensor& t, const char* op, const char* name) {
-  check(t, op, name);
+  check_fp32(t, op, name);
   TORCH_CHECK(t.dim() == 2 && (t.stride(1) == 1 || t.size(1) <= 1), "rlfoundry_kernels::", op, ": ", name,
               " must be [R, I] with its last dim contiguous");
 }
@@ -207,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& dh_in, cons
                                                    const at::Tensor& up_in) {
   check_rows(gate_in, "swiglu_backward", "gate");
   check_rows(up_in, "swiglu_backward", "up");
-  check(dh_in, "swiglu_backward", "dh");
+  check_fp32(dh_in, "swiglu_backward", "dh");
   TORCH_CHECK(gate_in.sizes() == up_in.sizes() && dh_in.sizes() == gate_in.sizes(),
               "rlfoundry_kernels::swiglu_backward: dh, gate and up of one shape");
   const at::Tensor dh = dh_in.contiguous();
@@ -230,8 +221,8 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& dh_in, cons
 }
 
 void check_combine(const at::Tensor& y, const at::Tensor& rows, const at::Tensor& w, const char* op) {
-  check(y, op, "y");
-  check(w, op, "w");
+  check_fp32(y, op, "y");
+  check_fp32(w, op, "w");
   TORCH_CHECK(y.dim() == 2 && w.dim() == 2 && rows.dim() == 1 && rows.scalar_type() == at::kLong &&
                   rows.numel() == w.numel(),
               "rlfoundry_kernels::", op, ": y [R, D], rows [N * K] int64, w [N, K]");
@@ -263,7 +254,7 @@ at::Tensor combine(const at::Tensor& y_in, const at::Tensor& rows_in, const at::
 std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& g_in, const at::Tensor& y_in,
                                                     const at::Tensor& rows_in, const at::Tensor& w_in) {
   check_combine(y_in, rows_in, w_in, "combine_backward");
-  check(g_in, "combine_backward", "g");
+  check_fp32(g_in, "combine_backward", "g");
   const at::Tensor g = g_in.contiguous(), y = y_in.contiguous(), rows = rows_in.contiguous(), w = w_in.contiguous();
   const int64_t R = y.size(0), D = y.size(1), N = w.size(0), K = w.size(1);
   TORCH_CHECK(g.dim() == 2 && g.size(0) == N && g.size(1) == D, "rlfoundry_kernels::combine_backward: g [N, D]");

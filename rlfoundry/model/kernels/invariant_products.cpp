@@ -21,14 +21,9 @@
 // panel (read in place where w's outputs are contiguous, else packed), then runs 6 rows at a time
 // over it (12 accumulators: 6 rows x 2 vectors of 16 outputs, the input broadcast), so no lane
 // sums are needed. ~120 GFLOP/s on one Xeon core at the trainer's shapes, 1.2 - 1.4x MKL's time.
-#ifdef __AVX512F__
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__)
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "common.h"
+
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -38,8 +33,9 @@
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = Vec::size();
+using rlfoundry::kernels::check_fp32;
+using rlfoundry::kernels::kLanes;
+using rlfoundry::kernels::Vec;
 constexpr int64_t kCols = 2 * kLanes;  // the outputs of a panel
 constexpr int kRows = 6;               // the rows of a tile
 constexpr int64_t kDirectRows = 12;    // at most this many rows read contiguous outputs' weights in place
@@ -180,14 +176,9 @@ void run(const std::vector<Item>& items, int64_t N, int64_t K, int64_t sN, int64
   });
 }
 
-void check(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "rlfoundry_kernels::", op, ": ", name,
-              " must be an fp32 CPU tensor");
-}
-
 at::Tensor invariant_matmul(const at::Tensor& x_in, const at::Tensor& w) {
-  check(x_in, "invariant_matmul", "x");
-  check(w, "invariant_matmul", "w");
+  check_fp32(x_in, "invariant_matmul", "x");
+  check_fp32(w, "invariant_matmul", "w");
   TORCH_CHECK(x_in.dim() == 3 && (w.dim() == 2 || (w.dim() == 3 && w.size(0) == x_in.size(0))) &&
                   x_in.size(2) == w.size(-1),
               "rlfoundry_kernels::invariant_matmul: x [Bt, M, K] and w [N, K] or [Bt, N, K]");
@@ -210,8 +201,8 @@ at::Tensor invariant_matmul(const at::Tensor& x_in, const at::Tensor& w) {
 }
 
 at::Tensor invariant_grouped_matmul(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& offsets_in) {
-  check(x_in, "invariant_grouped_matmul", "x");
-  check(w, "invariant_grouped_matmul", "w");
+  check_fp32(x_in, "invariant_grouped_matmul", "x");
+  check_fp32(w, "invariant_grouped_matmul", "w");
   TORCH_CHECK(x_in.dim() == 2 && w.dim() == 3 && x_in.size(1) == w.size(2) && offsets_in.dim() == 1 &&
                   offsets_in.size(0) == w.size(0) &&
                   (offsets_in.scalar_type() == at::kInt || offsets_in.scalar_type() == at::kLong),

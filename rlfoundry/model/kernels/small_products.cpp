@@ -21,15 +21,9 @@
 //
 // Each op also has a C entry point in AOTInductor's shim convention (aoti_torch_cpu_<op>), which
 // the libraries compiled ahead of time call directly instead of through the dispatcher.
-#ifdef __AVX512F__
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__)
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "common.h"
+
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
@@ -41,20 +35,18 @@
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = Vec::size();
+using rlfoundry::kernels::check_fp32;
+using rlfoundry::kernels::kLanes;
+using rlfoundry::kernels::lane_sum;
+using rlfoundry::kernels::Vec;
 constexpr int64_t kOuts = 4;  // outputs a block computes together
 
-inline float hsum(const Vec& v) {  // the lanes' sum (a fixed tree of vector adds)
-  return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v);
-}
-
 #ifdef CPU_CAPABILITY_AVX512
-// The lane sums of 16 vectors at once, each by `hsum`'s tree (lanes i + i+8, then + i+4, + i+2,
+// The lane sums of 16 vectors at once, each by `lane_sum`'s tree (lanes i + i+8, then + i+4, + i+2,
 // + i+1), so each sum is the same bits: a level adds two vectors' halves for both at once, where
-// `hsum` spends a shuffle and an add of a whole vector on each half of one. Returns the sums of
-// v[4t + c] in lane 4c + t. 30 shuffles and 15 adds for what takes `hsum` 64 and 64: at 128 input
-// channels `hsum` took as long as the tile's multiply-adds. Measured (Xeon, AVX-512, one thread):
+// `lane_sum` spends a shuffle and an add of a whole vector on each half of one. Returns the sums of
+// v[4t + c] in lane 4c + t. 30 shuffles and 15 adds for what takes `lane_sum` 64 and 64: at 128 input
+// channels `lane_sum` took as long as the tile's multiply-adds. Measured (Xeon, AVX-512, one thread):
 // 64 rows x 128 x 128 23 against 27 us, the routed experts of 64 tokens 96 against 112 us; the
 // compiled engine's batch-64 decode ~10% more tokens/s (34K against 30.6K, processes alternating).
 inline __m512 sums16(const __m512* v) {
@@ -88,7 +80,7 @@ inline __m512 sums4(const __m512* v) {
 }
 #endif
 
-// y[r][n + j] = the lane sum of acc[r][j], each by `hsum`'s tree: with AVX-512, tiles of 4
+// y[r][n + j] = the lane sum of acc[r][j], each by `lane_sum`'s tree: with AVX-512, tiles of 4
 // outputs for 2 - 4 rows at once (`sums16`, missing rows as zeros: lanes of different vectors never
 // mix) or for one row (`sums4`), else one at a time.
 template <int R, int J>
@@ -114,7 +106,7 @@ inline void store_sums(const Vec (&acc)[R][J], int64_t n, float* const* y) {
   }
 #endif
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) y[r][n + j] = hsum(acc[r][j]);
+    for (int j = 0; j < J; ++j) y[r][n + j] = lane_sum(acc[r][j]);
 }
 
 // Rows x[r][k] (r < R) times the J weight rows w[(n + j) * K + k]: y[r][n + j].
@@ -170,14 +162,9 @@ void product_rows(const float* const* x, int64_t R, const float* w, int64_t K, i
 // costs about what ~64K multiply-adds take here.
 constexpr int64_t kSerialWork = 1 << 16;
 
-void check(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "rlfoundry_kernels::", op, ": ", name,
-              " must be an fp32 CPU tensor");
-}
-
 at::Tensor small_linear(const at::Tensor& x_in, const at::Tensor& w_in) {
-  check(x_in, "small_linear", "x");
-  check(w_in, "small_linear", "w");
+  check_fp32(x_in, "small_linear", "x");
+  check_fp32(w_in, "small_linear", "w");
   TORCH_CHECK(x_in.dim() >= 1 && w_in.dim() == 2 && x_in.size(-1) == w_in.size(1),
               "rlfoundry_kernels::small_linear: x [..., K] and w [N, K]");
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
@@ -201,8 +188,8 @@ at::Tensor small_linear(const at::Tensor& x_in, const at::Tensor& w_in) {
 }
 
 at::Tensor gathered_linear(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& ids_in) {
-  check(x_in, "gathered_linear", "x");
-  check(w_in, "gathered_linear", "w");
+  check_fp32(x_in, "gathered_linear", "x");
+  check_fp32(w_in, "gathered_linear", "w");
   TORCH_CHECK(ids_in.scalar_type() == at::kLong && ids_in.dim() == 2, "rlfoundry_kernels::gathered_linear: ids [T, P] int64");
   TORCH_CHECK(w_in.dim() == 3 && (x_in.dim() == 2 || x_in.dim() == 3) && x_in.size(0) == ids_in.size(0) &&
                   x_in.size(-1) == w_in.size(2) && (x_in.dim() == 2 || x_in.size(1) == ids_in.size(1)),
