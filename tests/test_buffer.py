@@ -232,3 +232,11 @@ def test_oversampled_draws_follow_the_recent_fraction_kept(tmp_path):
         plain = worker(tmp_path / f"plain{n_kept}", "algorithm.refill_rounds=0")
         store(plain, plain.requests(0, 0), n_kept)
         assert plain.requests(0, 0) == [] and len(plain.requests(1, 1)) == expected
+    # algorithm.oversample_margin: each draw that many times the prediction
+    m = worker(tmp_path / "margin", "algorithm.refill_rounds=1", "algorithm.oversample_margin=1.5")
+    first = m.requests(0, 0)
+    store(m, first, 3)
+    second = m.requests(0, 0)
+    store(m, second, 2)
+    assert len(first) == 9 and len(second) == 5  # nothing to go by at step 0: 6 * 1.5, then 3 * 1.5
+    assert len(m.requests(1, 1)) == 26  # 14 drawn, 5 kept: 6 * 14 / 5 * 1.5 = 25.2

@@ -121,7 +121,8 @@ def test_bad_configs_name_the_field(tmp_path):
              "rollout.engine_threads=1": None, "device=tpu": "field 'device'", "device=cpu": None,
              "algorithm.hindsight=-1": "algorithm.hindsight", "algorithm.hindsight_per_group=0": "hindsight_per_group",
              "algorithm.hindsight_fn=no.such.fn": "algorithm.hindsight_fn", "algorithm.hindsight=1": None,
-             "algorithm.positive_weight=0": "algorithm.positive_weight", "algorithm.positive_weight=2": None}
+             "algorithm.positive_weight=0": "algorithm.positive_weight", "algorithm.positive_weight=2": None,
+             "algorithm.oversample_margin=0.9": "algorithm.oversample_margin", "algorithm.oversample_margin=1.2": None}
     for override, field in cases.items():
         if field is None:
             load_rl_config(None, [override])

@@ -711,13 +711,15 @@ class BufferWorker(_Actor):
     def _draw_size(self, step: int, missing: int) -> int:
         """Prompts to draw for `missing` groups of rollout `step`: `missing`, or with
         algorithm.oversample as many as the last 4 steps' fraction of groups kept predicts for it
-        (at most 4 times as many)."""
-        if not self.cfg.algorithm.oversample:
+        (at most 4 times as many), times algorithm.oversample_margin."""
+        a = self.cfg.algorithm
+        if not a.oversample:
             return missing
         recent = range(max(0, step - 4), step)
         drawn = sum(self.buffer.count_groups(s, ("generated", "trained", "filtered")) for s in recent)
         kept = sum(self.buffer.count_groups(s, ("generated", "trained")) for s in recent)
-        return missing if not drawn else min(4 * missing, math.ceil(missing * drawn / max(kept, 1)))
+        expected = missing if not drawn else min(4 * missing, missing * drawn / max(kept, 1))
+        return math.ceil(expected * a.oversample_margin)
 
     def _draw(self, step: int, n: int, version: int) -> list[dict]:
         stage = self.stage_at(step)
