@@ -557,11 +557,11 @@ class RolloutWorker(_Actor):
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ generation
-    def _samples(self, req: dict, gens: list, base: dict | None = None) -> list[Sample]:
+    def _samples(self, req: dict, gens: list) -> list[Sample]:
         """A group's samples from its request and the engine's generations."""
         from rlfoundry.rl.generate import finish_status
 
-        base = base or self._base(req)
+        base = self._base(req)
         return [Sample(**base, index=i, response_ids=g.output_ids, logprobs=g.logprobs,
                        status=finish_status(g.finish_reason), routed_experts=g.routed_experts,
                        last_policy_version=int(g.weight_version) if str(g.weight_version).isdigit() else None,
