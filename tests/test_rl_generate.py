@@ -113,3 +113,50 @@ def test_batched_requests_give_the_samples_of_one_request_a_group(tmp_path):
     assert [[(g.output_ids, g.logprobs) for g in gs] for gs in default] == key
     assert len({tuple(s["response_ids"]) for g in batched for s in g}) > 7  # sampled, not one answer
     assert all(s["reward"] is not None for g in batched for s in g)
+
+
+class _Failing:
+    """An engine whose batched requests fail (the server went away mid-round)."""
+
+    def generate_batch(self, prompts, seeds, max_new_tokens, n=1, **sampling):
+        raise ConnectionError("engine at http://127.0.0.1:1 went away")
+
+
+def test_a_failed_batch_keeps_its_groups_as_failed_and_the_others_are_kept(tmp_path):
+    """One engine's request fails: its groups come back failed (every sample, with the error, not
+    scored), in their places; the other engine's groups are generated and scored as usual."""
+    cfg = load_rl_config(None, ["rollout.n_samples_per_prompt=2"])
+    worker = RolloutWorker(cfg, str(tmp_path))
+    try:
+        reqs = [{"group_id": i, "prompt_idx": i, "prompt_ids": [3, 4, 5 + i], "label": "1",
+                 "metadata": {"task": "countdown", "level": 1, "numbers": [1, 2], "target": 3}, "seed": i,
+                 "version": 0} for i in range(6)]
+        worker.engines = [_Counting(), _Failing()]
+        groups = asyncio.run(worker.generate(reqs))
+    finally:
+        worker.shutdown()
+    assert [g[0]["group_id"] for g in groups] == list(range(6)) and all(len(g) == 2 for g in groups)
+    for i, g in enumerate(groups):
+        if i % 2:
+            assert all(s["status"] == "failed" and "went away" in s["metadata"]["error"] and s["reward"] is None
+                       for s in g)
+        else:
+            assert all(s["status"] == "completed" and s["reward"] is not None for s in g)
+
+
+async def boom(ctx, sample: Sample, sampling: dict) -> Sample:
+    raise RuntimeError("the tool server is down")
+
+
+def test_a_custom_generate_function_that_raises_fails_its_group_only(tmp_path):
+    cfg = load_rl_config(None, ["rollout.generate_fn=test_rl_generate.boom", "rollout.n_samples_per_prompt=3"])
+    worker = RolloutWorker(cfg, str(tmp_path))
+    try:
+        req = {"group_id": 2, "prompt_idx": 0, "prompt_ids": [3, 4], "label": "1", "metadata": {"level": 1},
+               "seed": 1, "version": 0}
+        (group,) = asyncio.run(worker.generate([req]))
+    finally:
+        worker.shutdown()
+    assert [s["index"] for s in group] == [0, 1, 2]
+    assert all(s["status"] == "failed" and s["metadata"] == {"level": 1, "error": "the tool server is down"}
+               and s["group_id"] == 2 for s in group)

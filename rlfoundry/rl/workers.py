@@ -575,8 +575,8 @@ class RolloutWorker(_Actor):
 
     def _failed(self, req: dict, n: int, error: Exception) -> list[Sample]:
         """A group whose generation failed: kept as failed (not scored), the run goes on."""
-        return [Sample(**self._base(req), index=i, status=Status.FAILED, metadata=req["metadata"] | {"error": str(error)})
-                for i in range(n)]
+        base = self._base(req) | {"metadata": req["metadata"] | {"error": str(error)}}
+        return [Sample(**base, index=i, status=Status.FAILED) for i in range(n)]
 
     async def _scored(self, samples: list[Sample], score: bool) -> list[dict]:
         from rlfoundry.rewards import score_samples
