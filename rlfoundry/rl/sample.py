@@ -80,7 +80,7 @@ class Sample:
         """Plain data (status as its string), as actors exchange it. Shallow: the dict holds the
         sample's own lists (`dataclasses.asdict` deep-copied every token list: ~0.1 s of a
         256-sample rollout step here); Ray and JSON copy them on the way anyway."""
-        d = {name: getattr(self, name) for name in _field_names()}
+        d = {name: getattr(self, name) for name in _FIELD_NAMES}
         d["status"] = self.status.value
         if isinstance(self.metadata, dict):  # a group's samples may share one metadata dict
             d["metadata"] = dict(self.metadata)
@@ -94,13 +94,6 @@ class Sample:
         return cls(**json.loads(s))
 
 
-def _field_names() -> tuple[str, ...]:
-    """Sample's field names (`dataclasses.fields` rebuilds its list on every call: ~5 us of each
-    `to_dict`, thousands a step)."""
-    global _FIELD_NAMES
-    if _FIELD_NAMES is None:
-        _FIELD_NAMES = tuple(f.name for f in fields(Sample))
-    return _FIELD_NAMES
-
-
-_FIELD_NAMES: tuple[str, ...] | None = None
+_FIELD_NAMES = tuple(f.name for f in fields(Sample))
+"""Sample's field names, once (`dataclasses.fields` rebuilds its list on every call: ~5 us of each
+`to_dict`, thousands a step)."""
