@@ -242,14 +242,13 @@ class Buffer:
     def group_dicts(self, rollout_id: int, states: tuple[str, ...] = ("generated",)) -> list[list[dict]]:
         """`groups` as the plain data they are stored as (`Sample.to_dict`'s), as actors exchange them."""
         q = ",".join("?" * len(states))
-        ids = [r[0] for r in self.db.execute(
-            f"SELECT id FROM groups WHERE rollout_id = ? AND state IN ({q}) ORDER BY id", (rollout_id, *states))]
-        out: dict[int, list[dict]] = {gid: [] for gid in ids}
-        for gid, data in self.db.execute(
-                f"SELECT s.group_id, s.data FROM samples s JOIN groups g ON s.group_id = g.id "
-                f"WHERE g.rollout_id = ? AND g.state IN ({q}) ORDER BY s.group_id, s.idx", (rollout_id, *states)):
-            if gid in out:  # (a group whose state changed between the two reads is left out)
-                out[gid].append(json.loads(data))
+        out: dict[int, list[dict]] = {}
+        for gid, data in self.db.execute(  # one read: every group, with its samples (if any) in order
+                f"SELECT g.id, s.data FROM groups g LEFT JOIN samples s ON s.group_id = g.id "
+                f"WHERE g.rollout_id = ? AND g.state IN ({q}) ORDER BY g.id, s.idx", (rollout_id, *states)):
+            samples = out.setdefault(gid, [])
+            if data is not None:
+                samples.append(json.loads(data))
         return list(out.values())
 
     def sample_stats(self, rollout_id: int, states: tuple[str, ...]) -> list[tuple]:
