@@ -640,17 +640,17 @@ class RolloutWorker(_Actor):
         r = self.cfg.rollout
         params = dict(max_new_tokens=r.max_new_tokens, temperature=0.0 if greedy else r.temperature,
                       top_p=1.0 if greedy else r.top_p, n=n or r.n_samples_per_prompt, stop_token_ids=self.eos)
+        # prompts in flight: as many sequences as concurrency groups of n_samples_per_prompt
+        in_flight = r.concurrency * r.n_samples_per_prompt // params["n"]
         if self.generate_fn is not None:
-            # as many sequences in flight as concurrency groups of n_samples_per_prompt
-            sem = asyncio.Semaphore(1 if self.cfg.deterministic else max(1, r.concurrency * r.n_samples_per_prompt
-                                                                            // params["n"]))
+            sem = asyncio.Semaphore(1 if self.cfg.deterministic else max(1, in_flight))
             return list(await asyncio.gather(*(self._group(q, sem, params) for q in requests)))
         if r.routing_replay and not greedy:
             params["return_routed_experts"] = True
         E = len(self.engines)
         # deterministic mode: one group a request, so that what an engine decodes together never
         # depends on when a batch's prompts were admitted (its engines start at once, unbatched)
-        per_request = 1 if self.cfg.deterministic else max(1, r.concurrency * r.n_samples_per_prompt // (E * params["n"]))
+        per_request = 1 if self.cfg.deterministic else max(1, in_flight // E)
         parts = await asyncio.gather(*(self._engine_share(e, requests[j::E], per_request, params)
                                        for j, e in enumerate(self.engines)))
         groups: list = [None] * len(requests)
